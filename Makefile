@@ -1,0 +1,32 @@
+# `make test` and `make demo` set up their own virtual environment on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo install lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing torch from the package index"; $(BIN)/pip install -q torch; \
+	else \
+		echo "no CUDA: installing the CPU build torch==2.13.0"; $(BIN)/pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+demo: $(STAMP)
+	$(BIN)/python -m zo2tier.demo
+
+lint: $(STAMP)
+	$(BIN)/pip install -q ruff && $(BIN)/ruff check zo2tier tests tools
+
+clean:
+	rm -rf $(VENV) runs

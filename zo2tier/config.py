@@ -1,0 +1,49 @@
+"""Hyper-parameters of MeZO-SGD, validated once at the edge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PERTURBATIONS = ("gaussian", "rademacher")
+
+
+@dataclass(frozen=True)
+class MeZOConfig:
+    """MeZO-SGD settings.
+
+    Each step estimates ``g = (L(θ+εz) − L(θ−εz)) / 2ε`` and applies ``θ ← θ − lr·(g·z + wd·θ)``
+    (no decay on biases and norm weights). z is regenerated from ``(seed, step, parameter id)``.
+
+    Example::
+
+        cfg = MeZOConfig(lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0)
+    """
+
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    perturbation: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        _finite("lr", self.lr)
+        _finite("eps", self.eps)
+        _finite("weight_decay", self.weight_decay)
+        if self.lr < 0:
+            raise ValueError(f"lr={self.lr} is negative; use lr >= 0 (MeZO full fine-tunes use 1e-7 to 1e-6)")
+        if self.eps <= 0:
+            raise ValueError(f"eps={self.eps} must be > 0; the default 1e-3 suits fp16/bf16/fp32 models")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} is negative; use 0 or a small positive value")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r} must be an int in [0, 2**32)")
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(
+                f"perturbation={self.perturbation!r} is unknown; use one of {', '.join(PERTURBATIONS)}"
+            )
+
+
+def _finite(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")

@@ -1,0 +1,387 @@
+"""The tiered MeZO engine: one step is prefetch -> replay pending updates -> perturb ± -> forward -> log.
+
+Each block is visited once per forward. On arrival its stored copy is decoded into an fp32 working copy on
+the compute device, the update log's pending entries are replayed on it (z regenerated from the keys),
+it is written back when its log is long enough (every block on the device, every ``write_back_every``
+visits elsewhere), and θ+εz / θ−εz are built in scratch for the two halves of the doubled batch. θ itself
+is never perturbed in place, so nothing drifts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from zo2tier.budget import BudgetLike, TierBudget
+from zo2tier.config import MeZOConfig
+from zo2tier.model.blocks import describe
+from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
+from zo2tier.model.proxy import ModuleProxy, install, run_dual
+from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
+from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, encoded_bytes
+from zo2tier.tiers.manager import TierManager
+from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
+from zo2tier.tiers.store_dir import claim_disk_dir, release_disk_dir
+from zo2tier.zo.kernels import apply_update_, perturb_into
+from zo2tier.zo.rng import step_seed
+from zo2tier.zo.update import LogEntry, causal_lm_loss
+
+RESIDENT = "<resident>"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one MeZO step measured."""
+
+    step: int
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+    skipped: bool = False  # a non-finite loss: no update was logged
+    n_skipped: int = 0  # skipped steps so far in this engine
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """A proxied module: the record holding its weights, and its (slot, local names) pairs."""
+
+    record: int
+    params: tuple[tuple[ParamSlot, tuple[str, ...]], ...]
+
+
+class ZOEngine:
+    """Tiered MeZO-SGD over device / host / disk for any Hugging Face decoder-only causal LM.
+
+    Example::
+
+        engine = ZOEngine(model, budget={"device": "8GiB", "host": "16GiB", "disk": "100GiB"},
+                          disk_dir="runs/disk", device="cuda:0", config=MeZOConfig(lr=1e-6))
+        r = engine.step({"input_ids": ids, "attention_mask": mask, "labels": ids})
+        engine.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        budget: BudgetLike,
+        disk_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        config: MeZOConfig | None = None,
+        placement: Mapping[str, str] | None = None,
+        storage: Mapping[str, str] | None = None,
+        write_back_every: int = 1,
+        lookahead_blocks: int = 2,
+        _source: StateSource | None = None,
+    ) -> None:
+        self.config = config or MeZOConfig()
+        if not isinstance(self.config, MeZOConfig):
+            raise ValueError(f"config must be a MeZOConfig, got {type(self.config).__name__}")
+        if isinstance(write_back_every, bool) or not isinstance(write_back_every, int) or write_back_every < 1:
+            raise ValueError(f"write_back_every={write_back_every!r} must be an int >= 1")
+        self.device = torch.device(device)
+        self.budget = TierBudget.parse(budget)
+        self.layout = describe(model)
+        self.compute_dtype = self.layout.params[0].dtype
+        default = dtype_name(self.compute_dtype)
+        self.storage = {t: check_storage((storage or {}).get(t, default)) for t in ("device", "host", "disk")}
+        unknown = set(storage or {}) - set(self.storage)
+        if unknown:
+            raise ValueError(f"storage names unknown tier(s) {sorted(unknown)}; use device, host, disk")
+        self.write_back_every = write_back_every
+        self.plan = self._make_plan(placement, lookahead_blocks)
+        self.blocks: list[str] = list(self.layout.block_names)
+        self.placement: dict[str, str] = dict(self.plan.placement)
+        needs_disk = any(t == "disk" for t in self.placement.values())
+        if needs_disk and disk_dir is None:
+            raise ValueError("some blocks are placed on disk but disk_dir is None; pass disk_dir='runs/disk'")
+        self.disk_dir = claim_disk_dir(os.fspath(disk_dir)) if needs_disk else None
+
+        self.model = model
+        self.log: list[LogEntry] = []
+        self.n_skipped = 0
+        self._mode: tuple[str, int, float] = ("eval", 0, 0.0)
+        self._rows = 0
+        self._closed = False
+        self._build(model, _source or in_memory_source(model), lookahead_blocks)
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "ZOEngine":
+        """Build the skeleton on the meta device and stream each block from the checkpoint into its tier.
+
+        The whole model never sits in host RAM: at most one block's tensors are in memory at a time.
+        Accepts the same keywords as :class:`ZOEngine`, plus ``dtype`` (default: the checkpoint's).
+        """
+        model, source = pretrained_skeleton(os.fspath(path), dtype=kwargs.pop("dtype", None))
+        return cls(model, _source=source, **kwargs)
+
+    @staticmethod
+    def block_names(model: nn.Module) -> list[str]:
+        """The movable blocks of ``model`` in execution order, without building an engine."""
+        return list(describe(model).block_names)
+
+    def _make_plan(self, placement: Mapping[str, str] | None, lookahead: int) -> Plan:
+        sizes = []
+        for name in self.layout.block_names:
+            sizes.append(BlockSize(name, sum(p.numel for p in self.layout.params_under(name))))
+        in_blocks = sum(s.numel for s in sizes)
+        resident = sum(p.numel for p in self.layout.params) - in_blocks
+        inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead)
+        return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
+
+    def _build(self, model: nn.Module, source: StateSource, lookahead: int) -> None:
+        layout, modules = self.layout, dict(model.named_modules())
+        alias_of: dict[str, list[str]] = {}
+        for alias, canonical in layout.aliases.items():
+            alias_of.setdefault(canonical, []).append(alias)
+        records: list[BlockRecord] = []
+        for i, name in enumerate(layout.block_names):
+            records.append(self._record(i, name, self.placement[name], layout.params_under(name)))
+        in_blocks = {p.param_id for r in records for p in (s.spec for s in r.slots)}
+        resident_params = [p for p in layout.params if p.param_id not in in_blocks]
+        records.append(self._record(len(records), RESIDENT, "device", resident_params))
+        self.table = BlockTable(records)
+        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead)
+        self.tiers.open()
+        for record in records:  # one block at a time: load, encode, place
+            flat = torch.empty(record.numel, dtype=torch.float32)
+            for slot in record.slots:
+                flat[slot.offset : slot.offset + slot.spec.numel] = source.get(slot.spec.name).reshape(-1)
+            raw = torch.empty(record.stored_bytes, dtype=torch.uint8)
+            encode(flat, record.storage, raw, sr_seed=0, sr_key=record.index, stochastic=False)
+            self.tiers.put_initial(record, raw)
+            del flat, raw
+        self.tiers.drain()
+
+        self.bindings: list[_Binding] = []
+        names_by_id: dict[int, list[str]] = {}
+        for p in layout.params:
+            names_by_id[p.param_id] = [p.name, *alias_of.get(p.name, [])]
+        for i, name in enumerate(layout.block_names):
+            self._bind(model, modules[name], name, records[i], names_by_id)
+        for name in layout.resident_names:
+            self._bind(model, modules[name], name, records[-1], names_by_id)
+        for module in modules.values():  # the engine owns the weights now; buffers move to the device
+            for key, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for key, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[key] = b.to(self.device)
+        self._buffers_by_key = {k: v for k, v in source.buffer_keys().items()}
+        largest = max(r.numel for r in records)
+        self._work = torch.empty(largest, dtype=torch.float32, device=self.device)
+        self._scratch = torch.empty(largest, dtype=self.compute_dtype, device=self.device)
+        self._raw_out = torch.empty(max(r.stored_bytes for r in records), dtype=torch.uint8, device=self.device)
+        self._resident_scratch = torch.empty(records[-1].numel, dtype=self.compute_dtype, device=self.device)
+        self._resident_work: torch.Tensor | None = None
+
+    def _record(self, index: int, name: str, tier: str, params: list) -> BlockRecord:
+        slots, offset = [], 0
+        for spec in params:
+            slots.append(ParamSlot(spec, offset, ()))
+            offset += spec.numel
+        return BlockRecord(index, name, tier, self.storage[tier], tuple(slots), offset)
+
+    def _bind(self, model: nn.Module, module: nn.Module, prefix: str, record: BlockRecord, names_by_id) -> None:
+        pairs = []
+        for slot in record.slots:
+            local = tuple(n[len(prefix) + 1 :] for n in names_by_id[slot.spec.param_id] if n.startswith(prefix + "."))
+            if local:
+                pairs.append((slot, local))
+        self.bindings.append(_Binding(record.index, tuple(pairs)))
+        install(model, prefix, ModuleProxy(module, len(self.bindings) - 1, self._run))
+
+    # ---- the step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, batch: Mapping[str, torch.Tensor], *, lr: float | None = None) -> StepResult:
+        """One MeZO-SGD step on ``batch`` (``input_ids``, optional ``attention_mask`` and ``labels``)."""
+        self._check_open()
+        ids, mask, labels = _unpack(batch, self.device)
+        t = len(self.log)
+        seed = step_seed(self.config.seed, t)
+        self._mode, self._rows = ("perturb", seed, self.config.eps), 2 * ids.shape[0]
+        self._prepare_resident()
+        doubled_mask = None if mask is None else torch.cat([mask, mask])
+        logits = self.model(input_ids=torch.cat([ids, ids]), attention_mask=doubled_mask, use_cache=False).logits
+        loss_plus = causal_lm_loss(logits[: ids.shape[0]], labels)
+        loss_minus = causal_lm_loss(logits[ids.shape[0] :], labels)
+        g = (loss_plus - loss_minus) / (2 * self.config.eps)
+        skipped = not (math.isfinite(loss_plus) and math.isfinite(loss_minus))
+        if skipped:
+            self.n_skipped += 1
+            g = 0.0
+        step_lr = self.config.lr if lr is None else lr
+        self.log.append(LogEntry(t, seed, 0.0 if skipped else g, 0.0 if skipped else step_lr, self.config.weight_decay))
+        return StepResult(t, loss_plus, loss_minus, g, skipped, self.n_skipped)
+
+    @torch.no_grad()
+    def evaluate(self, batch: Mapping[str, torch.Tensor]) -> float:
+        """Unperturbed loss on ``batch``, through the same tiers, with every update applied."""
+        return causal_lm_loss(self.logits(batch), _unpack(batch, self.device)[2])
+
+    @torch.no_grad()
+    def logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Unperturbed logits (B, T, V) on ``batch``, with every update applied."""
+        self._check_open()
+        ids, mask, _ = _unpack(batch, self.device)
+        self._mode, self._rows = ("eval", 0, 0.0), ids.shape[0]
+        self._prepare_resident()
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    def _prepare_resident(self) -> None:
+        self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=None)
+
+    def _run(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
+        binding = self.bindings[binding_index]
+        record = self.table[binding.record]
+        resident = record.name == RESIDENT
+        work = self._resident_work if resident else self._arrive(record, scratch=self._work)
+        scratch = self._resident_scratch if resident else self._scratch
+        kind, seed, eps = self._mode
+        if kind == "eval":
+            return run_dual_eval(inner, self._views(binding, work, scratch, 0.0, seed), args, kwargs)
+
+        def weights(half: int) -> dict[str, torch.Tensor]:
+            return self._views(binding, work, scratch, eps if half == 0 else -eps, seed)
+
+        return run_dual(inner, weights, args, kwargs, self._rows)
+
+    def _views(self, binding: _Binding, work, scratch, scale: float, seed: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for slot, local in binding.params:
+            n, o = slot.spec.numel, slot.offset
+            if scale == 0.0 and self.compute_dtype == torch.float32:
+                view = work[o : o + n]
+            else:
+                view = scratch[o : o + n]
+                if scale == 0.0:
+                    view.copy_(work[o : o + n])
+                else:
+                    perturb_into(work[o : o + n], view, step_seed=seed, param_id=slot.spec.param_id,
+                                 scale=scale, kind=self.config.perturbation)
+            for name in local:
+                out[name] = view.view(slot.spec.shape)
+        return out
+
+    # ---- arrival: decode, replay, write back ------------------------------------------------------
+    def _arrive(self, record: BlockRecord, scratch: torch.Tensor | None) -> torch.Tensor:
+        """The block's clean fp32 weights with every logged update applied."""
+        raw, staging = self.tiers.fetch(record)
+        if record.tier == "device" and record.storage == "fp32":
+            work = record.data.view(torch.float32)
+        else:
+            work = scratch[: record.numel] if scratch is not None else torch.empty(record.numel, device=self.device)
+            decode(raw.to(self.device, non_blocking=True), record.storage, record.numel, work)
+        self.tiers.release(staging)
+        if record.index < len(self.table) - 1:
+            self.tiers.prefetch_after(record.index)
+        pending = len(self.log) - record.applied_steps
+        self._replay(record, work)
+        if pending and (record.tier == "device" or pending >= self.write_back_every):
+            self._write_back(record, work)
+        return work
+
+    def _replay(self, record: BlockRecord, work: torch.Tensor) -> None:
+        for entry in self.log[record.applied_steps :]:
+            if entry.lr == 0.0:  # θ − 0·(…) is θ: skip the RNG pass
+                continue
+            for slot in record.slots:
+                n, o = slot.spec.numel, slot.offset
+                apply_update_(work[o : o + n], step_seed=entry.step_seed, param_id=slot.spec.param_id,
+                              lr=entry.lr, projected_grad=entry.projected_grad,
+                              weight_decay=entry.weight_decay if slot.spec.decay else 0.0,
+                              kind=self.config.perturbation)
+        if record.tier == "device" and record.storage == "fp32":
+            self.table.mark_applied(record, len(self.log))
+
+    def _write_back(self, record: BlockRecord, work: torch.Tensor) -> None:
+        if not (record.tier == "device" and record.storage == "fp32"):
+            raw = self._raw_out[: record.stored_bytes]
+            encode(work, record.storage, raw, sr_seed=step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log)),
+                   sr_key=record.index)
+            self.tiers.write_back(record, raw)
+        self.table.mark_applied(record, len(self.log))
+
+    # ---- weights out ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Current weights on the CPU with every pending update applied; same keys as ``model.state_dict()``."""
+        self._check_open()
+        self.tiers.drain()
+        values: dict[str, torch.Tensor] = {}
+        for record in self.table:
+            work = self._arrive(record, scratch=torch.empty(record.numel, device=self.device))
+            for slot in record.slots:
+                t = work[slot.offset : slot.offset + slot.spec.numel].view(slot.spec.shape)
+                values[slot.spec.name] = t.to("cpu", self.compute_dtype, copy=True)
+        self.tiers.drain()
+        out = {}
+        for key, ref in self._buffers_by_key.items():
+            if ref is None:
+                canonical = self.layout.aliases.get(key, key)
+                out[key] = values[canonical]
+            else:
+                module, name = ref
+                out[key] = module._buffers[name].to("cpu", copy=True)
+        return out
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write every block with pending updates back to its tier."""
+        self._check_open()
+        for record in self.table:
+            if record.applied_steps < len(self.log):
+                work = self._arrive(record, scratch=torch.empty(record.numel, device=self.device))
+                if record.applied_steps < len(self.log):
+                    self._write_back(record, work)
+        self.tiers.drain()
+
+    def close(self) -> None:
+        """Write back pending updates and stop the I/O threads. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.tiers.close()
+            if self.disk_dir is not None:
+                release_disk_dir(self.disk_dir)
+            self._closed = True
+
+    def __enter__(self) -> "ZOEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ZOEngine is closed; build a new one (or resume from a checkpoint)")
+
+
+def run_dual_eval(inner: nn.Module, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    from torch.func import functional_call
+
+    return functional_call(inner, weights, args, kwargs, tie_weights=False, strict=False)
+
+
+def _unpack(batch: Mapping[str, torch.Tensor], device: torch.device):
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError("batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels')")
+    ids = batch["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got {getattr(ids, 'shape', ids)!r}")
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    for key, t in (("attention_mask", mask), ("labels", labels)):
+        if t is not None and tuple(t.shape) != tuple(ids.shape):
+            raise ValueError(f"{key} has shape {tuple(t.shape)} but input_ids has {tuple(ids.shape)}; they must match")
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    return ids.to(device), None if mask is None else mask.to(device), labels.to(device)

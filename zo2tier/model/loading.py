@@ -1,0 +1,136 @@
+"""Where the initial weights come from: an in-memory model, or a checkpoint streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class StateSource:
+    """Reads one named tensor at a time, and lists the keys ``model.state_dict()`` had.
+
+    ``buffer_keys()`` maps each state-dict key to ``None`` for a parameter (tied names included) or to
+    ``(module, buffer_name)`` for a persistent buffer.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._keys: dict[str, tuple[nn.Module, str] | None] = {}
+        modules = dict(model.named_modules())
+        param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        for key in model.state_dict(keep_vars=True):
+            if key in param_names:
+                self._keys[key] = None
+            else:
+                owner, _, leaf = key.rpartition(".")
+                self._keys[key] = (modules[owner] if owner else model, leaf)
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def buffer_keys(self) -> dict[str, tuple[nn.Module, str] | None]:
+        return dict(self._keys)
+
+
+class _InMemory(StateSource):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._params = dict(model.named_parameters())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._params[name].detach().to("cpu", torch.float32)
+
+
+def in_memory_source(model: nn.Module) -> StateSource:
+    """Initial weights from the model's own parameters."""
+    return _InMemory(model)
+
+
+class _Checkpoint(StateSource):
+    """Safetensors (single or sharded) or ``pytorch_model.bin``, read lazily, one tensor at a time."""
+
+    def __init__(self, model: nn.Module, path: str) -> None:
+        super().__init__(model)
+        self._prefix = getattr(model, "base_model_prefix", "") or ""
+        self._where: dict[str, str] = {}
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if files:
+            from safetensors import safe_open
+
+            self._open = lambda f: safe_open(f, framework="pt")
+            for f in files:
+                with safe_open(f, framework="pt") as handle:
+                    for key in handle.keys():
+                        self._where[key] = f
+            self._kind = "safetensors"
+        elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
+            f = os.path.join(path, "pytorch_model.bin")
+            self._bin = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            self._where = {k: f for k in self._bin}
+            self._kind = "bin"
+        else:
+            raise ValueError(
+                f"{path!r} holds no *.safetensors and no pytorch_model.bin; give a Hugging Face model directory"
+            )
+
+    def _resolve(self, name: str) -> str:
+        candidates = [name]
+        if self._prefix and name.startswith(self._prefix + "."):
+            candidates.append(name[len(self._prefix) + 1 :])
+        elif self._prefix:
+            candidates.append(f"{self._prefix}.{name}")
+        for c in candidates:
+            if c in self._where:
+                return c
+        raise KeyError(f"the checkpoint has no tensor for parameter {name!r} (tried {candidates})")
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self._resolve(name)
+        if self._kind == "bin":
+            return self._bin[key].to(torch.float32)
+        with self._open(self._where[key]) as handle:
+            return handle.get_tensor(key).to(torch.float32)
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Inside, new parameters are created on the meta device; buffers stay real (rotary tables, masks)."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def pretrained_skeleton(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, StateSource]:
+    """A model built from ``path``'s config with parameters on meta, and a lazy source of its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory; give a Hugging Face model directory with config.json")
+    config = AutoConfig.from_pretrained(path)
+    if dtype is None:
+        dtype = _config_dtype(path)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    return model, _Checkpoint(model, path)
+
+
+def _config_dtype(path: str) -> torch.dtype:
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)

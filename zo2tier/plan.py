@@ -1,0 +1,149 @@
+"""Placement from budgets: pure arithmetic, no tensors and no I/O.
+
+Every step visits blocks 0..L-1 in the same order, so the best static placement fills the device first,
+then pinned host RAM, then disk (DESIGN.md §3.4). Which blocks go where does not change the bytes moved,
+so the device takes the first blocks, the host the next, the disk the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zo2tier.budget import TIERS, TierBudget, format_size
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+WORKING_BYTES_PER_NUMEL = 4  # the clean fp32 working copy of a visiting block
+
+
+@dataclass(frozen=True)
+class BlockSize:
+    """A movable block: its name and parameter count."""
+
+    name: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """Everything the planner needs; built from a config alone, without weights."""
+
+    blocks: tuple[BlockSize, ...]
+    resident_numel: int
+    compute_bytes: int  # bytes per element of the compute dtype
+    storage: dict[str, str] = field(default_factory=lambda: {t: "fp32" for t in TIERS})
+    lookahead_blocks: int = 2  # device working slots beyond the one being computed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The placement and the bytes it costs per tier."""
+
+    placement: dict[str, str]
+    used_bytes: dict[str, int]
+    budget: TierBudget
+    working_bytes: int
+
+    def counts(self) -> dict[str, int]:
+        """Blocks per tier."""
+        return {t: sum(1 for v in self.placement.values() if v == t) for t in TIERS}
+
+    def table(self) -> str:
+        """The plan as ``zo2tier plan`` prints it."""
+        counts = self.counts()
+        lines = [f"{'tier':<8}{'blocks':>8}{'used':>14}{'budget':>14}{'left':>14}"]
+        for tier in TIERS:
+            used, cap = self.used_bytes[tier], self.budget.of(tier)
+            lines.append(
+                f"{tier:<8}{counts[tier]:>8}{format_size(used):>14}{format_size(cap):>14}"
+                f"{format_size(cap - used):>14}"
+            )
+        lines.append(f"device working buffers (included above): {format_size(self.working_bytes)}")
+        return "\n".join(lines)
+
+
+def block_bytes(numel: int, dtype: str) -> int:
+    """Stored bytes of ``numel`` elements in ``dtype`` (int8 adds one fp32 scale per 64-element group)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"storage dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
+    extra = 4 * ((numel + 63) // 64) if dtype == "int8" else 0
+    return numel * DTYPE_BYTES[dtype] + extra
+
+
+def working_bytes(inp: PlanInput, n_offloaded: int) -> int:
+    """Device bytes for scratch (θ±εz) and, when some blocks live off the device, the working slots."""
+    largest = max((b.numel for b in inp.blocks), default=0)
+    scratch = largest * inp.compute_bytes
+    slots = (1 + inp.lookahead_blocks) * largest * WORKING_BYTES_PER_NUMEL if n_offloaded else 0
+    return scratch + slots
+
+
+def plan_placement(
+    inp: PlanInput, budget: TierBudget, override: dict[str, str] | None = None
+) -> Plan:
+    """Place every block, device first; raise ValueError saying what falls short and what to raise."""
+    names = [b.name for b in inp.blocks]
+    if override is not None:
+        placement = _check_override(override, names)
+    else:
+        placement = _fill(inp, budget)
+    used = _usage(inp, placement)
+    work = working_bytes(inp, sum(1 for t in placement.values() if t != "device"))
+    for tier in TIERS:
+        if used[tier] > budget.of(tier):
+            short = used[tier] - budget.of(tier)
+            raise ValueError(
+                f"the {tier} tier needs {format_size(used[tier])} but its budget is "
+                f"{format_size(budget.of(tier))}: {format_size(short)} short; raise the {tier} budget"
+                + (" or move blocks to a lower tier" if override is not None else "")
+            )
+    return Plan(placement, used, budget, work)
+
+
+def _usage(inp: PlanInput, placement: dict[str, str]) -> dict[str, int]:
+    n_off = sum(1 for t in placement.values() if t != "device")
+    used = {t: 0 for t in TIERS}
+    used["device"] = block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, n_off)
+    for b in inp.blocks:
+        tier = placement[b.name]
+        used[tier] += block_bytes(b.numel, inp.storage[tier])
+    return used
+
+
+def _fill(inp: PlanInput, budget: TierBudget) -> dict[str, str]:
+    dev = inp.storage["device"]
+    resident = block_bytes(inp.resident_numel, dev)
+    all_on_device = resident + working_bytes(inp, 0) + sum(block_bytes(b.numel, dev) for b in inp.blocks)
+    if all_on_device <= budget.device_bytes:  # needs no working slots
+        return {b.name: "device" for b in inp.blocks}
+    device_used = resident + working_bytes(inp, len(inp.blocks))
+    host_left = budget.host_bytes
+    placement: dict[str, str] = {}
+    tier = "device"
+    for b in inp.blocks:  # fill in order: a tier is closed once one block overflows it
+        if tier == "device":
+            if device_used + block_bytes(b.numel, dev) <= budget.device_bytes:
+                device_used += block_bytes(b.numel, dev)
+                placement[b.name] = "device"
+                continue
+            tier = "host"
+        if tier == "host":
+            if block_bytes(b.numel, inp.storage["host"]) <= host_left:
+                host_left -= block_bytes(b.numel, inp.storage["host"])
+                placement[b.name] = "host"
+                continue
+            tier = "disk"
+        placement[b.name] = "disk"
+    return placement
+
+
+def _check_override(override: dict[str, str], names: list[str]) -> dict[str, str]:
+    unknown = [k for k in override if k not in names]
+    if unknown:
+        raise ValueError(f"placement names unknown block(s) {unknown}; blocks are {names[0]} ... {names[-1]}")
+    bad = {k: v for k, v in override.items() if v not in TIERS}
+    if bad:
+        raise ValueError(f"placement {bad} uses an unknown tier; use one of {', '.join(TIERS)}")
+    missing = [n for n in names if n not in override]
+    if missing:
+        raise ValueError(f"placement leaves {len(missing)} block(s) unplaced, e.g. {missing[0]}; place every block")
+    return {n: override[n] for n in names}

@@ -1,0 +1,48 @@
+"""Plans from a config alone: the model skeleton is built on the meta device, so nothing is allocated."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from zo2tier.budget import TierBudget
+from zo2tier.model.blocks import describe
+from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
+from zo2tier.tiers.codec import check_storage
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def plan_from_config(
+    model: str, budget: TierBudget, *, storage: dict[str, str] | None = None, dtype: str | None = None
+) -> tuple[Plan, PlanInput]:
+    """Placement for the model at ``model`` (directory or config.json) under ``budget``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"{model!r} does not exist; give a model directory or a config.json")
+    config = AutoConfig.from_pretrained(model)  # a directory or a config.json file
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown; use fp32, fp16 or bf16")
+    torch_dtype = _DTYPES[dtype] if dtype else (getattr(config, "dtype", None) or torch.float32)
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    layout = describe(skeleton)
+    default = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[torch_dtype]
+    tiers = {t: check_storage((storage or {}).get(t, default)) for t in ("device", "host", "disk")}
+    sizes = tuple(BlockSize(n, sum(p.numel for p in layout.params_under(n))) for n in layout.block_names)
+    resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
+    inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers)
+    return plan_placement(inp, budget), inp
+
+
+def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, calibration=None) -> str:
+    """The text ``zo2tier plan`` prints."""
+    plan, inp = plan_from_config(model, budget, storage=storage, dtype=dtype)
+    n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
+    head = (f"{model}: {n_params / 1e9:.2f}B parameters, {len(inp.blocks)} blocks, "
+            f"storage {inp.storage}")
+    return head + "\n" + plan.table()

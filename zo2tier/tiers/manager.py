@@ -1,0 +1,180 @@
+"""Moves stored block bytes between the three tiers: device memory, (pinned) host RAM and disk files.
+
+Bytes only, no math: the engine decodes what this returns and hands back what it encoded. Disk blocks are
+read by a pool of reader threads into aligned staging buffers, ahead of use, in schedule order; write-backs
+go through their own writer threads and copy-on-write files (write ``.tmp``, fsync, rename), so a crash
+never destroys the only good copy.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from zo2tier.store.io import BlockFile, aligned_empty, align_up
+from zo2tier.tiers.records import BlockRecord, BlockTable
+
+
+class TierManager:
+    """Holds the stored bytes of every block and streams disk blocks ahead of the schedule.
+
+    Construction allocates nothing; :meth:`open` allocates the pools and starts the threads.
+    """
+
+    def __init__(
+        self,
+        table: BlockTable,
+        *,
+        device: torch.device,
+        disk_dir: str | None,
+        lookahead_blocks: int = 2,
+        n_readers: int = 4,
+        n_writers: int = 2,
+        direct_io: bool = True,
+    ) -> None:
+        self.table = table
+        self.device = device
+        self.disk_dir = disk_dir
+        self.lookahead_blocks = max(0, lookahead_blocks)
+        self._n_readers, self._n_writers = n_readers, n_writers
+        self._direct = direct_io
+        self._pin = device.type == "cuda"
+        self._readers: ThreadPoolExecutor | None = None
+        self._writers: ThreadPoolExecutor | None = None
+        self._read_pool: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self._write_pool: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self._inflight: deque[tuple[int, Future]] = deque()
+        self._next_request = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    def open(self) -> "TierManager":
+        disk = self.table.by_tier("disk")
+        largest = max((align_up(r.stored_bytes) for r in disk), default=0)
+        if disk:
+            for _ in range(self.lookahead_blocks + 1):
+                self._read_pool.put(aligned_empty(largest, pin=self._pin))
+            for _ in range(self._n_writers + 1):
+                self._write_pool.put(aligned_empty(largest, pin=self._pin))
+            self._readers = ThreadPoolExecutor(self._n_readers, thread_name_prefix="zo2tier-read")
+            self._writers = ThreadPoolExecutor(self._n_writers, thread_name_prefix="zo2tier-write")
+        return self
+
+    def close(self) -> None:
+        """Wait for every write-back, then stop the threads."""
+        self.drain()
+        for pool in (self._readers, self._writers):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._readers = self._writers = None
+
+    def drain(self) -> None:
+        """Wait until all reads in flight and all write-backs have finished (raises their errors)."""
+        while self._inflight:
+            _, fut = self._inflight.popleft()
+            self._read_pool.put(fut.result())
+        self._next_request = 0
+        for r in self.table:
+            if r.write_future is not None:
+                r.write_future.result()
+                r.write_future = None
+
+    # ---- placement at start-up --------------------------------------------------------------------
+    def put_initial(self, record: BlockRecord, raw: torch.Tensor) -> None:
+        """Store a block's first copy (``raw``: its encoded uint8 bytes) in its tier."""
+        if record.tier == "device":
+            record.data = raw.to(self.device, copy=True)
+        elif record.tier == "host":
+            buf = aligned_empty(record.stored_bytes, pin=self._pin)[: record.stored_bytes]
+            buf.copy_(raw)
+            record.data = buf
+        else:
+            record.path = os.path.join(self.disk_dir, f"block_{record.index:05d}.bin")
+            staging = aligned_empty(record.stored_bytes)
+            staging[: record.stored_bytes].copy_(raw)
+            self._write_file(record, staging, release=False)
+
+    # ---- reads ------------------------------------------------------------------------------------
+    def fetch(self, record: BlockRecord) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored bytes of ``record`` (on device or host), and the staging buffer to :meth:`release`."""
+        if record.tier != "disk":
+            return record.data, None
+        while self._inflight and self._inflight[0][0] != record.index:
+            _, stale = self._inflight.popleft()  # the schedule was broken (e.g. an exception): drop it
+            self._read_pool.put(stale.result())
+        if self._inflight:
+            _, fut = self._inflight.popleft()
+            staging = fut.result()
+        else:
+            staging = self._read_pool.get()
+            self._read_file(record, staging)
+            self._next_request = (record.index + 1) % len(self.table)
+        return staging[: record.stored_bytes], staging
+
+    def release(self, staging: torch.Tensor | None) -> None:
+        if staging is not None:
+            self._read_pool.put(staging)
+
+    def prefetch_after(self, index: int) -> None:
+        """Keep reads of the next disk blocks after ``index`` (wrapping past the last) in flight."""
+        if self._readers is None:
+            return
+        n = len(self.table)
+        if not self._inflight:
+            self._next_request = (index + 1) % n
+        scanned = 0
+        while len(self._inflight) < self.lookahead_blocks and scanned < n:
+            j = self._next_request
+            self._next_request = (j + 1) % n
+            scanned += 1
+            record = self.table[j]
+            if record.tier != "disk" or j == index:
+                continue
+            staging = self._read_pool.get()
+            self._inflight.append((j, self._readers.submit(self._read_task, record, staging)))
+
+    def _read_task(self, record: BlockRecord, staging: torch.Tensor) -> torch.Tensor:
+        if record.write_future is not None:
+            record.write_future.result()
+        self._read_file(record, staging)
+        return staging
+
+    def _read_file(self, record: BlockRecord, staging: torch.Tensor) -> None:
+        with BlockFile.open(record.path, write=False, direct=self._direct) as f:
+            f.read_into(staging, record.stored_bytes, what=f"block {record.name}")
+        self.bytes_read += record.stored_bytes
+
+    # ---- writes -----------------------------------------------------------------------------------
+    def write_back(self, record: BlockRecord, raw: torch.Tensor) -> None:
+        """Store ``raw`` (encoded uint8 bytes, any device) as the block's new copy in its tier."""
+        if record.tier == "device":
+            if raw.data_ptr() != record.data.data_ptr():
+                record.data.copy_(raw)
+            return
+        if record.tier == "host":
+            record.data.copy_(raw)
+            return
+        staging = self._write_pool.get()
+        staging[: record.stored_bytes].copy_(raw)
+        if record.write_future is not None:
+            record.write_future.result()
+        record.write_future = self._writers.submit(self._write_file, record, staging)
+
+    def _write_file(self, record: BlockRecord, staging: torch.Tensor, release: bool = True) -> None:
+        tmp = record.path + ".tmp"
+        try:
+            with BlockFile.open(tmp, write=True, direct=self._direct) as f:
+                f.write_from(staging, record.stored_bytes, what=f"block {record.name}")
+                if not f.direct:
+                    f.truncate(record.stored_bytes)
+                f.sync()
+            os.replace(tmp, record.path)
+            self.bytes_written += record.stored_bytes
+        finally:
+            if release:
+                self._write_pool.put(staging)

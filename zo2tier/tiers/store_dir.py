@@ -1,0 +1,78 @@
+"""The disk tier's directory: claimed once, checked before any work, locked against a second process."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+
+MARKER = ".zo2tier-disk"
+LOCK = ".zo2tier.lock"
+_OWN_PREFIXES = ("block_", ".zo2tier", "manifest")
+
+_held_locks: dict[str, int] = {}
+
+
+class StoreLockedError(RuntimeError):
+    """Another live process holds the store; the message names it."""
+
+
+def claim_disk_dir(path: str) -> str:
+    """Create (if needed), check and lock ``path`` for the disk tier; return its absolute path.
+
+    Refuses a directory holding files zo2tier did not write, one it cannot write, and one another
+    process has locked. Files of an earlier zo2tier run in the same directory are reused (overwritten).
+    The lock is an ``flock``: the kernel drops it when its process dies, so a stale lock never blocks.
+    """
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"disk_dir {path!r} cannot be created ({exc.strerror}); pick a writable directory") from exc
+    if not os.path.isdir(path):
+        raise ValueError(f"disk_dir {path!r} is not a directory; pick a directory for the disk tier")
+    if not os.access(path, os.W_OK | os.X_OK | os.R_OK):
+        raise ValueError(f"disk_dir {path!r} is not readable and writable by this user; fix its permissions or pick another")
+    entries = os.listdir(path)
+    foreign = [e for e in entries if not e.startswith(_OWN_PREFIXES)]
+    if foreign or (entries and MARKER not in entries):
+        shown = ", ".join(sorted(foreign or entries)[:3])
+        raise ValueError(
+            f"disk_dir {path!r} already holds files zo2tier did not write ({shown}); "
+            "give an empty or new directory (zo2tier never deletes files it did not create)"
+        )
+    _lock(path)
+    try:
+        probe = os.path.join(path, MARKER)
+        with open(probe, "w") as f:
+            json.dump({"created_by": "zo2tier", "pid": os.getpid(), "time": time.time()}, f)
+    except OSError as exc:
+        raise ValueError(f"disk_dir {path!r} is not writable ({exc.strerror}); fix its permissions or pick another") from exc
+    return path
+
+
+def _lock(path: str) -> None:
+    if path in _held_locks:
+        return
+    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLockedError(
+            f"disk_dir {path!r} is in use by another zo2tier process (pid {holder}); "
+            "wait for it to finish or use another directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held_locks[path] = fd
+
+
+def release_disk_dir(path: str) -> None:
+    """Drop this process's lock on ``path`` (called by ``ZOEngine.close``)."""
+    fd = _held_locks.pop(path, None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Zeroth-order math: keyed RNG, fused perturbation kernels, the update log."""
