@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -150,10 +150,10 @@ class ZOEngine:
         self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead)
         self.tiers.open()
         for record in records:  # one block at a time: load, encode, place
-            flat = torch.empty(record.numel, dtype=torch.float32)
+            flat = torch.empty(record.numel, dtype=torch.float32, device=self.device)
             for slot in record.slots:
                 flat[slot.offset : slot.offset + slot.spec.numel] = source.get(slot.spec.name).reshape(-1)
-            raw = torch.empty(record.stored_bytes, dtype=torch.uint8)
+            raw = torch.empty(record.stored_bytes, dtype=torch.uint8, device=self.device)
             encode(flat, record.storage, raw, sr_seed=0, sr_key=record.index, stochastic=False)
             self.tiers.put_initial(record, raw)
             del flat, raw
@@ -200,8 +200,18 @@ class ZOEngine:
 
     # ---- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, batch: Mapping[str, torch.Tensor], *, lr: float | None = None) -> StepResult:
-        """One MeZO-SGD step on ``batch`` (``input_ids``, optional ``attention_mask`` and ``labels``)."""
+    def step(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        *,
+        lr: float | None = None,
+        loss_fn: Callable[[torch.Tensor, Mapping[str, Any]], float] | None = None,
+    ) -> StepResult:
+        """One MeZO-SGD step on ``batch`` (``input_ids``, optional ``attention_mask`` and ``labels``).
+
+        ``loss_fn(logits, batch) -> float``, if given, replaces the causal-LM loss: it is called once per
+        half with that half's logits (B, T, V) and ``batch`` as passed in (extra keys are allowed).
+        """
         self._check_open()
         ids, mask, labels = _unpack(batch, self.device)
         t = len(self.log)
@@ -210,8 +220,12 @@ class ZOEngine:
         self._prepare_resident()
         doubled_mask = None if mask is None else torch.cat([mask, mask])
         logits = self.model(input_ids=torch.cat([ids, ids]), attention_mask=doubled_mask, use_cache=False).logits
-        loss_plus = causal_lm_loss(logits[: ids.shape[0]], labels)
-        loss_minus = causal_lm_loss(logits[ids.shape[0] :], labels)
+        if loss_fn is None:
+            loss_plus = causal_lm_loss(logits[: ids.shape[0]], labels)
+            loss_minus = causal_lm_loss(logits[ids.shape[0] :], labels)
+        else:
+            loss_plus = float(loss_fn(logits[: ids.shape[0]], batch))
+            loss_minus = float(loss_fn(logits[ids.shape[0] :], batch))
         g = (loss_plus - loss_minus) / (2 * self.config.eps)
         skipped = not (math.isfinite(loss_plus) and math.isfinite(loss_minus))
         if skipped:
@@ -278,7 +292,7 @@ class ZOEngine:
             work = record.data.view(torch.float32)
         else:
             work = scratch[: record.numel] if scratch is not None else torch.empty(record.numel, device=self.device)
-            decode(raw.to(self.device, non_blocking=True), record.storage, record.numel, work)
+            decode(raw.to(self.device), record.storage, record.numel, work)  # blocking from host staging
         self.tiers.release(staging)
         if record.index < len(self.table) - 1:
             self.tiers.prefetch_after(record.index)

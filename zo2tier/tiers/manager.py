@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from zo2tier.store.io import BlockFile, aligned_empty, align_up
+from zo2tier.tiers.cuda_path import CudaTransfers
 from zo2tier.tiers.records import BlockRecord, BlockTable
 
 
@@ -51,6 +52,8 @@ class TierManager:
         self._next_request = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        self._cuda: CudaTransfers | None = None
+        self._host_next = 0
 
     # ---- life cycle -------------------------------------------------------------------------------
     def open(self) -> "TierManager":
@@ -63,7 +66,19 @@ class TierManager:
                 self._write_pool.put(aligned_empty(largest, pin=self._pin))
             self._readers = ThreadPoolExecutor(self._n_readers, thread_name_prefix="zo2tier-read")
             self._writers = ThreadPoolExecutor(self._n_writers, thread_name_prefix="zo2tier-write")
+        host = self.table.by_tier("host")
+        if host and self.device.type == "cuda":
+            largest_host = max(r.stored_bytes for r in host)
+            self._cuda = CudaTransfers(self.device, largest_host, self.lookahead_blocks + 1).open()
         return self
+
+    @property
+    def h2d_bytes(self) -> int:
+        return self._cuda.h2d_bytes if self._cuda is not None else 0
+
+    @property
+    def d2h_bytes(self) -> int:
+        return self._cuda.d2h_bytes if self._cuda is not None else 0
 
     def close(self) -> None:
         """Wait for every write-back, then stop the threads."""
@@ -79,6 +94,8 @@ class TierManager:
             _, fut = self._inflight.popleft()
             self._read_pool.put(fut.result())
         self._next_request = 0
+        if self._cuda is not None:
+            self._cuda.synchronize()
         for r in self.table:
             if r.write_future is not None:
                 r.write_future.result()
@@ -102,6 +119,9 @@ class TierManager:
     # ---- reads ------------------------------------------------------------------------------------
     def fetch(self, record: BlockRecord) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored bytes of ``record`` (on device or host), and the staging buffer to :meth:`release`."""
+        if record.tier == "host" and self._cuda is not None:
+            slot = self._cuda.take(record)
+            return slot, slot
         if record.tier != "disk":
             return record.data, None
         while self._inflight and self._inflight[0][0] != record.index:
@@ -117,11 +137,18 @@ class TierManager:
         return staging[: record.stored_bytes], staging
 
     def release(self, staging: torch.Tensor | None) -> None:
-        if staging is not None:
+        """Hand back what :meth:`fetch` lent, once the caller has enqueued its last use."""
+        if staging is None:
+            return
+        if staging.device.type == "cuda":
+            self._cuda.give_back(staging)
+        else:
             self._read_pool.put(staging)
 
     def prefetch_after(self, index: int) -> None:
         """Keep reads of the next disk blocks after ``index`` (wrapping past the last) in flight."""
+        if self._cuda is not None:
+            self._prefetch_host(index)
         if self._readers is None:
             return
         n = len(self.table)
@@ -137,6 +164,20 @@ class TierManager:
                 continue
             staging = self._read_pool.get()
             self._inflight.append((j, self._readers.submit(self._read_task, record, staging)))
+
+    def _prefetch_host(self, index: int) -> None:
+        n = len(self.table)
+        if not self._cuda.queued():
+            self._host_next = (index + 1) % n
+        scanned = 0
+        while self._cuda.has_free_slot() and scanned < n:
+            j = self._host_next
+            if j == index and scanned:
+                break
+            self._host_next = (j + 1) % n
+            scanned += 1
+            if self.table[j].tier == "host" and j != index and not self._cuda.is_queued(j):
+                self._cuda.upload(self.table[j])
 
     def _read_task(self, record: BlockRecord, staging: torch.Tensor) -> torch.Tensor:
         if record.write_future is not None:
@@ -157,7 +198,10 @@ class TierManager:
                 record.data.copy_(raw)
             return
         if record.tier == "host":
-            record.data.copy_(raw)
+            if self._cuda is not None:
+                self._cuda.write_back(record, raw)
+            else:
+                record.data.copy_(raw)
             return
         staging = self._write_pool.get()
         staging[: record.stored_bytes].copy_(raw)

@@ -1,0 +1,255 @@
+"""Benchmark one tiered MeZO step on a random-init model of a real shape; prints one JSON line.
+
+    python tools/bench_step.py --model=opt-13b --batch=1 --seq=2048 --budget=device=8GiB,host=100GiB \
+        --storage=host=fp16 --write-back-every=1 --baseline
+
+Blocks are generated straight into their tiers (never the whole model on the host first). With
+``--baseline`` the same process also runs plain MeZO with every weight on the GPU (in-place ``randn`` +
+``add_``, 4 passes) on the same shape, and reports its tok/s beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {  # hidden, ffn, layers, heads (OPT); Llama shapes add kv heads
+    "opt-125m": (768, 3072, 12, 12),
+    "opt-350m": (1024, 4096, 24, 16),
+    "opt-1.3b": (2048, 8192, 24, 32),
+    "opt-2.7b": (2560, 10240, 32, 32),
+    "opt-6.7b": (4096, 16384, 32, 32),
+    "opt-13b": (5120, 20480, 40, 40),
+    "opt-30b": (7168, 28672, 48, 56),
+    "opt-66b": (9216, 36864, 64, 72),
+    "llama-7b": (4096, 11008, 32, 32),
+    "llama-13b": (5120, 13824, 40, 40),
+}
+
+
+def model_config(name: str):
+    import transformers as tf
+
+    hidden, ffn, layers, heads = SHAPES[name]
+    if name.startswith("opt"):
+        return tf.OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                            word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048)
+    return tf.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
+                          max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+class RandomInit:
+    """A weight source that draws each tensor when asked: normal(0, 0.02), norms 1, biases 0."""
+
+    def __init__(self, model, device) -> None:
+        from zo2tier.model.loading import StateSource
+
+        self._inner = StateSource(model)
+        self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self._device = device
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = self._shapes[name]
+        if name.endswith("bias"):
+            return torch.zeros(shape, device=self._device)
+        if "norm" in name or "ln" in name.split(".")[-2]:
+            return torch.ones(shape, device=self._device)
+        return torch.randn(shape, device=self._device) * 0.02
+
+    def buffer_keys(self):
+        return self._inner.buffer_keys()
+
+
+class Sampler:
+    """Polls GPU memory through NVML (nvidia-smi) and host RSS while the run goes on."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.gpu_peak_bytes = 0
+        self.rss_peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _gpu_used(self) -> int:
+        try:
+            return int(torch.cuda.device_memory_used())
+        except Exception:  # noqa: BLE001 - NVML missing: ask nvidia-smi
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            return int(out.split()[0]) * 2**20 if out.strip() else 0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.rss_peak_bytes = max(self.rss_peak_bytes, self._proc.memory_info().rss)
+            if torch.cuda.is_available():
+                self.gpu_peak_bytes = max(self.gpu_peak_bytes, self._gpu_used())
+            time.sleep(0.05)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_tiered(args, device: torch.device) -> dict:
+    import zo2tier
+    from zo2tier.model.loading import params_on_meta
+    from transformers import AutoModelForCausalLM
+
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    storage = dict(p.split("=") for p in args.storage.split(",")) if args.storage else None
+    t0 = time.perf_counter()
+    engine = zo2tier.ZOEngine(model, budget=args.budget, disk_dir=args.disk_dir, device=device,
+                              config=zo2tier.MeZOConfig(lr=1e-7, eps=1e-3, seed=0), storage=storage,
+                              write_back_every=args.write_back_every, _source=RandomInit(model, device))
+    build_s = time.perf_counter() - t0
+    ids = torch.randint(0, 32000, (args.batch, args.seq), device=device)
+    batch = {"input_ids": ids}
+    times, moved = [], []
+    for i in range(args.steps):
+        before = (engine.tiers.bytes_read, engine.tiers.bytes_written, engine.tiers.h2d_bytes, engine.tiers.d2h_bytes)
+        sync(device)
+        t = time.perf_counter()
+        if args.phase == "train":
+            engine.step(batch)
+        else:
+            engine.evaluate(batch)
+        sync(device)
+        times.append(time.perf_counter() - t)
+        after = (engine.tiers.bytes_read, engine.tiers.bytes_written, engine.tiers.h2d_bytes, engine.tiers.d2h_bytes)
+        moved.append([a - b for a, b in zip(after, before)])
+    steady = times[args.warmup:] or times
+    step_s = statistics.median(steady)
+    last = moved[-1]
+    n_params = sum(p.numel for p in engine.layout.params)
+    counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
+    out = dict(
+        step_s=step_s, tok_per_s=args.batch * args.seq / step_s, build_s=build_s, step_times=times,
+        blocks_per_tier=counts, storage=engine.storage,
+        disk_read_bytes_per_step=last[0], disk_write_bytes_per_step=last[1],
+        h2d_bytes_per_step=last[2], d2h_bytes_per_step=last[3],
+        disk_read_gbps=last[0] / step_s / 1e9, disk_write_gbps=last[1] / step_s / 1e9,
+        h2d_gbps=last[2] / step_s / 1e9, d2h_gbps=last[3] / step_s / 1e9,
+        disk_bytes_per_param_step=(last[0] + last[1]) / n_params, n_params=n_params,
+        gpu_peak_torch_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    )
+    engine.close()
+    del engine, model
+    gc.collect()
+    return out
+
+
+def run_baseline(args, device: torch.device) -> dict | None:
+    """Plain MeZO: all weights on the GPU, in-place randn + add_ (4 passes), two forwards."""
+    from transformers import AutoModelForCausalLM
+
+    torch.cuda.empty_cache()
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float16)
+    except torch.OutOfMemoryError:
+        return None
+    model.eval()
+    params = [p for p in model.parameters()]
+    ids = torch.randint(0, 32000, (args.batch, args.seq), device=device)
+
+    def perturb(scale: float, seed: int) -> None:
+        gen = torch.Generator(device).manual_seed(seed)
+        for p in params:
+            z = torch.randn(p.shape, device=device, dtype=p.dtype, generator=gen)
+            p.data.add_(z, alpha=scale)
+
+    def loss() -> float:
+        logits = model(input_ids=ids, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
+
+    times = []
+    with torch.no_grad():
+        for step in range(args.steps):
+            sync(device)
+            t = time.perf_counter()
+            perturb(1e-3, step)
+            lp = loss()
+            perturb(-2e-3, step)
+            lm = loss()
+            perturb(1e-3, step)
+            g = (lp - lm) / 2e-3
+            perturb(-1e-7 * g, step)
+            sync(device)
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times[args.warmup:] or times)
+    del model, params
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(baseline_step_s=step_s, baseline_tok_per_s=args.batch * args.seq / step_s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="opt-1.3b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--budget", default="device=8GiB,host=200GiB,disk=0")
+    p.add_argument("--storage", default="")
+    p.add_argument("--write-back-every", type=int, default=1)
+    p.add_argument("--disk-dir", default="runs/bench-disk")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--phase", default="train", choices=["train", "eval"])
+    p.add_argument("--baseline", action="store_true")
+    p.add_argument("--baseline-first", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    record = dict(
+        card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        date=datetime.date.today().isoformat(),
+        git_rev=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        command=" ".join(sys.argv), model=args.model, batch=args.batch, seq=args.seq, phase=args.phase,
+        torch=torch.__version__, budget=args.budget, write_back_every=args.write_back_every,
+    )
+    with Sampler() as sampler:
+        base = run_baseline(args, device) if args.baseline and args.baseline_first and device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        gpu0 = sampler.gpu_peak_bytes
+        record.update(run_tiered(args, device))
+        record["gpu_peak_nvml_gib"] = sampler.gpu_peak_bytes / 2**30 if device.type == "cuda" else None
+        record["host_rss_peak_gib"] = sampler.rss_peak_bytes / 2**30
+        if args.baseline and base is None and device.type == "cuda":
+            base = run_baseline(args, device)
+    record["host_rss_peak_gib_getrusage"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    record.update(base or dict(baseline_step_s=None, baseline_tok_per_s=None))
+    if record["baseline_tok_per_s"]:
+        record["ratio_vs_baseline"] = record["tok_per_s"] / record["baseline_tok_per_s"]
+    del gpu0
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Host <-> GPU transfers for host-tier blocks: a copy stream, a write-back stream, events, fixed slots.
+
+Uploads of the next blocks run on their own stream while the compute stream works on the current one;
+write-backs (GPU -> pinned host) run on a third stream, so reads and writes overlap. Device slots are
+allocated once in :meth:`CudaTransfers.open`; nothing is allocated per step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from zo2tier.tiers.records import BlockRecord
+
+
+class CudaTransfers:
+    """Schedule-driven uploads of host-tier blocks and asynchronous write-backs, on CUDA only."""
+
+    def __init__(self, device: torch.device, slot_bytes: int, n_slots: int, n_out: int = 2) -> None:
+        self.device = device
+        self.slot_bytes = slot_bytes
+        self.n_slots = max(1, n_slots)
+        self.n_out = n_out
+        self.h2d_bytes = 0
+        self.d2h_bytes = 0
+
+    def open(self) -> "CudaTransfers":
+        self._copy = torch.cuda.Stream(self.device)
+        self._back = torch.cuda.Stream(self.device)
+        self._free: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque(
+            (torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device), None) for _ in range(self.n_slots)
+        )
+        self._outs: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque(
+            (torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device), None) for _ in range(self.n_out)
+        )
+        self._ready: deque[tuple[int, torch.Tensor, torch.cuda.Event]] = deque()
+        self._write_events: dict[int, torch.cuda.Event] = {}
+        return self
+
+    def queued(self) -> int:
+        return len(self._ready)
+
+    def is_queued(self, index: int) -> bool:
+        return any(i == index for i, _, _ in self._ready)
+
+    def has_free_slot(self) -> bool:
+        return bool(self._free)
+
+    def upload(self, record: BlockRecord) -> None:
+        """Start copying ``record``'s host bytes into a free slot on the copy stream."""
+        slot, freed = self._free.popleft()
+        with torch.cuda.stream(self._copy):
+            if freed is not None:
+                self._copy.wait_event(freed)  # the compute stream is done with this slot
+            pending = self._write_events.get(record.index)
+            if pending is not None:
+                self._copy.wait_event(pending)  # its last write-back has landed in host memory
+            slot[: record.stored_bytes].copy_(record.data, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy)
+        self._ready.append((record.index, slot, done))
+        self.h2d_bytes += record.stored_bytes
+
+    def take(self, record: BlockRecord) -> torch.Tensor:
+        """The uploaded bytes of ``record`` (uploading now if it was not prefetched)."""
+        while self._ready and self._ready[0][0] != record.index:
+            _, slot, done = self._ready.popleft()  # the schedule changed: drop the stale upload
+            self._free.append((slot, done))
+        if not self._ready:
+            self.upload(record)
+        _, slot, done = self._ready.popleft()
+        torch.cuda.current_stream(self.device).wait_event(done)
+        self._taken = slot
+        return slot[: record.stored_bytes]
+
+    def give_back(self, slot_view: torch.Tensor) -> None:
+        """The compute stream has enqueued its last use of the slot; it can be refilled after that."""
+        freed = torch.cuda.Event()
+        freed.record(torch.cuda.current_stream(self.device))
+        self._free.append((self._taken, freed))
+
+    def write_back(self, record: BlockRecord, raw: torch.Tensor) -> None:
+        """Copy encoded bytes ``raw`` (on the GPU) into the block's pinned host copy, asynchronously."""
+        out, used = self._outs.popleft()
+        compute = torch.cuda.current_stream(self.device)
+        if used is not None:
+            compute.wait_event(used)  # the previous D2H from this buffer has finished
+        out[: raw.numel()].copy_(raw)
+        encoded = torch.cuda.Event()
+        encoded.record(compute)
+        with torch.cuda.stream(self._back):
+            self._back.wait_event(encoded)
+            record.data.copy_(out[: raw.numel()], non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record(self._back)
+        self._write_events[record.index] = landed
+        self._outs.append((out, landed))
+        self.d2h_bytes += raw.numel()
+
+    def synchronize(self) -> None:
+        self._copy.synchronize()
+        self._back.synchronize()
+        for _, slot, done in list(self._ready):
+            self._free.append((slot, done))
+        self._ready.clear()
