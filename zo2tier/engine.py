@@ -9,6 +9,7 @@ is never perturbed in place, so nothing drifts.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -18,20 +19,25 @@ import torch
 from torch import nn
 
 from zo2tier.budget import BudgetLike, TierBudget
+from zo2tier import checkpoint as _store_glue
 from zo2tier.config import MeZOConfig
+from zo2tier.distributed import DataParallel, attach as _attach_data_parallel
 from zo2tier.model.blocks import describe
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
-from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, encoded_bytes
+from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, int8_scales, encoded_bytes
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
+from zo2tier.tiers.write_back import check_max_log as _check_max_log, resolve_write_back
 from zo2tier.tiers.store_dir import claim_disk_dir, release_disk_dir
+from zo2tier.zo import fused
 from zo2tier.zo.kernels import apply_update_, perturb_into
 from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import LogEntry, causal_lm_loss
 
 RESIDENT = "<resident>"
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,15 +81,17 @@ class ZOEngine:
         config: MeZOConfig | None = None,
         placement: Mapping[str, str] | None = None,
         storage: Mapping[str, str] | None = None,
-        write_back_every: int = 1,
+        write_back_every: int | Mapping[str, int] | None = None,
+        max_log: int | None = None,
         lookahead_blocks: int = 2,
+        data_parallel: DataParallel | bool | None = None,
         _source: StateSource | None = None,
     ) -> None:
+        # data_parallel: None = data-parallel over WORLD iff torch.distributed is initialised with > 1 rank;
+        # False = never; DataParallel(...) = explicit (zo2tier/distributed.py, docs/scaling.md "Multi-node").
         self.config = config or MeZOConfig()
         if not isinstance(self.config, MeZOConfig):
             raise ValueError(f"config must be a MeZOConfig, got {type(self.config).__name__}")
-        if isinstance(write_back_every, bool) or not isinstance(write_back_every, int) or write_back_every < 1:
-            raise ValueError(f"write_back_every={write_back_every!r} must be an int >= 1")
         self.device = torch.device(device)
         self.budget = TierBudget.parse(budget)
         self.layout = describe(model)
@@ -93,11 +101,16 @@ class ZOEngine:
         unknown = set(storage or {}) - set(self.storage)
         if unknown:
             raise ValueError(f"storage names unknown tier(s) {sorted(unknown)}; use device, host, disk")
-        self.write_back_every = write_back_every
+        # K per tier (host, disk): written back every K steps, staggered by block; see docs/io.md
+        self.write_back_every = resolve_write_back(write_back_every, self.device)
+        self.max_log = _check_max_log(max_log)
         self.plan = self._make_plan(placement, lookahead_blocks)
         self.blocks: list[str] = list(self.layout.block_names)
         self.placement: dict[str, str] = dict(self.plan.placement)
         needs_disk = any(t == "disk" for t in self.placement.values())
+        self._dp = _attach_data_parallel(data_parallel)
+        if self._dp is not None:  # each rank its own disk directory: disk_dir/rank{r}
+            disk_dir = self._dp.rank_dir(disk_dir)
         if needs_disk and disk_dir is None:
             raise ValueError("some blocks are placed on disk but disk_dir is None; pass disk_dir='runs/disk'")
         self.disk_dir = claim_disk_dir(os.fspath(disk_dir)) if needs_disk else None
@@ -105,10 +118,18 @@ class ZOEngine:
         self.model = model
         self.log: list[LogEntry] = []
         self.n_skipped = 0
+        self.extra_state: dict = {}  # the caller's dict from save_checkpoint, given back by resume
         self._mode: tuple[str, int, float] = ("eval", 0, 0.0)
         self._rows = 0
         self._closed = False
-        self._build(model, _source or in_memory_source(model), lookahead_blocks)
+        try:
+            self._build(model, _source or in_memory_source(model), lookahead_blocks)
+        except BaseException:  # e.g. the disk filled while the store was written: let other processes in
+            if getattr(self, "store", None) is not None:
+                self.store.close()
+            if self.disk_dir is not None:
+                release_disk_dir(self.disk_dir)
+            raise
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -118,8 +139,59 @@ class ZOEngine:
         The whole model never sits in host RAM: at most one block's tensors are in memory at a time.
         Accepts the same keywords as :class:`ZOEngine`, plus ``dtype`` (default: the checkpoint's).
         """
+        if _store_glue.is_store(path):  # a zo2tier store (docs/store.md): see from_store
+            return cls.from_store(path, **kwargs)
         model, source = pretrained_skeleton(os.fspath(path), dtype=kwargs.pop("dtype", None))
         return cls(model, _source=source, **kwargs)
+
+    @classmethod
+    def from_store(cls, path: str | os.PathLike, **kwargs: Any) -> "ZOEngine":
+        """Build an engine on a zo2tier store (``zo2tier convert`` output, or an engine's ``disk_dir``).
+
+        The store is used in place: its files are the disk tier, training updates it copy-on-write, and
+        ``close()`` / ``save_checkpoint()`` commit its manifest. Pending updates in the store are replayed.
+        Same keywords as :class:`ZOEngine` (``disk_dir`` defaults to the store), plus ``dtype`` and
+        ``verify_reads`` (check each block's xxh3 when read; default True).
+
+        Example::
+
+            engine = ZOEngine.from_store("stores/opt-1.3b", budget="device=4GiB,host=8GiB,disk=100GiB")
+        """
+        return _store_glue.from_store(cls, path, **kwargs)
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, **kwargs: Any) -> "ZOEngine":
+        """Continue exactly where :meth:`save_checkpoint` left off; ``engine.extra_state`` is the saved dict.
+
+        The checkpoint's config, placement, storage, write-back schedule and budget are the defaults;
+        keywords override them (give ``device`` and, for the disk tier, nothing else is needed).
+
+        Example::
+
+            engine = ZOEngine.resume("runs/ckpt")
+            start = engine.extra_state["data_position"]
+        """
+        return _store_glue.resume(cls, path, **kwargs)
+
+    def save_checkpoint(self, path: str | os.PathLike, extra_state: dict | None = None) -> str:
+        """Make the run durable: commit the store and write ``path/checkpoint.json``; returns ``path``.
+
+        ``extra_state`` is a JSON-able dict the caller owns (e.g. the data position), given back by
+        :meth:`resume`. Block files are referenced, not copied: between full write-backs a checkpoint is a
+        few KB. Device/host blocks are copied into the store when needed (the first time, when stored in a
+        narrow dtype and changed, or when their log tail is long). Only the latest checkpoint of a store
+        can be resumed: a later one replaces block files an earlier one names.
+        """
+        return _store_glue.save_checkpoint(self, path, extra_state)
+
+    def export(self, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 << 30) -> str:
+        """Write the current weights (every pending update applied) as a Hugging Face safetensors model.
+
+        ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it; streamed one block at a time.
+        """
+        from zo2tier.store.export import export_engine
+
+        return export_engine(self, out_dir, max_shard_bytes=max_shard_bytes)
 
     @staticmethod
     def block_names(model: nn.Module) -> list[str]:
@@ -148,16 +220,22 @@ class ZOEngine:
         records.append(self._record(len(records), RESIDENT, "device", resident_params))
         self.table = BlockTable(records)
         self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead)
+        self.store = _store_glue.open_engine_store(self, records, source)  # the disk_dir is a store
+        self.tiers.store = self.store
         self.tiers.open()
         for record in records:  # one block at a time: load, encode, place
+            if _store_glue.place_from_store(self, record, source):
+                continue
             flat = torch.empty(record.numel, dtype=torch.float32, device=self.device)
             for slot in record.slots:
                 flat[slot.offset : slot.offset + slot.spec.numel] = source.get(slot.spec.name).reshape(-1)
             raw = torch.empty(record.stored_bytes, dtype=torch.uint8, device=self.device)
             encode(flat, record.storage, raw, sr_seed=0, sr_key=record.index, stochastic=False)
             self.tiers.put_initial(record, raw)
+            _store_glue.persist_initial(self, record, raw)
             del flat, raw
         self.tiers.drain()
+        _store_glue.finish_initial(self, source)
 
         self.bindings: list[_Binding] = []
         names_by_id: dict[int, list[str]] = {}
@@ -178,9 +256,16 @@ class ZOEngine:
         largest = max(r.numel for r in records)
         self._work = torch.empty(largest, dtype=torch.float32, device=self.device)
         self._scratch = torch.empty(largest, dtype=self.compute_dtype, device=self.device)
+        self._fused_blocks = any(self._is_fused(r) for r in records[:-1])
+        self._scratch_minus = (
+            torch.empty(largest, dtype=self.compute_dtype, device=self.device) if self._fused_blocks else None
+        )
+        self._log_cache: tuple[int, int, fused.PendingLog] | None = None
         self._raw_out = torch.empty(max(r.stored_bytes for r in records), dtype=torch.uint8, device=self.device)
         self._resident_scratch = torch.empty(records[-1].numel, dtype=self.compute_dtype, device=self.device)
         self._resident_work: torch.Tensor | None = None
+        self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
+        self._prev_scales_of = -1
 
     def _record(self, index: int, name: str, tier: str, params: list) -> BlockRecord:
         slots, offset = [], 0
@@ -211,8 +296,14 @@ class ZOEngine:
 
         ``loss_fn(logits, batch) -> float``, if given, replaces the causal-LM loss: it is called once per
         half with that half's logits (B, T, V) and ``batch`` as passed in (extra keys are allowed).
+        Data-parallel engines take the global batch and run their shard (zo2tier/distributed.py).
         """
+        if self._dp is not None:
+            return self._dp.step(self, batch, lr=lr, loss_fn=loss_fn)
         self._check_open()
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0
+                               or not math.isfinite(lr)):
+            raise ValueError(f"lr={lr!r} must be a finite number >= 0; pass e.g. lr=1e-6, or None for config.lr")
         ids, mask, labels = _unpack(batch, self.device)
         t = len(self.log)
         seed = step_seed(self.config.seed, t)
@@ -227,9 +318,11 @@ class ZOEngine:
             loss_plus = float(loss_fn(logits[: ids.shape[0]], batch))
             loss_minus = float(loss_fn(logits[ids.shape[0] :], batch))
         g = (loss_plus - loss_minus) / (2 * self.config.eps)
-        skipped = not (math.isfinite(loss_plus) and math.isfinite(loss_minus))
-        if skipped:
+        skipped = not (math.isfinite(loss_plus) and math.isfinite(loss_minus) and math.isfinite(g))
+        if skipped:  # the update is logged with lr 0: it never reaches the weights
             self.n_skipped += 1
+            _log.warning("step %d skipped: non-finite loss (loss+ %s, loss- %s); %d step(s) skipped so far",
+                         t, loss_plus, loss_minus, self.n_skipped)
             g = 0.0
         step_lr = self.config.lr if lr is None else lr
         self.log.append(LogEntry(t, seed, 0.0 if skipped else g, 0.0 if skipped else step_lr, self.config.weight_decay))
@@ -256,6 +349,8 @@ class ZOEngine:
         binding = self.bindings[binding_index]
         record = self.table[binding.record]
         resident = record.name == RESIDENT
+        if not resident and self._is_fused(record):
+            return self._run_fused(binding, record, inner, args, kwargs)
         work = self._resident_work if resident else self._arrive(record, scratch=self._work)
         scratch = self._resident_scratch if resident else self._scratch
         kind, seed, eps = self._mode
@@ -267,6 +362,57 @@ class ZOEngine:
 
         return run_dual(inner, weights, args, kwargs, self._rows)
 
+    def _run_fused(self, binding: _Binding, record: BlockRecord, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """One kernel pass per parameter builds θ+εz and θ−εz straight from the stored copy."""
+        kind, seed, eps = self._mode
+        plus, minus = self._scratch, self._scratch_minus
+        if kind == "eval":
+            self._arrive_fused(record, plus, None, 0.0, seed)
+            return run_dual_eval(inner, _named(binding, plus), args, kwargs)
+        self._arrive_fused(record, plus, minus, eps, seed)
+        return run_dual(inner, lambda half: _named(binding, plus if half == 0 else minus), args, kwargs, self._rows)
+
+    def _is_fused(self, record: BlockRecord) -> bool:
+        return record.storage != "int8" and fused.available(self.device, _TORCH_DTYPES[record.storage])
+
+    def _no_log(self) -> "fused.PendingLog":
+        if getattr(self, "_empty_log", None) is None:
+            self._empty_log = fused.PendingLog.build([], self.device)
+        return self._empty_log
+
+    def _pending_log(self, start: int) -> "fused.PendingLog":
+        end = len(self.log)
+        if self._log_cache is None or self._log_cache[:2] != (start, end):
+            self._log_cache = (start, end, fused.PendingLog.build(self.log[start:end], self.device))
+        return self._log_cache[2]
+
+    def _arrive_fused(self, record: BlockRecord, plus: torch.Tensor, minus: torch.Tensor | None,
+                      eps: float, seed: int) -> None:
+        """Fetch, replay pending updates, write back if due, and fill ``plus``/``minus``, in one pass."""
+        raw, staging = self.tiers.fetch(record)
+        dtype = _TORCH_DTYPES[record.storage]
+        stored = raw.to(self.device).view(dtype)[: record.numel]
+        pending = len(self.log) - record.applied_steps
+        write = self._write_due(record, pending)
+        out = None
+        if write:
+            out = stored if record.tier == "device" else self._raw_out[: record.stored_bytes].view(dtype)
+        log = self._pending_log(record.applied_steps)
+        sr_seed = step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log))
+        for slot in record.slots:
+            o, n = slot.offset, slot.spec.numel
+            fused.arrive(stored[o : o + n], param_id=slot.spec.param_id, decay=slot.spec.decay, log=log,
+                         new_seed=seed, eps=eps, plus=plus[o : o + n],
+                         minus=None if minus is None else minus[o : o + n],
+                         write_to=None if out is None else out[o : o + n], sr_seed=sr_seed,
+                         sr_key=record.index, sr_offset=o, kind=self.config.perturbation)
+        self.tiers.release(staging)
+        if record.index < len(self.table) - 1:
+            self.tiers.prefetch_after(record.index)
+        if write:
+            self.tiers.write_back(record, self._raw_out[: record.stored_bytes] if record.tier != "device"
+                                  else raw, n_steps=len(self.log))
+
     def _views(self, binding: _Binding, work, scratch, scale: float, seed: int) -> dict[str, torch.Tensor]:
         out = {}
         for slot, local in binding.params:
@@ -277,6 +423,11 @@ class ZOEngine:
                 view = scratch[o : o + n]
                 if scale == 0.0:
                     view.copy_(work[o : o + n])
+                elif fused.available(self.device, torch.float32):
+                    fused.arrive(work[o : o + n], param_id=slot.spec.param_id, decay=False,
+                                 log=self._no_log(), new_seed=seed, eps=scale, plus=view,
+                                 minus=None, write_to=None, sr_seed=0, sr_key=0, sr_offset=0,
+                                 kind=self.config.perturbation)
                 else:
                     perturb_into(work[o : o + n], view, step_seed=seed, param_id=slot.spec.param_id,
                                  scale=scale, kind=self.config.perturbation)
@@ -287,20 +438,48 @@ class ZOEngine:
     # ---- arrival: decode, replay, write back ------------------------------------------------------
     def _arrive(self, record: BlockRecord, scratch: torch.Tensor | None) -> torch.Tensor:
         """The block's clean fp32 weights with every logged update applied."""
+        if self._is_fused(record):  # the GPU replays with the same kernel the step uses
+            if record.tier == "device" and record.storage == "fp32":
+                work = record.data.view(torch.float32)
+            else:
+                work = scratch[: record.numel] if scratch is not None else torch.empty(record.numel, device=self.device)
+            self._arrive_fused(record, work, None, 0.0, 0)
+            return work
         raw, staging = self.tiers.fetch(record)
         if record.tier == "device" and record.storage == "fp32":
             work = record.data.view(torch.float32)
         else:
             work = scratch[: record.numel] if scratch is not None else torch.empty(record.numel, device=self.device)
-            decode(raw.to(self.device), record.storage, record.numel, work)  # blocking from host staging
+            raw = raw.to(self.device)  # blocking from host staging
+            decode(raw, record.storage, record.numel, work)
+            self._keep_scales(record, raw)
         self.tiers.release(staging)
         if record.index < len(self.table) - 1:
             self.tiers.prefetch_after(record.index)
         pending = len(self.log) - record.applied_steps
         self._replay(record, work)
-        if pending and (record.tier == "device" or pending >= self.write_back_every):
+        if self._write_due(record, pending):
             self._write_back(record, work)
         return work
+
+    def _write_due(self, record: BlockRecord, pending: int) -> bool:
+        """Write back on the device always; elsewhere every K steps (block i at steps t with (t + i) % K == 0,
+        so the write-backs of a step are spread evenly), or once ``max_log`` updates are pending."""
+        if pending <= 0 or record.tier == "device":
+            return pending > 0
+        k = self.write_back_every[record.tier]
+        limit = k if self.max_log is None else min(k, self.max_log)
+        return pending >= limit or (len(self.log) + record.index) % k == 0
+
+    def _keep_scales(self, record: BlockRecord, raw: torch.Tensor) -> None:
+        """Remember an int8 block's stored scales so its write-back keeps every group that still fits."""
+        if record.storage != "int8":
+            return
+        scales = int8_scales(raw, record.numel)
+        if self._prev_scales is None or self._prev_scales.numel() < scales.numel():
+            self._prev_scales = torch.empty(scales.numel(), dtype=torch.float32, device=self.device)
+        self._prev_scales[: scales.numel()].copy_(scales)
+        self._prev_scales_of = record.index
 
     def _replay(self, record: BlockRecord, work: torch.Tensor) -> None:
         for entry in self.log[record.applied_steps :]:
@@ -316,12 +495,16 @@ class ZOEngine:
             self.table.mark_applied(record, len(self.log))
 
     def _write_back(self, record: BlockRecord, work: torch.Tensor) -> None:
-        if not (record.tier == "device" and record.storage == "fp32"):
-            raw = self._raw_out[: record.stored_bytes]
-            encode(work, record.storage, raw, sr_seed=step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log)),
-                   sr_key=record.index)
-            self.tiers.write_back(record, raw)
-        self.table.mark_applied(record, len(self.log))
+        if record.tier == "device" and record.storage == "fp32":  # work is the stored copy itself
+            self.table.mark_applied(record, len(self.log))
+            return
+        raw = self._raw_out[: record.stored_bytes]
+        prev = None
+        if record.storage == "int8" and self._prev_scales_of == record.index:
+            prev = self._prev_scales[: int8_scales(raw, record.numel).numel()]
+        encode(work, record.storage, raw, sr_seed=step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log)),
+               sr_key=record.index, prev_scales=prev)
+        self.tiers.write_back(record, raw, n_steps=len(self.log))  # applied once stored (disk: once written)
 
     # ---- weights out ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -350,24 +533,28 @@ class ZOEngine:
     def flush(self) -> None:
         """Write every block with pending updates back to its tier."""
         self._check_open()
+        self.tiers.drain()  # settle the write-backs in flight first (raises a failed one's error)
         for record in self.table:
             if record.applied_steps < len(self.log):
                 work = self._arrive(record, scratch=torch.empty(record.numel, device=self.device))
-                if record.applied_steps < len(self.log):
+                if record.applied_steps < len(self.log) and record.write_future is None:
                     self._write_back(record, work)
         self.tiers.drain()
 
     def close(self) -> None:
-        """Write back pending updates and stop the I/O threads. Safe to call twice."""
+        """Write back pending updates and stop the I/O threads. Safe to call twice.
+
+        If a write-back fails (e.g. the disk is full) the error is raised and the engine stays open with
+        its updates pending in the log: free space and call ``close()`` again; nothing is lost.
+        """
         if self._closed:
             return
-        try:
-            self.flush()
-        finally:
-            self.tiers.close()
-            if self.disk_dir is not None:
-                release_disk_dir(self.disk_dir)
-            self._closed = True
+        self.flush()
+        _store_glue.close_store(self)  # full write-back into the store, manifest committed, lock released
+        self.tiers.close()
+        if self.disk_dir is not None:
+            release_disk_dir(self.disk_dir)
+        self._closed = True
 
     def __enter__(self) -> "ZOEngine":
         return self
@@ -378,6 +565,19 @@ class ZOEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this ZOEngine is closed; build a new one (or resume from a checkpoint)")
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _named(binding: _Binding, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The binding's parameters as views of the flat buffer ``flat``."""
+    out = {}
+    for slot, local in binding.params:
+        view = flat[slot.offset : slot.offset + slot.spec.numel].view(slot.spec.shape)
+        for name in local:
+            out[name] = view
+    return out
 
 
 def run_dual_eval(inner: nn.Module, weights: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
@@ -392,6 +592,8 @@ def _unpack(batch: Mapping[str, torch.Tensor], device: torch.device):
     ids = batch["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got {getattr(ids, 'shape', ids)!r}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"input_ids has dtype {ids.dtype}; pass token ids as an integer tensor (torch.long)")
     mask, labels = batch.get("attention_mask"), batch.get("labels")
     for key, t in (("attention_mask", mask), ("labels", labels)):
         if t is not None and tuple(t.shape) != tuple(ids.shape):

@@ -1,0 +1,167 @@
+"""One fused pass over a parameter on arrival: replay pending updates, write back, build θ+εz and θ−εz.
+
+For float storage (fp32 / fp16 / bf16) on CUDA, a Triton kernel reads the stored weights once, replays
+the update log in fp32 registers (z regenerated from its keys), optionally writes the result back to
+storage with stochastic rounding, and writes both perturbed copies into scratch. That replaces the
+decode, replay, encode and two perturbation passes of the generic path with one read and up to three
+writes. z follows the keyed Philox spec of :mod:`zo2tier.zo.rng` (same words, same uniform map;
+Box–Muller through the GPU's ``log``/``sin``/``cos``, so values agree with the CPU up to float rounding).
+
+The kernel's fp32 op order per element, which every tier on the GPU shares:
+``θ ← θ − lr·(g·z + wd·θ)`` for each pending entry, then ``θ±ε·z_new`` rounded to the scratch dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is optional: CPU machines and CUDA without Triton use the generic path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+_SR_DOMAIN = 0x80000000
+_FLOAT_STORAGE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def available(device: torch.device, storage_dtype: torch.dtype) -> bool:
+    """True where the fused kernel serves: CUDA, Triton importable, float storage."""
+    return triton is not None and device.type == "cuda" and storage_dtype in _FLOAT_STORAGE
+
+
+@dataclass(frozen=True)
+class PendingLog:
+    """The log entries to replay, as device arrays (built once per step, shared by every block)."""
+
+    seeds: torch.Tensor  # int64 step seeds (uint32 values)
+    grads: torch.Tensor  # float32 projected gradients
+    lrs: torch.Tensor  # float32
+    wds: torch.Tensor  # float32 weight decay
+    n: int
+
+    @classmethod
+    def build(cls, entries, device: torch.device) -> "PendingLog":
+        live = [e for e in entries if e.lr != 0.0]
+        rows = torch.tensor([[float(e.projected_grad), float(e.lr), float(e.weight_decay)] for e in live] or [[0.0] * 3],
+                            dtype=torch.float32)
+        seeds = torch.tensor([e.step_seed for e in live] or [0], dtype=torch.int64)
+        rows, seeds = rows.to(device), seeds.to(device)
+        return cls(seeds, rows[:, 0].contiguous(), rows[:, 1].contiguous(), rows[:, 2].contiguous(), len(live))
+
+
+def arrive(
+    stored: torch.Tensor,
+    *,
+    param_id: int,
+    decay: bool,
+    log: PendingLog,
+    new_seed: int,
+    eps: float,
+    plus: torch.Tensor,
+    minus: torch.Tensor | None,
+    write_to: torch.Tensor | None,
+    sr_seed: int,
+    sr_key: int,
+    sr_offset: int,
+    kind: str = "gaussian",
+) -> None:
+    """Replay ``log`` on ``stored`` (flat), write back into ``write_to`` (may alias ``stored``) and fill
+    ``plus`` = θ+εz and ``minus`` = θ−εz (``minus=None``: only ``plus``, e.g. ``eps=0`` for evaluation)."""
+    n = stored.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, 4 * _GROUPS),)
+    _arrive_kernel[grid](
+        stored, write_to if write_to is not None else stored, plus, minus if minus is not None else plus,
+        n, (param_id << 32) | new_seed, float(eps),
+        log.seeds, log.grads, log.lrs, log.wds, log.n, param_id,
+        ((sr_key | _SR_DOMAIN) << 32) | sr_seed, sr_offset,
+        DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
+        STORE_KIND=_FLOAT_STORAGE[stored.dtype], RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
+    )
+
+
+_GROUPS = 256  # Philox groups per program: 1,024 elements
+
+if triton is not None:
+
+    @triton.jit
+    def _uniform(w):
+        return ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # ((w >> 9) + 0.5) * 2**-23
+
+    @triton.jit
+    def _z4(seed, groups, RADEMACHER: tl.constexpr):
+        """The 4 values of each Philox group, in element order (4·GROUPS,)."""
+        w0, w1, w2, w3 = tl.randint4x(seed, groups)
+        if RADEMACHER:
+            z0 = 1.0 - 2.0 * ((w0 >> 31) & 1).to(tl.float32)
+            z1 = 1.0 - 2.0 * ((w1 >> 31) & 1).to(tl.float32)
+            z2 = 1.0 - 2.0 * ((w2 >> 31) & 1).to(tl.float32)
+            z3 = 1.0 - 2.0 * ((w3 >> 31) & 1).to(tl.float32)
+        else:
+            u0, u1, u2, u3 = _uniform(w0), _uniform(w1), _uniform(w2), _uniform(w3)
+            r01 = tl.sqrt(-2.0 * tl.log(u0))
+            r23 = tl.sqrt(-2.0 * tl.log(u2))
+            t1 = 6.2831854820251465 * u1
+            t3 = 6.2831854820251465 * u3
+            z0, z1 = r01 * tl.cos(t1), r01 * tl.sin(t1)
+            z2, z3 = r23 * tl.cos(t3), r23 * tl.sin(t3)
+        # (G, 2, 2) with [g, i, j] = z_{2i + j}: flattening gives z0, z1, z2, z3 per group
+        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * groups.shape[0],))
+
+    @triton.jit
+    def _sr_uniform(seed, idx):
+        """Stochastic-rounding uniforms for block element indices ``idx`` (lane = idx % 4)."""
+        w0, w1, w2, w3 = tl.randint4x(seed, (idx // 4).to(tl.uint32))
+        lane = idx % 4
+        w = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+        return _uniform(w)
+
+    @triton.jit
+    def _round_stochastic(x, u, STORE_KIND: tl.constexpr):
+        if STORE_KIND == 0:
+            return x
+        if STORE_KIND == 1:
+            lo = x.to(tl.float16, fp_downcast_rounding="rtz")
+            hi = (lo.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)  # one step away from 0
+        else:
+            lo = x.to(tl.bfloat16, fp_downcast_rounding="rtz")
+            hi = (lo.to(tl.int16, bitcast=True) + 1).to(tl.bfloat16, bitcast=True)
+        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+        gap = tl.abs(hi32) - tl.abs(lo32)
+        frac = tl.where(gap > 0, (tl.abs(x) - tl.abs(lo32)) / gap, 0.0)
+        up = (u < frac) & (tl.abs(hi32) < float("inf"))
+        return tl.where(up, hi32, lo32)
+
+    @triton.jit
+    def _arrive_kernel(
+        stored_ptr, out_ptr, plus_ptr, minus_ptr, n, new_seed, eps,
+        seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, param_id, sr_seed, sr_offset,
+        DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr,
+        RADEMACHER: tl.constexpr, GROUPS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        groups = pid * GROUPS + tl.arange(0, GROUPS)  # (G,)
+        idx = pid.to(tl.int64) * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)  # (4G,) element indices
+        mask = idx < n
+        theta = tl.load(stored_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        pid_hi = param_id.to(tl.int64) << 32
+        for k in range(n_log):
+            z = _z4(pid_hi | tl.load(seeds_ptr + k), groups.to(tl.uint32), RADEMACHER)
+            g = tl.load(grads_ptr + k)
+            lr = tl.load(lrs_ptr + k)
+            if DECAY:
+                wd = tl.load(wds_ptr + k)
+                theta = theta - lr * (g * z + wd * theta)
+            else:
+                theta = theta - lr * (g * z)
+        if WRITE:
+            u = _sr_uniform(sr_seed, idx + sr_offset)
+            tl.store(out_ptr + idx, _round_stochastic(theta, u, STORE_KIND).to(out_ptr.dtype.element_ty), mask=mask)
+        z = _z4(new_seed, groups.to(tl.uint32), RADEMACHER)
+        tl.store(plus_ptr + idx, (theta + eps * z).to(plus_ptr.dtype.element_ty), mask=mask)
+        if MINUS:
+            tl.store(minus_ptr + idx, (theta - eps * z).to(minus_ptr.dtype.element_ty), mask=mask)
