@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Mapping, Union
 
 TIERS = ("device", "host", "disk")
@@ -27,6 +28,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
 SizeLike = Union[int, str]
+MAX_BYTES = 2**63 - 1  # sizes must fit in an int64 (8 EiB); anything larger is a typo
 
 
 def parse_size(value: SizeLike, *, what: str = "size") -> int:
@@ -42,10 +44,12 @@ def parse_size(value: SizeLike, *, what: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{what} {value!r} is negative; use a size >= 0 such as '8GiB'")
-        return value
+        return _check_max(value, value, what)
     if not isinstance(value, str):
         raise ValueError(f"{what} {value!r} is not a size; use bytes (int) or a string like '8GiB'")
     match = _SIZE_RE.match(value)
+    if match is None and value.strip().startswith("-"):
+        raise ValueError(f"{what} {value!r} is negative; use a size >= 0 such as '8GiB'")
     if match is None:
         raise ValueError(
             f"{what} {value!r} is not a size; write a number and a unit, e.g. '8GiB' (2**30) or '500GB' (10**9)"
@@ -55,7 +59,13 @@ def parse_size(value: SizeLike, *, what: str = "size") -> int:
     if factor is None:
         known = ", ".join(u for u in _UNITS if u)
         raise ValueError(f"{what} {value!r} has unknown unit {unit!r}; use one of {known}")
-    return int(float(number) * factor)
+    return _check_max(int(Fraction(number) * factor), value, what)  # exact: no float overflow or rounding
+
+
+def _check_max(n_bytes: int, value: SizeLike, what: str) -> int:
+    if n_bytes > MAX_BYTES:
+        raise ValueError(f"{what} {value!r} is larger than 8 EiB; check the number and the unit (e.g. '8GiB')")
+    return n_bytes
 
 
 def format_size(n_bytes: int) -> str:
@@ -85,8 +95,8 @@ class TierBudget:
     def __post_init__(self) -> None:
         for tier in TIERS:
             value = getattr(self, f"{tier}_bytes")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{tier} budget {value!r} must be a byte count >= 0")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BYTES:
+                raise ValueError(f"{tier} budget {value!r} must be a byte count >= 0 and below 8 EiB, e.g. 8 * 2**30")
 
     def of(self, tier: str) -> int:
         """Bytes allowed on ``tier`` ("device", "host" or "disk")."""

@@ -44,16 +44,77 @@ def aligned_empty(n_bytes: int, *, pin: bool = False) -> torch.Tensor:
 _pin_warned = False
 
 
+def _pin_alloc(n_bytes: int) -> torch.Tensor:
+    """Page-locked uint8 memory; raises RuntimeError when the pinned-memory limit is reached."""
+    return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+
+
 def _alloc(n_bytes: int, pin: bool) -> torch.Tensor:
     global _pin_warned
     if pin:
         try:
-            return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+            return _pin_alloc(n_bytes)
         except RuntimeError as exc:  # pinned-memory limit (ulimit -l, cgroup) reached
             if not _pin_warned:
                 _log.warning("could not pin %d bytes (%s); using pageable host memory", n_bytes, exc)
                 _pin_warned = True
     return torch.empty(n_bytes, dtype=torch.uint8)
+
+
+class PinnedPool:
+    """Aligned host buffers carved out of page-locked chunks, degrading instead of crashing.
+
+    Pinning one large chunk can fail (``ulimit -l``, a cgroup limit, fragmentation) where smaller chunks
+    succeed. When it does, the chunk size is halved, down to the size of the buffer asked for; if even that
+    fails, the pool hands out pageable memory from then on and logs one warning. Construction allocates
+    nothing.
+
+    Example::
+
+        pool = PinnedPool(pin=True, chunk_bytes=6 * block_bytes)
+        staging = [pool.take(block_bytes) for _ in range(6)]   # one pinned chunk if the limit allows
+    """
+
+    def __init__(self, *, pin: bool, chunk_bytes: int = 2**30) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes={chunk_bytes} must be > 0")
+        self.pin = pin
+        self.chunk_bytes = align_up(chunk_bytes)
+        self.pinned_bytes = 0  # bytes of pinned chunks allocated
+        self.pageable_bytes = 0  # bytes handed out unpinned
+        self._chunk: torch.Tensor | None = None
+        self._used = 0
+
+    def take(self, n_bytes: int) -> torch.Tensor:
+        """A 4 KiB-aligned uint8 buffer of ``align_up(n_bytes)`` bytes, pinned if the limit allows."""
+        size = align_up(max(n_bytes, 1))
+        if self.pin and (self._chunk is None or self._used + size > self._chunk.numel()):
+            self._chunk, self._used = self._new_chunk(size), 0
+        if not self.pin:
+            self.pageable_bytes += size
+            return aligned_empty(size)
+        view = self._chunk[self._used : self._used + size]
+        self._used += size
+        return view
+
+    def _new_chunk(self, size: int) -> torch.Tensor | None:
+        chunk = max(self.chunk_bytes, size)
+        while True:
+            try:
+                raw = _pin_alloc(chunk + ALIGN_BYTES)
+            except RuntimeError as exc:  # pinned-memory limit reached: try half as much
+                if chunk > size:
+                    chunk = max(size, align_up(chunk // 2))
+                    continue
+                _log.warning("could not pin %d bytes (%s); staging buffers use pageable host memory from now "
+                             "on (slower copies; raise 'ulimit -l' or the container's locked-memory limit)",
+                             chunk, exc)
+                self.pin = False
+                return None
+            self.chunk_bytes = chunk  # later chunks start from the size that worked
+            self.pinned_bytes += chunk
+            shift = (-raw.data_ptr()) % ALIGN_BYTES
+            return raw[shift : shift + chunk]
 
 
 def supports_direct_io(directory: str) -> bool:
@@ -110,6 +171,13 @@ class BlockFile:
 
     def read_into(self, buf: torch.Tensor, n_bytes: int, *, offset: int = 0, what: str = "block") -> None:
         """Fill ``buf[:n_bytes]`` from the file at ``offset`` (aligned); retries short reads and EIO."""
+        size = os.fstat(self._fd).st_size
+        if size < offset + n_bytes:
+            raise BlockIOError(
+                errno.EIO,
+                f"{what} file {self.path} is truncated: it has {size} bytes, {offset + n_bytes} expected; "
+                "restore the store from a checkpoint (or rebuild it from the model)",
+            )
         body = n_bytes - n_bytes % ALIGN_BYTES if self.direct else n_bytes
         _read_full(self._fd, buf, 0, body, offset, self.path, what)
         if body < n_bytes:  # unaligned tail: a buffered descriptor reads it
@@ -128,22 +196,34 @@ class BlockFile:
             try:
                 wrote = os.pwritev(self._fd, [view[done:length]], offset + done)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC or exc.errno == errno.EFBIG:
-                    raise BlockIOError(
-                        exc.errno,
-                        f"no space to write {what} to {self.path}: {length - done} more bytes needed; "
-                        "free disk space (or lower the disk budget) and resume",
-                    ) from exc
+                _raise_if_no_space(exc, what, self.path, length, done)
                 raise
             if wrote <= 0:
                 raise BlockIOError(errno.EIO, f"writing {what} to {self.path} made no progress")
             done += wrote
 
-    def sync(self) -> None:
-        os.fsync(self._fd)
+    def sync(self, *, what: str = "block", n_bytes: int = 0) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:  # delayed allocation: some file systems report a full disk only here
+            _raise_if_no_space(exc, what, self.path, n_bytes, 0)
+            raise
 
     def truncate(self, n_bytes: int) -> None:
         os.ftruncate(self._fd, n_bytes)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _raise_if_no_space(exc: OSError, what: str, path: str, n_bytes: int, done: int) -> None:
+    if exc.errno in _NO_SPACE:
+        raise BlockIOError(
+            exc.errno,
+            f"cannot write {what} to {path} ({exc.strerror}): it needs {n_bytes} bytes, {n_bytes - done} more "
+            f"than were written; free at least {n_bytes} bytes in {os.path.dirname(path) or '.'} (or raise the "
+            "file-size limit) and resume: the store still holds its last good copy",
+        ) from exc
 
 
 def _read_full(fd: int, buf: torch.Tensor, start: int, n_bytes: int, offset: int, path: str, what: str) -> None:
@@ -160,6 +240,8 @@ def _read_full(fd: int, buf: torch.Tensor, start: int, n_bytes: int, offset: int
             done += got
             continue
         failures += 1
+        _log.warning("reading %s from %s: %s at byte %d of %d (attempt %d of %d)", what, path,
+                     "EIO" if got < 0 else "short read", done, n_bytes, failures, READ_RETRIES + 1)
         if failures > READ_RETRIES:
             raise BlockIOError(
                 errno.EIO,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import queue
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from zo2tier.store.io import BlockFile, aligned_empty, align_up
+from zo2tier.store.io import BlockFile, BlockIOError, PinnedPool, aligned_empty, align_up
 from zo2tier.tiers.cuda_path import CudaTransfers
 from zo2tier.tiers.records import BlockRecord, BlockTable
 
@@ -24,7 +24,11 @@ class TierManager:
     """Holds the stored bytes of every block and streams disk blocks ahead of the schedule.
 
     Construction allocates nothing; :meth:`open` allocates the pools and starts the threads.
+    With ``store`` set (a zo2tier.store.blockstore.BlockStore), disk blocks are that store's files:
+    written copy-on-write as new generations and checked (xxh3) when read.
     """
+
+    store = None  # set by the engine before open()
 
     def __init__(
         self,
@@ -59,11 +63,14 @@ class TierManager:
     def open(self) -> "TierManager":
         disk = self.table.by_tier("disk")
         largest = max((align_up(r.stored_bytes) for r in disk), default=0)
+        n_staging = (self.lookahead_blocks + 1 + self._n_writers + 1) if disk else 0
+        host_bytes = sum(align_up(r.stored_bytes) for r in self.table.by_tier("host"))
+        self._pinned = PinnedPool(pin=self._pin, chunk_bytes=max(n_staging * largest, min(host_bytes, 2**30), 1))
         if disk:
             for _ in range(self.lookahead_blocks + 1):
-                self._read_pool.put(aligned_empty(largest, pin=self._pin))
+                self._read_pool.put(self._pinned.take(largest))
             for _ in range(self._n_writers + 1):
-                self._write_pool.put(aligned_empty(largest, pin=self._pin))
+                self._write_pool.put(self._pinned.take(largest))
             self._readers = ThreadPoolExecutor(self._n_readers, thread_name_prefix="zo2tier-read")
             self._writers = ThreadPoolExecutor(self._n_writers, thread_name_prefix="zo2tier-write")
         host = self.table.by_tier("host")
@@ -89,17 +96,19 @@ class TierManager:
         self._readers = self._writers = None
 
     def drain(self) -> None:
-        """Wait until all reads in flight and all write-backs have finished (raises their errors)."""
+        """Wait until all reads in flight and all write-backs have finished; raise the first write error.
+
+        A failed read is dropped here: the block's next :meth:`fetch` reads it again (and raises if it fails).
+        """
         while self._inflight:
             _, fut = self._inflight.popleft()
-            self._read_pool.put(fut.result())
+            self._recycle(fut)
         self._next_request = 0
         if self._cuda is not None:
             self._cuda.synchronize()
-        for r in self.table:
-            if r.write_future is not None:
-                r.write_future.result()
-                r.write_future = None
+        error = self._settle_writes()
+        if error is not None:
+            raise error
 
     # ---- placement at start-up --------------------------------------------------------------------
     def put_initial(self, record: BlockRecord, raw: torch.Tensor) -> None:
@@ -107,7 +116,7 @@ class TierManager:
         if record.tier == "device":
             record.data = raw.to(self.device, copy=True)
         elif record.tier == "host":
-            buf = aligned_empty(record.stored_bytes, pin=self._pin)[: record.stored_bytes]
+            buf = self._pinned.take(record.stored_bytes)[: record.stored_bytes]
             buf.copy_(raw)
             record.data = buf
         else:
@@ -126,15 +135,31 @@ class TierManager:
             return record.data, None
         while self._inflight and self._inflight[0][0] != record.index:
             _, stale = self._inflight.popleft()  # the schedule was broken (e.g. an exception): drop it
-            self._read_pool.put(stale.result())
+            self._recycle(stale)
         if self._inflight:
             _, fut = self._inflight.popleft()
-            staging = fut.result()
+            staging = fut.result()  # a failed read has already given its buffer back
+            try:
+                self._settle_write(record)  # the read waited for it; raise its error, if any, now
+            except BaseException:
+                self._read_pool.put(staging)
+                raise
         else:
+            self._settle_write(record)
             staging = self._read_pool.get()
-            self._read_file(record, staging)
+            try:
+                self._read_file(record, staging)
+            except BaseException:
+                self._read_pool.put(staging)
+                raise
             self._next_request = (record.index + 1) % len(self.table)
         return staging[: record.stored_bytes], staging
+
+    def _recycle(self, fut: Future) -> None:
+        try:
+            self._read_pool.put(fut.result())
+        except Exception:  # _read_task gave the buffer back; the block's next fetch retries the read
+            pass
 
     def release(self, staging: torch.Tensor | None) -> None:
         """Hand back what :meth:`fetch` lent, once the caller has enqueued its last use."""
@@ -180,45 +205,112 @@ class TierManager:
                 self._cuda.upload(self.table[j])
 
     def _read_task(self, record: BlockRecord, staging: torch.Tensor) -> torch.Tensor:
-        if record.write_future is not None:
-            record.write_future.result()
-        self._read_file(record, staging)
+        pending = record.write_future
+        if pending is not None:  # read the new file; if the write failed the old one is intact and is read
+            wait([pending])
+        try:
+            self._read_file(record, staging)
+        except BaseException:
+            self._read_pool.put(staging)  # never lose a staging buffer, or the next fetch would wait forever
+            raise
         return staging
 
     def _read_file(self, record: BlockRecord, staging: torch.Tensor) -> None:
-        with BlockFile.open(record.path, write=False, direct=self._direct) as f:
+        if self.store is not None:
+            self.store.read_into(record.index, staging, direct=self._direct)
+            self.bytes_read += record.stored_bytes
+            return
+        try:
+            f = BlockFile.open(record.path, write=False, direct=self._direct)
+        except FileNotFoundError as exc:
+            raise BlockIOError(exc.errno, f"block {record.name}: its file {record.path} is missing; restore the "
+                               "store from a checkpoint (or rebuild it from the model)") from exc
+        with f:
             f.read_into(staging, record.stored_bytes, what=f"block {record.name}")
         self.bytes_read += record.stored_bytes
 
     # ---- writes -----------------------------------------------------------------------------------
-    def write_back(self, record: BlockRecord, raw: torch.Tensor) -> None:
-        """Store ``raw`` (encoded uint8 bytes, any device) as the block's new copy in its tier."""
+    def write_back(self, record: BlockRecord, raw: torch.Tensor, *, n_steps: int) -> None:
+        """Store ``raw`` (encoded uint8 bytes, any device) as the block's new copy in its tier.
+
+        ``n_steps`` is the number of logged updates ``raw`` holds. The record's ``applied_steps`` moves to it
+        only once the copy is stored: for the disk tier, when the write is seen to succeed (at the block's
+        next fetch or write-back, or at :meth:`drain`). A failed write raises there and leaves
+        ``applied_steps`` alone, so the updates stay pending in the log and nothing is lost.
+        """
         if record.tier == "device":
             if raw.data_ptr() != record.data.data_ptr():
                 record.data.copy_(raw)
+            self.table.mark_applied(record, n_steps)
             return
         if record.tier == "host":
             if self._cuda is not None:
                 self._cuda.write_back(record, raw)
             else:
                 record.data.copy_(raw)
+            self.table.mark_applied(record, n_steps)
             return
+        self._settle_write(record)
         staging = self._write_pool.get()
         staging[: record.stored_bytes].copy_(raw)
-        if record.write_future is not None:
-            record.write_future.result()
-        record.write_future = self._writers.submit(self._write_file, record, staging)
+        record.write_future = self._writers.submit(self._write_file, record, staging, True, n_steps)
 
-    def _write_file(self, record: BlockRecord, staging: torch.Tensor, release: bool = True) -> None:
+    def _settle_write(self, record: BlockRecord) -> None:
+        """Wait for the block's write-back and mark its steps applied; raise its error if it failed."""
+        fut, record.write_future = record.write_future, None
+        if fut is None:
+            return
+        try:
+            n_steps = fut.result()
+        except BaseException:
+            self._settle_writes()  # collect the other failures too, so one retry after freeing space works
+            raise
+        self.table.mark_applied(record, n_steps)
+
+    def _settle_writes(self) -> BaseException | None:
+        """Wait for every write-back, mark the successful ones applied; return the first error."""
+        first = None
+        for r in self.table:
+            fut, r.write_future = r.write_future, None
+            if fut is None:
+                continue
+            try:
+                self.table.mark_applied(r, fut.result())
+            except Exception as exc:
+                first = first or exc
+        return first
+
+    def _write_file(self, record: BlockRecord, staging: torch.Tensor, release: bool = True, n_steps: int = 0) -> int:
+        if self.store is not None:  # a new generation file; the store keeps the committed one
+            try:
+                entry = self.store.write_block(record.index, staging, dtype=record.storage, direct=self._direct)
+                record.path = self.store.file_path(entry)
+                self.bytes_written += record.stored_bytes
+            finally:
+                if release:
+                    self._write_pool.put(staging)
+            return n_steps
         tmp = record.path + ".tmp"
+        what = f"block {record.name} of the disk store {self.disk_dir}"
         try:
             with BlockFile.open(tmp, write=True, direct=self._direct) as f:
-                f.write_from(staging, record.stored_bytes, what=f"block {record.name}")
+                f.write_from(staging, record.stored_bytes, what=what)
                 if not f.direct:
                     f.truncate(record.stored_bytes)
-                f.sync()
+                f.sync(what=what, n_bytes=record.stored_bytes)
             os.replace(tmp, record.path)
             self.bytes_written += record.stored_bytes
+        except BaseException:
+            _remove_quietly(tmp)  # the old file is the good copy; a partial .tmp would only hold space
+            raise
         finally:
             if release:
                 self._write_pool.put(staging)
+        return n_steps
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

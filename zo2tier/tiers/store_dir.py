@@ -32,7 +32,7 @@ def claim_disk_dir(path: str) -> str:
         raise ValueError(f"disk_dir {path!r} cannot be created ({exc.strerror}); pick a writable directory") from exc
     if not os.path.isdir(path):
         raise ValueError(f"disk_dir {path!r} is not a directory; pick a directory for the disk tier")
-    if not os.access(path, os.W_OK | os.X_OK | os.R_OK):
+    if not os.access(path, os.W_OK | os.X_OK | os.R_OK, effective_ids=os.access in os.supports_effective_ids):
         raise ValueError(f"disk_dir {path!r} is not readable and writable by this user; fix its permissions or pick another")
     entries = os.listdir(path)
     foreign = [e for e in entries if not e.startswith(_OWN_PREFIXES)]
@@ -42,7 +42,13 @@ def claim_disk_dir(path: str) -> str:
             f"disk_dir {path!r} already holds files zo2tier did not write ({shown}); "
             "give an empty or new directory (zo2tier never deletes files it did not create)"
         )
-    _lock(path)
+    try:
+        _lock(path)
+    except OSError as exc:  # e.g. a lock file left by another user, which this one cannot open
+        raise ValueError(
+            f"disk_dir {path!r}: its lock file cannot be opened ({exc.strerror}: {exc.filename}); "
+            "fix its owner/permissions or pick another directory"
+        ) from exc
     try:
         probe = os.path.join(path, MARKER)
         with open(probe, "w") as f:
