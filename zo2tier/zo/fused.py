@@ -77,7 +77,7 @@ def arrive(
     _arrive_kernel[grid](
         stored, write_to if write_to is not None else stored, plus, minus if minus is not None else plus,
         n, (param_id << 32) | new_seed, float(eps),
-        log.seeds, log.grads, log.lrs, log.wds, log.n, param_id,
+        log.seeds, log.grads, log.lrs, log.wds, log.n, param_id << 32,
         ((sr_key | _SR_DOMAIN) << 32) | sr_seed, sr_offset,
         DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
         STORE_KIND=_FLOAT_STORAGE[stored.dtype], RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
@@ -136,10 +136,10 @@ if triton is not None:
         up = (u < frac) & (tl.abs(hi32) < float("inf"))
         return tl.where(up, hi32, lo32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "new_seed", "n_log", "key_hi", "sr_seed", "sr_offset"])
     def _arrive_kernel(
         stored_ptr, out_ptr, plus_ptr, minus_ptr, n, new_seed, eps,
-        seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, param_id, sr_seed, sr_offset,
+        seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset,
         DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr,
         RADEMACHER: tl.constexpr, GROUPS: tl.constexpr,
     ):
@@ -148,9 +148,8 @@ if triton is not None:
         idx = pid.to(tl.int64) * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)  # (4G,) element indices
         mask = idx < n
         theta = tl.load(stored_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        pid_hi = param_id.to(tl.int64) << 32
         for k in range(n_log):
-            z = _z4(pid_hi | tl.load(seeds_ptr + k), groups.to(tl.uint32), RADEMACHER)
+            z = _z4(key_hi | tl.load(seeds_ptr + k), groups.to(tl.uint32), RADEMACHER)
             g = tl.load(grads_ptr + k)
             lr = tl.load(lrs_ptr + k)
             if DECAY:
