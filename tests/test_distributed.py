@@ -215,3 +215,17 @@ def test_shard_rows_and_validation():
         DataParallel(n_perturbations=0)
     with pytest.raises(ValueError, match="initialised"):
         zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, data_parallel=DataParallel())
+
+
+def test_finetune_entry_gives_each_rank_its_gpu_and_out_dir():
+    from zo2tier.finetune import LaunchEnv, rank_argv
+
+    assert LaunchEnv.from_environ({}) is None
+    env = LaunchEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    argv = ["--model", "m", "--device=cuda", "--out", "runs/out/", "--disk-dir", "runs/disk"]
+    assert rank_argv(argv, env) == ["--model", "m", "--device=cuda:1", "--out", "runs/out.rank1",
+                                    "--disk-dir", "runs/disk", "--no-progress"]
+    assert rank_argv(argv, LaunchEnv(0, 0, 2)) == ["--model", "m", "--device=cuda:0", "--out", "runs/out/",
+                                                   "--disk-dir", "runs/disk"]
+    with pytest.raises(ValueError, match="RANK=2"):
+        LaunchEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})

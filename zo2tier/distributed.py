@@ -33,6 +33,7 @@ states the tolerance.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import struct
@@ -47,6 +48,8 @@ from zo2tier.zo.rng import step_seed
 
 if TYPE_CHECKING:  # the engine imports this module; never the other way round at import time
     from zo2tier.engine import StepResult, ZOEngine
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "DataParallel",
@@ -294,6 +297,12 @@ class _Replicas:
         from zo2tier.engine import StepResult, _unpack
 
         engine._check_open()
+        if lr is not None and (
+            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0 or not math.isfinite(lr)
+        ):
+            raise ValueError(
+                f"lr={lr!r} must be a finite number >= 0; pass e.g. lr=1e-6, or None for config.lr"
+            )
         if self.spec.check_every and self.n_steps % self.spec.check_every == 0:
             self.check(engine)
         self._global_rows = _unpack(batch, engine.device)[0].shape[0]  # also checks the batch's shape
@@ -324,8 +333,15 @@ class _Replicas:
         self.last_rows = self._gather_rows(local, header, engine, one_row=loss_fn is not None)
         est = combine(self.last_rows, n_perturbations=q, eps=cfg.eps)
         skipped = not est.finite
-        if skipped:
+        if skipped:  # logged with lr 0 on every rank: it never reaches the weights
             engine.n_skipped += 1
+            _log.warning(
+                "step %d skipped: non-finite global loss (loss+ %s, loss- %s); %d step(s) skipped so far",
+                t,
+                est.loss_plus,
+                est.loss_minus,
+                engine.n_skipped,
+            )
         for k, g in enumerate(est.grads):
             engine.log.append(
                 _entry(
