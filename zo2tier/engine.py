@@ -373,7 +373,7 @@ class ZOEngine:
         return run_dual(inner, lambda half: _named(binding, plus if half == 0 else minus), args, kwargs, self._rows)
 
     def _is_fused(self, record: BlockRecord) -> bool:
-        return record.storage != "int8" and fused.available(self.device, _TORCH_DTYPES[record.storage])
+        return fused.available(self.device, _TORCH_DTYPES[record.storage])
 
     def _no_log(self) -> "fused.PendingLog":
         if getattr(self, "_empty_log", None) is None:
@@ -390,28 +390,41 @@ class ZOEngine:
                       eps: float, seed: int) -> None:
         """Fetch, replay pending updates, write back if due, and fill ``plus``/``minus``, in one pass."""
         raw, staging = self.tiers.fetch(record)
+        raw = raw.to(self.device)
         dtype = _TORCH_DTYPES[record.storage]
-        stored = raw.to(self.device).view(dtype)[: record.numel]
+        stored = raw[: record.numel].view(dtype) if dtype == torch.int8 else raw.view(dtype)[: record.numel]
+        scales = None
         pending = len(self.log) - record.applied_steps
         write = self._write_due(record, pending)
-        out = None
-        if write:
-            out = stored if record.tier == "device" else self._raw_out[: record.stored_bytes].view(dtype)
         log = self._pending_log(record.applied_steps)
         sr_seed = step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log))
+        if dtype == torch.int8:
+            scales = int8_scales(raw, record.numel)
+            if write:  # the codec writes int8 (its groups span parameters): replay into fp32 first
+                work = self._work[: record.numel]
+                self._fused_pass(record, stored, scales, log, 0, 0.0, work, None, None, sr_seed)
+                encode(work, "int8", self._raw_out[: record.stored_bytes], sr_seed=sr_seed, sr_key=record.index)
+                stored, scales, log = work, None, self._no_log()
+        out = None
+        if write and dtype != torch.int8:
+            out = stored if record.tier == "device" else self._raw_out[: record.stored_bytes].view(dtype)
+        self._fused_pass(record, stored, scales, log, seed, eps, plus, minus, out, sr_seed)
+        self.tiers.release(staging)
+        if record.index < len(self.table) - 1:
+            self.tiers.prefetch_after(record.index)
+        if write:
+            fresh = raw if record.tier == "device" and dtype != torch.int8 else self._raw_out[: record.stored_bytes]
+            self.tiers.write_back(record, fresh, n_steps=len(self.log))
+
+    def _fused_pass(self, record, stored, scales, log, seed, eps, plus, minus, out, sr_seed) -> None:
+        """One kernel launch per parameter of ``record`` (see :func:`zo2tier.zo.fused.arrive`)."""
         for slot in record.slots:
             o, n = slot.offset, slot.spec.numel
             fused.arrive(stored[o : o + n], param_id=slot.spec.param_id, decay=slot.spec.decay, log=log,
                          new_seed=seed, eps=eps, plus=plus[o : o + n],
                          minus=None if minus is None else minus[o : o + n],
                          write_to=None if out is None else out[o : o + n], sr_seed=sr_seed,
-                         sr_key=record.index, sr_offset=o, kind=self.config.perturbation)
-        self.tiers.release(staging)
-        if record.index < len(self.table) - 1:
-            self.tiers.prefetch_after(record.index)
-        if write:
-            self.tiers.write_back(record, self._raw_out[: record.stored_bytes] if record.tier != "device"
-                                  else raw, n_steps=len(self.log))
+                         sr_key=record.index, sr_offset=o, kind=self.config.perturbation, scales=scales)
 
     def _views(self, binding: _Binding, work, scratch, scale: float, seed: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -567,7 +580,7 @@ class ZOEngine:
             raise RuntimeError("this ZOEngine is closed; build a new one (or resume from a checkpoint)")
 
 
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def _named(binding: _Binding, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -62,10 +62,10 @@ class Plan:
 
 
 def block_bytes(numel: int, dtype: str) -> int:
-    """Stored bytes of ``numel`` elements in ``dtype`` (int8 adds one fp32 scale per 64-element group)."""
+    """Stored bytes of ``numel`` elements in ``dtype`` (int8 adds one fp32 scale per 128-element group)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"storage dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
-    extra = 4 * ((numel + 63) // 64) if dtype == "int8" else 0
+    extra = 4 * ((numel + 127) // 128) + 3 if dtype == "int8" else 0
     return numel * DTYPE_BYTES[dtype] + extra
 
 

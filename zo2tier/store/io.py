@@ -45,8 +45,19 @@ _pin_warned = False
 
 
 def _pin_alloc(n_bytes: int) -> torch.Tensor:
-    """Page-locked uint8 memory; raises RuntimeError when the pinned-memory limit is reached."""
-    return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    """Page-locked uint8 memory; raises RuntimeError when the pinned-memory limit is reached.
+
+    Exactly ``n_bytes`` are locked: pageable memory registered with CUDA, not ``pin_memory=True``, whose
+    caching allocator rounds every request up to a power of two (a 1 GiB + 4 KiB chunk would lock 2 GiB).
+    """
+    buf = torch.empty(n_bytes, dtype=torch.uint8)
+    register = getattr(torch.cuda.cudart(), "cudaHostRegister", None) if torch.cuda.is_available() else None
+    if register is None:
+        return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    err = register(buf.data_ptr(), n_bytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {n_bytes} bytes failed with CUDA error {int(err)}")
+    return buf
 
 
 def _alloc(n_bytes: int, pin: bool) -> torch.Tensor:

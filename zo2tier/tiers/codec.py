@@ -4,6 +4,18 @@ Pure tensor math: no I/O. Narrow dtypes are written with stochastic rounding (a 
 uniform per element, see :func:`zo2tier.zo.rng.sr_uniform`), so that updates far below the storage
 quantum survive on average instead of rounding to zero. int8 is symmetric with one fp32 absmax scale per
 group of :data:`INT8_GROUP` consecutive elements of the flat block; the scales follow the int8 payload.
+
+Re-encoding a decoded block is exact: ``encode(decode(x), prev_scales=scales of x) == x`` byte for byte,
+with stochastic rounding too. Three rules make it so:
+
+- a value already on the storage grid has rounding fraction 0 and never rounds away (``u < frac`` with
+  ``u > 0``);
+- int8 scales keep 17 significant bits, so ``q * scale`` (|q| <= 127, 7 bits) is exact in fp32 and
+  ``decoded / scale`` gives back the integer ``q``;
+- a group keeps its previous scale while its absmax stays in ``[127 * (1 - INT8_BAND), 127] * scale``; a
+  new scale (placing the absmax mid-band) is computed only when the group outgrows or underfills that band.
+  A block re-encoded every step would otherwise re-quantize its groups at every step and add a full
+  quantum of rounding noise each time.
 """
 
 from __future__ import annotations
@@ -12,7 +24,9 @@ import torch
 
 from zo2tier.zo.rng import sr_uniform
 
-INT8_GROUP = 64
+INT8_GROUP = 128  # 4 bytes of scale per 128 weights: 1.031 bytes per parameter
+INT8_BAND = 1.0 / 16  # a group keeps its scale while absmax / scale stays within [127 * (1 - band), 127]
+_SCALE_LOW_BITS = 0x7F  # cleared (rounding up) so scales keep 17 significant bits
 STORAGE_DTYPES = ("fp32", "bf16", "fp16", "int8")
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -46,12 +60,17 @@ def _scale_offset(numel: int) -> int:
     return (numel + 3) // 4 * 4  # the fp32 scales start 4-byte aligned after the int8 payload
 
 
+def int8_scales(raw: torch.Tensor, numel: int) -> torch.Tensor:
+    """The fp32 group scales inside the uint8 bytes ``raw`` of an int8 block of ``numel`` elements (a view)."""
+    start = _scale_offset(numel)
+    return raw[start : start + 4 * _n_groups(numel)].view(torch.float32)
+
+
 def decode(raw: torch.Tensor, dtype: str, numel: int, out: torch.Tensor) -> torch.Tensor:
     """Fill fp32 ``out[:numel]`` from the uint8 bytes ``raw`` holding a block stored as ``dtype``."""
     if dtype == "int8":
         q = raw[:numel].view(torch.int8)
-        start = _scale_offset(numel)
-        scales = raw[start : start + 4 * _n_groups(numel)].view(torch.float32)
+        scales = int8_scales(raw, numel)
         body = (numel // INT8_GROUP) * INT8_GROUP
         dst = out[:body].view(-1, INT8_GROUP)
         dst.copy_(q[:body].view(-1, INT8_GROUP))
@@ -64,12 +83,21 @@ def decode(raw: torch.Tensor, dtype: str, numel: int, out: torch.Tensor) -> torc
 
 
 def encode(
-    src: torch.Tensor, dtype: str, raw: torch.Tensor, *, sr_seed: int, sr_key: int, stochastic: bool = True
+    src: torch.Tensor,
+    dtype: str,
+    raw: torch.Tensor,
+    *,
+    sr_seed: int,
+    sr_key: int,
+    stochastic: bool = True,
+    prev_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write fp32 ``src`` (flat) into the uint8 buffer ``raw`` as ``dtype``.
 
     Narrow dtypes round stochastically with the uniforms keyed by ``(sr_seed, sr_key)``; pass
-    ``stochastic=False`` for round-to-nearest (used to show that it stalls training).
+    ``stochastic=False`` for round-to-nearest (used to show that it stalls training). For int8,
+    ``prev_scales`` (the block's stored scales, see :func:`int8_scales`) lets each group keep its scale
+    while it still fits, which makes re-encoding a decoded block exact.
     """
     numel = src.numel()
     if dtype == "fp32":
@@ -77,7 +105,7 @@ def encode(
         return raw
     noise = sr_uniform(sr_seed, sr_key, numel, device=src.device) if stochastic else None
     if dtype == "int8":
-        _encode_int8(src, raw, noise)
+        _encode_int8(src, raw, noise, prev_scales)
         return raw
     target = raw[: encoded_bytes(numel, dtype)].view(_TORCH[dtype])
     if noise is None:
@@ -100,22 +128,43 @@ def _round_float_stochastic(src: torch.Tensor, dtype: torch.dtype, u: torch.Tens
     return torch.where(pick, other, low).to(dtype)
 
 
-def _encode_int8(src: torch.Tensor, raw: torch.Tensor, u: torch.Tensor | None) -> None:
+def _ceil_scale(x: torch.Tensor) -> torch.Tensor:
+    """Round positive fp32 ``x`` up to 17 significant bits (exact products with 7-bit integers)."""
+    bits = x.view(torch.int32)
+    return ((bits + _SCALE_LOW_BITS) & ~_SCALE_LOW_BITS).view(torch.float32)
+
+
+def _int8_group_scales(absmax: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """Per-group scales: the previous one while the group fits its band, else a fresh one."""
+    fresh = _ceil_scale(absmax / 127.0)
+    if prev is not None:
+        if prev.shape != absmax.shape:
+            raise ValueError(f"prev_scales has {prev.numel()} groups but the block has {absmax.numel()}; "
+                             "pass the scales of this block's stored copy (int8_scales(raw, numel))")
+        prev = prev.to(absmax.device)
+        top = prev * 127.0  # exact: prev has 17 significant bits
+        keep = (absmax <= top) & (absmax >= top * (1.0 - INT8_BAND)) & (prev > 0)
+        mid = _ceil_scale(absmax / (127.0 * (1.0 - INT8_BAND / 2)))  # absmax lands mid-band
+        fresh = torch.where(keep, prev, mid)
+    return torch.where(fresh > 0, fresh, torch.ones_like(fresh))
+
+
+def _encode_int8(src: torch.Tensor, raw: torch.Tensor, u: torch.Tensor | None, prev: torch.Tensor | None) -> None:
     numel = src.numel()
     n_groups = _n_groups(numel)
     padded = torch.zeros(n_groups * INT8_GROUP, dtype=torch.float32, device=src.device)
     padded[:numel] = src
-    groups = padded.view(n_groups, INT8_GROUP)
-    scales = groups.abs().amax(dim=1) / 127.0
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    scaled = groups / scales[:, None]
+    groups = padded.view(n_groups, INT8_GROUP)  # (G, 64)
+    scales = _int8_group_scales(groups.abs().amax(dim=1), prev)  # (G,)
+    scaled = groups / scales[:, None]  # on-grid values give exact integers
     if u is None:
         q = scaled.round()
     else:
-        noise = torch.zeros_like(padded)
+        noise = torch.ones_like(padded)  # padding never rounds up
         noise[:numel] = u
-        q = torch.floor(scaled + noise.view(n_groups, INT8_GROUP))
+        q = scaled.floor()
+        q += noise.view(n_groups, INT8_GROUP) < (scaled - q)  # the fraction is exact; 0 never rounds
     q = q.clamp_(-127, 127).to(torch.int8).view(-1)[:numel]
     raw[:numel].view(torch.int8).copy_(q)
-    start = _scale_offset(numel)
-    raw[start : start + 4 * n_groups].view(torch.float32).copy_(scales)
+    raw[numel : _scale_offset(numel)].zero_()  # the alignment padding is part of the stored bytes
+    int8_scales(raw, numel).copy_(scales)

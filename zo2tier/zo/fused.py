@@ -24,11 +24,11 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 _SR_DOMAIN = 0x80000000
-_FLOAT_STORAGE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_FLOAT_STORAGE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
 
 
 def available(device: torch.device, storage_dtype: torch.dtype) -> bool:
-    """True where the fused kernel serves: CUDA, Triton importable, float storage."""
+    """True where the fused kernel serves: CUDA, Triton importable, float or int8 storage (int8: reads only)."""
     return triton is not None and device.type == "cuda" and storage_dtype in _FLOAT_STORAGE
 
 
@@ -67,18 +67,22 @@ def arrive(
     sr_key: int,
     sr_offset: int,
     kind: str = "gaussian",
+    scales: torch.Tensor | None = None,
+    group: int = 128,
 ) -> None:
     """Replay ``log`` on ``stored`` (flat), write back into ``write_to`` (may alias ``stored``) and fill
     ``plus`` = θ+εz and ``minus`` = θ−εz (``minus=None``: only ``plus``, e.g. ``eps=0`` for evaluation)."""
     n = stored.numel()
     if n == 0:
         return
+    if stored.dtype == torch.int8 and (write_to is not None or scales is None):
+        raise ValueError("int8 storage is decoded by the kernel (pass scales) but written back by the codec")
     grid = (triton.cdiv(n, 4 * _GROUPS),)
     _arrive_kernel[grid](
         stored, write_to if write_to is not None else stored, plus, minus if minus is not None else plus,
         n, (param_id << 32) | new_seed, float(eps),
         log.seeds, log.grads, log.lrs, log.wds, log.n, param_id << 32,
-        ((sr_key | _SR_DOMAIN) << 32) | sr_seed, sr_offset,
+        ((sr_key | _SR_DOMAIN) << 32) | sr_seed, sr_offset, scales if scales is not None else stored, group,
         DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
         STORE_KIND=_FLOAT_STORAGE[stored.dtype], RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
     )
@@ -136,10 +140,10 @@ if triton is not None:
         up = (u < frac) & (tl.abs(hi32) < float("inf"))
         return tl.where(up, hi32, lo32)
 
-    @triton.jit(do_not_specialize=["n", "new_seed", "n_log", "key_hi", "sr_seed", "sr_offset"])
+    @triton.jit(do_not_specialize=["n", "new_seed", "n_log", "key_hi", "sr_seed", "sr_offset", "group"])
     def _arrive_kernel(
         stored_ptr, out_ptr, plus_ptr, minus_ptr, n, new_seed, eps,
-        seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset,
+        seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset, scales_ptr, group,
         DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr,
         RADEMACHER: tl.constexpr, GROUPS: tl.constexpr,
     ):
@@ -147,7 +151,9 @@ if triton is not None:
         groups = pid * GROUPS + tl.arange(0, GROUPS)  # (G,)
         idx = pid.to(tl.int64) * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)  # (4G,) element indices
         mask = idx < n
-        theta = tl.load(stored_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        theta = tl.load(stored_ptr + idx, mask=mask, other=0).to(tl.float32)
+        if STORE_KIND == 3:  # int8: one fp32 scale per `group` elements of the flat block
+            theta = theta * tl.load(scales_ptr + (idx + sr_offset) // group, mask=mask, other=0.0)
         for k in range(n_log):
             z = _z4(key_hi | tl.load(seeds_ptr + k), groups.to(tl.uint32), RADEMACHER)
             g = tl.load(grads_ptr + k)
