@@ -145,7 +145,8 @@ def run_tiered(args, device: torch.device) -> dict:
         moved.append([a - b for a, b in zip(after, before)])
     steady = times[args.warmup:] or times
     step_s = statistics.median(steady)
-    last = moved[-1]
+    steady_moved = moved[args.warmup:] or moved
+    last = [sum(m[i] for m in steady_moved) / len(steady_moved) for i in range(4)]  # mean bytes per step
     n_params = sum(p.numel for p in engine.layout.params)
     counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
     out = dict(
