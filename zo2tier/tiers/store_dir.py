@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 
-MARKER = ".zo2tier-disk"
-LOCK = ".zo2tier.lock"
+from zo2tier.store.lock import MARKER, StoreLockedError, lock_dir, unlock_dir  # noqa: F401 (re-exported)
+
 _OWN_PREFIXES = ("block_", ".zo2tier", "manifest")
-
-_held_locks: dict[str, int] = {}
-
-
-class StoreLockedError(RuntimeError):
-    """Another live process holds the store; the message names it."""
 
 
 def claim_disk_dir(path: str) -> str:
@@ -59,26 +52,9 @@ def claim_disk_dir(path: str) -> str:
 
 
 def _lock(path: str) -> None:
-    if path in _held_locks:
-        return
-    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreLockedError(
-            f"disk_dir {path!r} is in use by another zo2tier process (pid {holder}); "
-            "wait for it to finish or use another directory"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _held_locks[path] = fd
+    lock_dir(path)  # the store owns locking (zo2tier/store/lock.py)
 
 
 def release_disk_dir(path: str) -> None:
     """Drop this process's lock on ``path`` (called by ``ZOEngine.close``)."""
-    fd = _held_locks.pop(path, None)
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    unlock_dir(path)

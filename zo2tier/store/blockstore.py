@@ -1,0 +1,320 @@
+"""A store directory, opened: locked, its manifest parsed, its block files read and written safely.
+
+Copy-on-write by generations. A block is never overwritten in place: :meth:`BlockStore.write_block`
+writes a new file ``block_<index>_g<generation>.bin`` (``.tmp``, fsync, rename) and makes it the block's
+*current* copy. The manifest on disk (the *committed* copies) changes only in :meth:`BlockStore.commit`,
+atomically; only then are copies that no committed manifest names deleted. A crash at any instant thus
+leaves the last committed manifest and every file it names intact.
+
+Bytes only, no math: what the bytes mean is zo2tier.tiers.codec's business.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import replace
+
+import torch
+
+from zo2tier.store.format import (
+    MANIFEST,
+    BlockEntry,
+    Manifest,
+    StoreFormatError,
+    checksum,
+    fsync_dir,
+    read_manifest,
+    write_json_atomic,
+)
+from zo2tier.store.io import BlockFile, aligned_empty
+from zo2tier.store.lock import MARKER, lock_dir, unlock_dir
+
+_GEN = re.compile(r"^block_(\d+)_g(\d+)\.bin$")
+_FIX = ("restore it from a backup, re-run `zo2tier convert` into this store to rewrite damaged blocks, "
+        "or resume from an earlier checkpoint")
+_fault_delay_s = 0.0  # tests only: widen the window inside a block write so SIGKILL lands there
+
+
+class StoreCorruptError(StoreFormatError):
+    """A block file is missing, truncated or fails its checksum; the message names the block and file."""
+
+
+class BlockStore:
+    """A locked store directory. Construction touches nothing; use :meth:`create` or :meth:`open`.
+
+    Example::
+
+        with BlockStore.open("runs/opt-1.3b") as store:
+            raw = store.read_bytes(3)  # block 3's stored bytes, checksum verified
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.verify_reads = verify_reads
+        self.manifest: Manifest | None = None  # the committed manifest
+        self._current: list[BlockEntry] = []
+        self._guard = threading.Lock()
+        self._draft: Manifest | None = None  # what commit() starts from before the first commit
+        self._next_gen = 1
+        self._locked = False
+
+    # ---- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, manifest: Manifest, *, verify_reads: bool = True) -> "BlockStore":
+        """Lock ``path`` (created if needed) as a new store whose blocks are described by ``manifest``.
+
+        Nothing is committed until :meth:`commit`; files of an earlier store in ``path`` stay until then.
+        """
+        store = cls(path, verify_reads=verify_reads)
+        os.makedirs(store.path, exist_ok=True)
+        store._lock()
+        try:
+            with open(os.path.join(store.path, MARKER), "w") as f:
+                f.write('{"created_by": "zo2tier"}')
+            store._scan_generations()
+            store.manifest = None
+            store._current = list(manifest.blocks)
+            store._draft = manifest
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify_reads: bool = True, allow_incomplete: bool = False,
+             lock: bool = True) -> "BlockStore":
+        """Lock and open an existing store; checks every block file's size (cheap) before returning."""
+        store = cls(path, verify_reads=verify_reads)
+        if not os.path.isdir(store.path):
+            raise StoreFormatError(f"store {store.path!r} does not exist; create it with `zo2tier convert SRC DST`")
+        if lock:
+            store._lock()
+        try:
+            manifest = read_manifest(store.path)
+            if not manifest.complete and not allow_incomplete:
+                raise StoreFormatError(f"store {store.path!r} is incomplete (a convert was interrupted); "
+                                       "re-run the same `zo2tier convert` command to finish it")
+            store.manifest = manifest
+            store._current = list(manifest.blocks)
+            store._draft = manifest
+            store._scan_generations()
+            for entry in manifest.blocks:
+                if entry.file is not None or manifest.complete:
+                    store.check_size(entry)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _lock(self) -> None:
+        lock_dir(self.path)
+        self._locked = True
+
+    def _scan_generations(self) -> None:
+        for name in os.listdir(self.path):
+            m = _GEN.match(name.removesuffix(".tmp"))
+            if m:
+                self._next_gen = max(self._next_gen, int(m.group(2)) + 1)
+            if name.startswith("block_") and name.endswith(".tmp"):
+                os.unlink(os.path.join(self.path, name))  # a write a crash interrupted: never named anywhere
+
+    def close(self) -> None:
+        """Release the lock. Uncommitted block copies stay on disk until the next commit collects them."""
+        if self._locked:
+            unlock_dir(self.path)
+            self._locked = False
+
+    def __enter__(self) -> "BlockStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- entries ----------------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[BlockEntry]:
+        """The current entry of every block (may be ahead of the committed manifest)."""
+        return list(self._current)
+
+    def entry(self, index: int) -> BlockEntry:
+        return self._current[index]
+
+    def file_path(self, entry: BlockEntry) -> str:
+        if entry.file is None:
+            raise StoreFormatError(f"block {entry.name} of store {self.path!r} has not been written yet")
+        return os.path.join(self.path, entry.file)
+
+    def set_applied(self, index: int, applied_steps: int) -> None:
+        """Record that block ``index``'s current file holds the first ``applied_steps`` log entries."""
+        with self._guard:
+            self._current[index] = replace(self._current[index], applied_steps=applied_steps)
+
+    def adopt(self, states: list[list]) -> None:
+        """Make a checkpoint's compact block states ([name, file, xxh3_64, dtype, applied_steps]) current."""
+        if len(states) != len(self._current):
+            raise StoreFormatError(f"the checkpoint lists {len(states)} blocks but store {self.path!r} has "
+                                   f"{len(self._current)}; it belongs to another model")
+        for i, (name, file, digest, dtype, applied) in enumerate(states):
+            entry = self._current[i]
+            if entry.name != name:
+                raise StoreFormatError(f"the checkpoint's block {i} is {name!r} but store {self.path!r} has "
+                                       f"{entry.name!r}; it belongs to another model")
+            new = replace(entry, file=file, xxh3_64=digest, dtype=dtype, applied_steps=int(applied))
+            if not os.path.exists(os.path.join(self.path, file)):
+                raise StoreCorruptError(
+                    f"block {name}: file {os.path.join(self.path, file)} named by the checkpoint is gone; a later "
+                    "checkpoint of this store replaced it: resume from the latest checkpoint")
+            self.check_size(new)
+            self._current[i] = new
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def check_size(self, entry: BlockEntry) -> None:
+        """Raise StoreCorruptError unless the block's file exists and is long enough (no read)."""
+        path = self.file_path(entry)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise StoreCorruptError(f"block {entry.name}: file {path} is missing; {_FIX}") from None
+        if size < entry.offset + entry.nbytes:
+            raise StoreCorruptError(f"block {entry.name}: file {path} is truncated ({size} bytes, needs "
+                                    f"{entry.offset + entry.nbytes}); {_FIX}")
+
+    def _check_digest(self, entry: BlockEntry, buf: torch.Tensor) -> None:
+        if entry.xxh3_64 is None:
+            return
+        got = checksum(memoryview(buf.numpy())[: entry.nbytes])
+        if got != entry.xxh3_64:
+            raise StoreCorruptError(f"block {entry.name}: file {self.file_path(entry)} fails its checksum "
+                                    f"(xxh3_64 {got}, manifest says {entry.xxh3_64}); {_FIX}")
+
+    def verify(self, index: int | None = None, chunk_bytes: int = 64 << 20) -> None:
+        """Re-read block ``index`` (default: all) and check its xxh3_64, ``chunk_bytes`` at a time."""
+        import xxhash
+
+        for entry in self._current if index is None else [self._current[index]]:
+            self.check_size(entry)
+            h = xxhash.xxh3_64()
+            with open(self.file_path(entry), "rb", buffering=0) as f:
+                f.seek(entry.offset)
+                left = entry.nbytes
+                while left:
+                    data = f.read(min(left, chunk_bytes))
+                    if not data:
+                        break
+                    h.update(data)
+                    left -= len(data)
+            if h.hexdigest() != entry.xxh3_64:
+                raise StoreCorruptError(f"block {entry.name}: file {self.file_path(entry)} fails its checksum "
+                                        f"(xxh3_64 {h.hexdigest()}, manifest says {entry.xxh3_64}); {_FIX}")
+
+    # ---- reads and writes -------------------------------------------------------------------------
+    def read_into(self, index: int, buf: torch.Tensor, *, direct: bool = False) -> BlockEntry:
+        """Fill uint8 ``buf`` (4 KiB-aligned if ``direct``) with block ``index``'s bytes; checks them."""
+        entry = self._current[index]
+        path = self.file_path(entry)
+        try:
+            f = BlockFile.open(path, write=False, direct=direct)
+        except FileNotFoundError:
+            raise StoreCorruptError(f"block {entry.name}: file {path} is missing; {_FIX}") from None
+        with f:
+            size = os.fstat(f._fd).st_size
+            if size < entry.offset + entry.nbytes:
+                raise StoreCorruptError(f"block {entry.name}: file {path} is truncated ({size} bytes, needs "
+                                        f"{entry.offset + entry.nbytes}); {_FIX}")
+            f.read_into(buf, entry.nbytes, offset=entry.offset, what=f"block {entry.name}")
+        if self.verify_reads:
+            self._check_digest(entry, buf)
+        return entry
+
+    def read_bytes(self, index: int) -> torch.Tensor:
+        """Block ``index``'s stored bytes in a new uint8 tensor (checked)."""
+        entry = self._current[index]
+        buf = aligned_empty(entry.nbytes)
+        self.read_into(index, buf)
+        return buf[: entry.nbytes]
+
+    def write_block(self, index: int, buf: torch.Tensor, *, dtype: str | None = None, direct: bool = False,
+                    applied_steps: int | None = None) -> BlockEntry:
+        """Write uint8 ``buf`` as a new copy of block ``index`` and make it current (not yet committed).
+
+        ``buf`` must hold the block's encoded bytes (``dtype``, default: unchanged); with ``direct`` it must
+        be 4 KiB-aligned and padded. The previous current copy is deleted unless a committed manifest
+        names it. Safe to call from several threads for different blocks.
+        """
+        old = self._current[index]
+        entry = replace(old, dtype=dtype or old.dtype, offset=0)
+        if applied_steps is not None:
+            entry = replace(entry, applied_steps=applied_steps)
+        view = buf.reshape(-1)
+        digest = checksum(memoryview(view.numpy())[: entry.nbytes])
+        with self._guard:
+            gen, self._next_gen = self._next_gen, self._next_gen + 1
+        name = f"block_{index:05d}_g{gen:06d}.bin"
+        final = os.path.join(self.path, name)
+        tmp = final + ".tmp"
+        what = f"block {entry.name} of store {self.path}"
+        try:
+            with BlockFile.open(tmp, write=True, direct=direct) as f:
+                f.write_from(view, entry.nbytes, what=what)
+                if not f.direct:
+                    f.truncate(entry.nbytes)
+                f.sync(what=what, n_bytes=entry.nbytes)
+            if _fault_delay_s:
+                time.sleep(_fault_delay_s)
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink_quiet(tmp)  # the current copy is intact; a partial .tmp would only hold space
+            raise
+        entry = replace(entry, file=name, xxh3_64=digest)
+        with self._guard:
+            self._current[index] = entry
+            committed = {b.file for b in self.manifest.blocks} | set(self.manifest.pinned) if self.manifest else set()
+        if old.file is not None and old.file != name and old.file not in committed:
+            _unlink_quiet(os.path.join(self.path, old.file))
+        return entry
+
+    # ---- committing -------------------------------------------------------------------------------
+    def commit(self, *, step: int | None = None, log: list | tuple | None = None, perturbation: str | None = None,
+               complete: bool = True, source: dict | None = None, pin: bool = False) -> Manifest:
+        """Atomically make the current entries the store's manifest, then delete unnamed block copies.
+
+        ``log`` holds the rows ``[min applied_steps, step)``; it is checked against the entries. ``pin``
+        keeps the committed files until the next pinned commit (a checkpoint names them).
+        """
+        base = self.manifest or self._draft
+        with self._guard:
+            blocks = list(self._current)
+        step = base.step if step is None else step
+        rows = tuple(tuple(r) for r in (base.log if log is None else log))
+        low = min(b.applied_steps for b in blocks)
+        if step - len(rows) > low or any(b.applied_steps > step for b in blocks):
+            raise RuntimeError(f"store {self.path}: log rows {step - len(rows)}..{step} cannot bring blocks "
+                               f"holding {low}..{max(b.applied_steps for b in blocks)} updates to step {step}")
+        rows = rows[len(rows) - (step - low):] if step > low else ()
+        manifest = base.with_blocks(blocks, step=step, log=rows, complete=complete,
+                                    perturbation=perturbation or base.perturbation,
+                                    source=base.source if source is None else source,
+                                    pinned=tuple(b.file for b in blocks) if pin else base.pinned)
+        fsync_dir(self.path)  # the renames of the block files first, then the manifest that names them
+        write_json_atomic(os.path.join(self.path, MANIFEST), manifest.to_json())
+        self.manifest = manifest
+        self._collect()
+        return manifest
+
+    def _collect(self) -> None:
+        """Delete block files that neither the committed manifest nor a current entry names."""
+        with self._guard:
+            keep = {b.file for b in self.manifest.blocks} | {b.file for b in self._current} | set(self.manifest.pinned)
+        for name in os.listdir(self.path):
+            if name.startswith("block_") and name.endswith(".bin") and name not in keep:
+                _unlink_quiet(os.path.join(self.path, name))
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

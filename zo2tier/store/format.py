@@ -1,0 +1,218 @@
+"""Store format v1: the manifest (what each block file holds), checksums, and atomic JSON writes.
+
+Bytes and JSON only, no math. ``docs/store.md`` is the reference; this module is its implementation.
+
+A store is a directory::
+
+    manifest.json                 this module's Manifest, written atomically
+    block_00000_g000003.bin       one file per block; the name carries a generation number
+    .zo2tier-disk, .zo2tier.lock  marker and flock (see zo2tier.store.lock)
+
+A block's bytes are its parameters laid back to back in one flat buffer (the engine's layout), encoded as
+the block's storage dtype (zo2tier.tiers.codec): fp32/bf16/fp16 little-endian, or int8 with one fp32
+scale per group of 64 consecutive elements of the flat buffer, the scales after the int8 payload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import xxhash
+
+FORMAT = "zo2tier-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+ALIGN_BYTES = 4096
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+INT8_GROUP = 64
+
+
+class StoreFormatError(ValueError):
+    """The store's manifest or a block file is missing, malformed, corrupt or of another version."""
+
+
+def checksum(buf: memoryview | bytes) -> str:
+    """xxh3-64 of ``buf`` as 16 hex digits (the manifest's ``xxh3_64`` field)."""
+    return xxhash.xxh3_64_hexdigest(buf)
+
+
+def int8_layout(numel: int) -> dict[str, int]:
+    """Where the fp32 scales of an int8 block start (bytes) and how many there are."""
+    return {"group": INT8_GROUP, "scales_offset": (numel + 3) // 4 * 4, "n_scales": -(-numel // INT8_GROUP)}
+
+
+def encoded_nbytes(numel: int, dtype: str) -> int:
+    """Bytes of a block of ``numel`` elements stored as ``dtype`` (same rule as zo2tier.tiers.codec)."""
+    if dtype not in _ITEMSIZE:
+        raise StoreFormatError(f"storage dtype {dtype!r} is unknown; a v1 store holds fp32, bf16, fp16 or int8")
+    if dtype == "int8":
+        layout = int8_layout(numel)
+        return layout["scales_offset"] + 4 * layout["n_scales"]
+    return numel * _ITEMSIZE[dtype]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A parameter inside a block: ``flat[offset : offset + numel]`` (element offsets)."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+    param_id: int
+    decay: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "offset": self.offset, "numel": self.numel,
+                "param_id": self.param_id, "decay": self.decay}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorEntry":
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), int(d["offset"]), int(d["numel"]),
+                   int(d["param_id"]), bool(d["decay"]))
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One block: its file, where its bytes lie, how they are encoded, and which log prefix they hold.
+
+    ``file`` is ``None`` only while a store is being created (the block is not written yet).
+    """
+
+    index: int
+    name: str
+    dtype: str
+    numel: int
+    tensors: tuple[TensorEntry, ...]
+    file: str | None = None
+    offset: int = 0
+    xxh3_64: str | None = None
+    applied_steps: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return encoded_nbytes(self.numel, self.dtype)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"index": self.index, "name": self.name, "file": self.file, "offset": self.offset,
+               "nbytes": self.nbytes, "dtype": self.dtype, "numel": self.numel, "xxh3_64": self.xxh3_64,
+               "applied_steps": self.applied_steps, "tensors": [t.to_json() for t in self.tensors]}
+        if self.dtype == "int8":
+            out["int8"] = int8_layout(self.numel)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "BlockEntry":
+        entry = cls(int(d["index"]), str(d["name"]), str(d["dtype"]), int(d["numel"]),
+                    tuple(TensorEntry.from_json(t) for t in d["tensors"]), d.get("file"), int(d.get("offset", 0)),
+                    d.get("xxh3_64"), int(d.get("applied_steps", 0)))
+        if int(d.get("nbytes", entry.nbytes)) != entry.nbytes:
+            raise StoreFormatError(f"block {entry.name}: nbytes {d['nbytes']} does not match {entry.numel} "
+                                   f"{entry.dtype} elements ({entry.nbytes} bytes); the manifest is damaged")
+        if entry.offset % ALIGN_BYTES:
+            raise StoreFormatError(f"block {entry.name}: offset {entry.offset} is not 4 KiB-aligned")
+        return entry
+
+    def state(self) -> list:
+        """The compact form a checkpoint keeps: [name, file, xxh3_64, dtype, applied_steps]."""
+        return [self.name, self.file, self.xxh3_64, self.dtype, self.applied_steps]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole store: model config, blocks, and the update-log tail not yet folded into every block.
+
+    ``log`` holds entries ``log_start .. step-1`` (``log_start`` = the smallest ``applied_steps``), as
+    ``[step, step_seed, projected_grad, lr, weight_decay]`` rows; replaying them with z of kind
+    ``perturbation`` brings every block to ``step``.
+    """
+
+    config: dict[str, Any]
+    dtype: str  # compute dtype of the model: fp32, bf16 or fp16
+    blocks: tuple[BlockEntry, ...]
+    step: int = 0
+    log: tuple[tuple, ...] = ()
+    perturbation: str = "gaussian"
+    complete: bool = True
+    source: dict[str, Any] = field(default_factory=dict)
+    pinned: tuple[str, ...] = ()  # block files the latest checkpoint names: kept until the next one
+
+    @property
+    def log_start(self) -> int:
+        return self.step - len(self.log)
+
+    def with_blocks(self, blocks: list[BlockEntry] | tuple[BlockEntry, ...], **kw: Any) -> "Manifest":
+        return replace(self, blocks=tuple(blocks), **kw)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "complete": self.complete, "dtype": self.dtype,
+                "step": self.step, "log_start": self.log_start, "perturbation": self.perturbation,
+                "log": [list(r) for r in self.log], "source": self.source, "pinned": list(self.pinned), "config": self.config,
+                "blocks": [b.to_json() for b in self.blocks]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str) -> "Manifest":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise StoreFormatError(f"{where} is not a zo2tier store manifest (format={d.get('format')!r}); "
+                                   "create one with `zo2tier convert SRC DST`")
+        if d.get("version") != VERSION:
+            raise StoreFormatError(f"{where} is store format version {d.get('version')}; this zo2tier reads "
+                                   f"version {VERSION}: upgrade zo2tier or re-convert the model")
+        blocks = tuple(BlockEntry.from_json(b) for b in d["blocks"])
+        for i, b in enumerate(blocks):
+            if b.index != i:
+                raise StoreFormatError(f"{where}: block {b.name} has index {b.index} at position {i}")
+        log = tuple(tuple(r) for r in d.get("log", []))
+        m = cls(dict(d["config"]), str(d["dtype"]), blocks, int(d.get("step", 0)), log,
+                str(d.get("perturbation", "gaussian")), bool(d.get("complete", True)), dict(d.get("source", {})),
+                tuple(d.get("pinned", ())))
+        if int(d.get("log_start", m.log_start)) != m.log_start:
+            raise StoreFormatError(f"{where}: log_start {d['log_start']} disagrees with step {m.step} and "
+                                   f"{len(log)} log rows; the manifest is damaged")
+        return m
+
+
+def read_manifest(directory: str) -> Manifest:
+    """Parse ``directory/manifest.json``; raises StoreFormatError naming the file and the fix."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise StoreFormatError(f"{directory!r} has no {MANIFEST}; it is not a zo2tier store "
+                               "(create one with `zo2tier convert SRC DST`)") from None
+    except json.JSONDecodeError as exc:
+        raise StoreFormatError(f"{path} is not valid JSON ({exc}); restore the store from a backup "
+                               "or re-convert the model") from None
+    return Manifest.from_json(data, path)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` so that a crash leaves either the old or the new file.
+
+    Write ``path.tmp``, fsync it, rename it over ``path``, fsync the directory.
+    """
+    tmp = path + ".tmp"
+    body = json.dumps(data, indent=1, allow_nan=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(directory: str) -> None:
+    """Make renames and creations inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
