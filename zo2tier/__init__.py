@@ -12,15 +12,21 @@ from zo2tier.budget import TierBudget, parse_size
 from zo2tier.config import MeZOConfig
 from zo2tier.engine import StepResult, ZOEngine
 from zo2tier.model.blocks import UnsupportedModelError
+from zo2tier.store.blockstore import StoreCorruptError
+from zo2tier.store.convert import convert
+from zo2tier.store.export import export_store
 from zo2tier.tiers.store_dir import StoreLockedError
 
 __all__ = [
     "MeZOConfig",
     "StepResult",
+    "StoreCorruptError",
     "StoreLockedError",
     "TierBudget",
     "UnsupportedModelError",
     "ZOEngine",
+    "convert",
+    "export_store",
     "parse_size",
 ]
 __version__ = "0.1.0"

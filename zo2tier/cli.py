@@ -38,7 +38,52 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default=None, help="compute dtype: fp32, fp16 or bf16 (default: the config's)")
     plan.add_argument("--calibration", default=None, help="a calibration JSON from tools/bench_io.py")
     plan.set_defaults(func=_cmd_plan)
+    _add_store_commands(sub)
     return parser
+
+
+def _add_store_commands(sub) -> None:
+    conv = sub.add_parser("convert", help="stream a Hugging Face model (or a config.json) into a zo2tier store")
+    conv.add_argument("src", help="HF model dir (safetensors, pytorch_model.bin, *.gguf), a .gguf file, or config.json")
+    conv.add_argument("dst", help="the store directory to create (a re-run resumes it)")
+    conv.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                      help="compute dtype of the model (default: the source's, lossless)")
+    conv.add_argument("--disk-dtype", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+                      help="how decoder-layer blocks are stored (default: --dtype)")
+    conv.add_argument("--seed", type=int, default=0, help="seed of the random init when SRC is a config")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    conv.set_defaults(func=_cmd_convert)
+    exp = sub.add_parser("export", help="write a store as a Hugging Face safetensors model, updates applied")
+    exp.add_argument("store", help="a zo2tier store directory")
+    exp.add_argument("out_dir", help="an empty or new directory")
+    exp.add_argument("--max-shard-size", type=_size_arg, default=5 << 30, help="bytes per shard file, e.g. 5GB")
+    exp.set_defaults(func=_cmd_export)
+
+
+def _size_arg(text: str) -> int:
+    from zo2tier.budget import parse_size
+
+    try:
+        return parse_size(text, what="--max-shard-size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from zo2tier.store.convert import convert
+
+    r = convert(args.src, args.dst, dtype=args.dtype, disk_dtype=args.disk_dtype, seed=args.seed,
+                progress=not args.no_progress)
+    print(f"{r.store}: {r.n_blocks} blocks ({r.n_written} written), {r.source_bytes / 1e9:.2f} GB read, "
+          f"{r.store_bytes / 1e9:.2f} GB stored, {r.seconds:.1f} s ({r.source_bytes / 1e9 / max(r.seconds, 1e-9):.2f} GB/s)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from zo2tier.store.export import export_store
+
+    print(export_store(args.store, args.out_dir, max_shard_bytes=args.max_shard_size))
+    return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

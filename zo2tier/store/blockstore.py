@@ -276,6 +276,42 @@ class BlockStore:
             _unlink_quiet(os.path.join(self.path, old.file))
         return entry
 
+    def write_block_stream(self, index: int, pieces, *, dtype: str | None = None,
+                           applied_steps: int = 0) -> BlockEntry:
+        """Like :meth:`write_block`, from an iterable of byte pieces (memoryview/bytes) written in order."""
+        import xxhash
+
+        old = self._current[index]
+        entry = replace(old, dtype=dtype or old.dtype, offset=0, applied_steps=applied_steps)
+        with self._guard:
+            gen, self._next_gen = self._next_gen, self._next_gen + 1
+        name = f"block_{index:05d}_g{gen:06d}.bin"
+        final = os.path.join(self.path, name)
+        tmp = final + ".tmp"
+        h, written = xxhash.xxh3_64(), 0
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                for piece in pieces:
+                    view = memoryview(piece).cast("B")
+                    h.update(view)
+                    while view:
+                        view = view[f.write(view):]
+                    written += len(memoryview(piece).cast("B"))
+                os.fsync(f.fileno())
+            if written != entry.nbytes:
+                raise RuntimeError(f"block {entry.name}: wrote {written} bytes, the format needs {entry.nbytes}")
+            os.replace(tmp, final)
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+        entry = replace(entry, file=name, xxh3_64=h.hexdigest())
+        with self._guard:
+            self._current[index] = entry
+        if old.file is not None and old.file != name and (self.manifest is None or old.file not in
+                                                          {b.file for b in self.manifest.blocks}):
+            _unlink_quiet(os.path.join(self.path, old.file))
+        return entry
+
     # ---- committing -------------------------------------------------------------------------------
     def commit(self, *, step: int | None = None, log: list | tuple | None = None, perturbation: str | None = None,
                complete: bool = True, source: dict | None = None, pin: bool = False) -> Manifest:

@@ -10,7 +10,7 @@ A store is a directory::
 
 A block's bytes are its parameters laid back to back in one flat buffer (the engine's layout), encoded as
 the block's storage dtype (zo2tier.tiers.codec): fp32/bf16/fp16 little-endian, or int8 with one fp32
-scale per group of 64 consecutive elements of the flat buffer, the scales after the int8 payload.
+scale per group of INT8_GROUP consecutive elements of the flat buffer, the scales after the int8 payload.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from typing import Any
 
 import xxhash
 
+from zo2tier.tiers.codec import INT8_GROUP  # one source of truth for the int8 group size
+
 FORMAT = "zo2tier-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 ALIGN_BYTES = 4096
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
-INT8_GROUP = 64
 
 
 class StoreFormatError(ValueError):
