@@ -187,6 +187,11 @@ class TierManager:
             record = self.table[j]
             if record.tier != "disk" or j == index:
                 continue
+            if any(k == j for k, _ in self._inflight):
+                # j's read for its next visit is still queued: a second read now would start before that
+                # visit writes j back and would return stale bytes. Resume from j once it is consumed.
+                self._next_request = j
+                break
             staging = self._read_pool.get()
             self._inflight.append((j, self._readers.submit(self._read_task, record, staging)))
 
