@@ -403,7 +403,8 @@ class ZOEngine:
             if write:  # the codec writes int8 (its groups span parameters): replay into fp32 first
                 work = self._work[: record.numel]
                 self._fused_pass(record, stored, scales, log, 0, 0.0, work, None, None, sr_seed)
-                encode(work, "int8", self._raw_out[: record.stored_bytes], sr_seed=sr_seed, sr_key=record.index)
+                encode(work, "int8", self._raw_out[: record.stored_bytes], sr_seed=sr_seed, sr_key=record.index,
+                       prev_scales=scales)  # groups that still fit keep their scale: no re-quantization noise
                 stored, scales, log = work, None, self._no_log()
         out = None
         if write and dtype != torch.int8:
