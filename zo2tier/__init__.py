@@ -10,6 +10,7 @@ Public API::
 
 from zo2tier.budget import TierBudget, parse_size
 from zo2tier.config import MeZOConfig
+from zo2tier.distributed import DataParallel, ReplicaDivergenceError, check_replicas
 from zo2tier.engine import StepResult, ZOEngine
 from zo2tier.model.blocks import UnsupportedModelError
 from zo2tier.store.blockstore import StoreCorruptError
@@ -18,13 +19,16 @@ from zo2tier.store.export import export_store
 from zo2tier.tiers.store_dir import StoreLockedError
 
 __all__ = [
+    "DataParallel",
     "MeZOConfig",
+    "ReplicaDivergenceError",
     "StepResult",
     "StoreCorruptError",
     "StoreLockedError",
     "TierBudget",
     "UnsupportedModelError",
     "ZOEngine",
+    "check_replicas",
     "convert",
     "export_store",
     "parse_size",
