@@ -139,7 +139,8 @@ def _fill(inp: PlanInput, budget: TierBudget) -> dict[str, str]:
 def _check_override(override: dict[str, str], names: list[str]) -> dict[str, str]:
     unknown = [k for k in override if k not in names]
     if unknown:
-        raise ValueError(f"placement names unknown block(s) {unknown}; blocks are {names[0]} ... {names[-1]}")
+        known = f"{names[0]} ... {names[-1]}" if names else "none (the model has no movable blocks)"
+        raise ValueError(f"placement names unknown block(s) {unknown}; blocks are {known}")
     bad = {k: v for k, v in override.items() if v not in TIERS}
     if bad:
         raise ValueError(f"placement {bad} uses an unknown tier; use one of {', '.join(TIERS)}")

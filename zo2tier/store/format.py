@@ -185,10 +185,16 @@ def read_manifest(directory: str) -> Manifest:
     except FileNotFoundError:
         raise StoreFormatError(f"{directory!r} has no {MANIFEST}; it is not a zo2tier store "
                                "(create one with `zo2tier convert SRC DST`)") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreFormatError(f"{path} is not valid JSON ({exc}); restore the store from a backup "
                                "or re-convert the model") from None
-    return Manifest.from_json(data, path)
+    try:
+        return Manifest.from_json(data, path)
+    except StoreFormatError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # a field missing or mistyped
+        raise StoreFormatError(f"{path} is damaged ({type(exc).__name__}: {exc}); restore the store from a "
+                               "backup or re-convert the model") from None
 
 
 def write_json_atomic(path: str, data: Any) -> None:
