@@ -75,7 +75,7 @@ def arrive(
     n = stored.numel()
     if n == 0:
         return
-    if stored.dtype == torch.int8 and (write_to is not None or scales is None):
+    if (write_to is not None and write_to.dtype == torch.int8) or (stored.dtype == torch.int8 and scales is None):
         raise ValueError("int8 storage is decoded by the kernel (pass scales) but written back by the codec")
     grid = (triton.cdiv(n, 4 * _GROUPS),)
     _arrive_kernel[grid](
@@ -84,7 +84,8 @@ def arrive(
         log.seeds, log.grads, log.lrs, log.wds, log.n, param_id << 32,
         ((sr_key | _SR_DOMAIN) << 32) | sr_seed, sr_offset, scales if scales is not None else stored, group,
         DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
-        STORE_KIND=_FLOAT_STORAGE[stored.dtype], RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
+        STORE_KIND=_FLOAT_STORAGE[stored.dtype],
+        OUT_KIND=_FLOAT_STORAGE[write_to.dtype] if write_to is not None else 0, RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
     )
 
 
@@ -144,7 +145,7 @@ if triton is not None:
     def _arrive_kernel(
         stored_ptr, out_ptr, plus_ptr, minus_ptr, n, new_seed, eps,
         seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset, scales_ptr, group,
-        DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr,
+        DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
         RADEMACHER: tl.constexpr, GROUPS: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -165,7 +166,7 @@ if triton is not None:
                 theta = theta - lr * (g * z)
         if WRITE:
             u = _sr_uniform(sr_seed, idx + sr_offset)
-            tl.store(out_ptr + idx, _round_stochastic(theta, u, STORE_KIND).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + idx, _round_stochastic(theta, u, OUT_KIND).to(out_ptr.dtype.element_ty), mask=mask)
         z = _z4(new_seed, groups.to(tl.uint32), RADEMACHER)
         tl.store(plus_ptr + idx, (theta + eps * z).to(plus_ptr.dtype.element_ty), mask=mask)
         if MINUS:
