@@ -105,3 +105,42 @@ def test_store_creation_on_full_disk_names_store_and_releases_lock(tmp_path):
         os.close(fd)
     engine = disk_engine(disk_dir)  # and once space is there, the same directory works
     engine.close()
+
+
+def _tiny_config_file(directory) -> str:
+    from tiny_models import tiny_config
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "config.json")
+    tiny_config("llama").to_json_file(path)
+    return path
+
+
+def test_convert_on_full_disk_then_resume(tmp_path):
+    convert = pytest.importorskip("zo2tier.store.convert").convert
+    src = _tiny_config_file(tmp_path / "src")
+    dst = tmp_path / "store"
+    with file_size_cap(CAP_BYTES):
+        with pytest.raises(BlockIOError) as info:
+            convert(src, dst, progress=False)
+    message = str(info.value)
+    assert str(dst) in message and "needs" in message and "bytes" in message
+    _no_tmp(dst)
+    report = convert(src, dst, progress=False)  # space is back: the same command finishes the store
+    assert report.n_blocks == 5
+    _no_tmp(dst)
+
+
+def test_convert_fills_a_small_tmpfs_then_resumes(tmp_path):
+    convert = pytest.importorskip("zo2tier.store.convert").convert
+    src = _tiny_config_file(tmp_path / "src")
+    with tmpfs(tmp_path / "mnt", "100k") as mnt:
+        dst = os.path.join(mnt, "store")
+        with pytest.raises(BlockIOError) as info:
+            convert(src, dst, progress=False)
+        assert info.value.errno == errno.ENOSPC and dst in str(info.value) and "bytes" in str(info.value)
+        _no_tmp(dst)
+        assert os.system(f"mount -o remount,size=2m {mnt}") == 0  # space is freed
+        report = convert(src, dst, progress=False)
+        assert 0 < report.n_written < report.n_blocks  # the blocks written before the fault were kept
+        _no_tmp(dst)

@@ -29,7 +29,7 @@ from zo2tier.store.format import (
     read_manifest,
     write_json_atomic,
 )
-from zo2tier.store.io import BlockFile, aligned_empty
+from zo2tier.store.io import BlockFile, aligned_empty, raise_if_no_space
 from zo2tier.store.lock import MARKER, lock_dir, unlock_dir
 
 _GEN = re.compile(r"^block_(\d+)_g(\d+)\.bin$")
@@ -301,8 +301,10 @@ class BlockStore:
             if written != entry.nbytes:
                 raise RuntimeError(f"block {entry.name}: wrote {written} bytes, the format needs {entry.nbytes}")
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             _unlink_quiet(tmp)
+            if isinstance(exc, OSError):  # a full disk: name the store, the block and the bytes
+                raise_if_no_space(exc, f"block {entry.name} of store {self.path}", tmp, entry.nbytes, written)
             raise
         entry = replace(entry, file=name, xxh3_64=h.hexdigest())
         with self._guard:

@@ -22,6 +22,8 @@ from typing import Any
 
 import xxhash
 
+from zo2tier.store.io import raise_if_no_space
+
 from zo2tier.tiers.codec import INT8_GROUP  # one source of truth for the int8 group size
 
 FORMAT = "zo2tier-store"
@@ -210,10 +212,22 @@ def write_json_atomic(path: str, data: Any) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except OSError as exc:  # a full disk: the old file stays; no partial .tmp is left behind
         os.close(fd)
+        _unlink_quiet(tmp)
+        raise_if_no_space(exc, f"the manifest of store {os.path.dirname(os.path.abspath(path))}", path,
+                          len(body), len(body) - len(view))
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def fsync_dir(directory: str) -> None:

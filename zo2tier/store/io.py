@@ -207,7 +207,7 @@ class BlockFile:
             try:
                 wrote = os.pwritev(self._fd, [view[done:length]], offset + done)
             except OSError as exc:
-                _raise_if_no_space(exc, what, self.path, length, done)
+                raise_if_no_space(exc, what, self.path, length, done)
                 raise
             if wrote <= 0:
                 raise BlockIOError(errno.EIO, f"writing {what} to {self.path} made no progress")
@@ -217,7 +217,7 @@ class BlockFile:
         try:
             os.fsync(self._fd)
         except OSError as exc:  # delayed allocation: some file systems report a full disk only here
-            _raise_if_no_space(exc, what, self.path, n_bytes, 0)
+            raise_if_no_space(exc, what, self.path, n_bytes, 0)
             raise
 
     def truncate(self, n_bytes: int) -> None:
@@ -227,7 +227,8 @@ class BlockFile:
 _NO_SPACE = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def _raise_if_no_space(exc: OSError, what: str, path: str, n_bytes: int, done: int) -> None:
+def raise_if_no_space(exc: OSError, what: str, path: str, n_bytes: int, done: int) -> None:
+    """Re-raise a full-disk/quota/file-size error of writing ``path`` as a BlockIOError naming the bytes."""
     if exc.errno in _NO_SPACE:
         raise BlockIOError(
             exc.errno,
