@@ -37,9 +37,72 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stored dtype per tier, e.g. host=bf16,disk=int8 (default: the model's dtype)")
     plan.add_argument("--dtype", default=None, help="compute dtype: fp32, fp16 or bf16 (default: the config's)")
     plan.add_argument("--calibration", default=None, help="a calibration JSON from tools/bench_io.py")
+    plan.add_argument("--batch", type=int, default=1, help="sequences per step, for the predicted step time")
+    plan.add_argument("--seq", type=int, default=2048, help="tokens per sequence, for the predicted step time")
+    plan.add_argument("--write-back-every", type=int, default=1, help="steps between write-backs (K)")
     plan.set_defaults(func=_cmd_plan)
     _add_store_commands(sub)
+    _add_finetune(sub)
     return parser
+
+
+def _add_finetune(sub) -> None:
+    ft = sub.add_parser("finetune", help="fine-tune on a labelled CSV/JSONL with tiered MeZO; prints accuracies",
+                        description="Zero-shot accuracy, MeZO fine-tune, fine-tuned accuracy. The last stdout "
+                                    "line is a JSON object (zero_shot_acc, finetuned_acc, steps, seconds, ...).")
+    ft.add_argument("--model", required=True, help="a Hugging Face model directory or a .gguf file")
+    ft.add_argument("--train", required=True, help="training data: .csv (with a header) or .jsonl")
+    ft.add_argument("--test", required=True, help="held-out data for the zero-shot and final accuracy")
+    ft.add_argument("--dev", default=None, help="data for the --eval-every curve (default: --test)")
+    ft.add_argument("--text-column", default="text")
+    ft.add_argument("--label-column", default="label")
+    ft.add_argument("--encoding", default="utf-8", help="text encoding of the data files, e.g. latin-1")
+    ft.add_argument("--template", default="{text} It was", help="prompt with a {text} slot")
+    ft.add_argument("--label-words", default="positive=great,negative=terrible",
+                    help="label=word pairs; the model is scored on ' word' after the prompt")
+    ft.add_argument("--objective", choices=("lm", "classification"), default="lm",
+                    help="lm: LM loss on the label word; classification: cross-entropy over the label words")
+    ft.add_argument("--steps", type=int, default=1000)
+    ft.add_argument("--batch-size", type=int, default=16)
+    ft.add_argument("--lr", type=float, default=1e-6)
+    ft.add_argument("--eps", type=float, default=1e-3)
+    ft.add_argument("--weight-decay", type=float, default=0.0)
+    ft.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before/after)")
+    ft.add_argument("--eval-max", type=int, default=0, help="examples per --eval-every evaluation (0: all)")
+    ft.add_argument("--max-length", type=int, default=64, help="tokens per example; long texts lose their start")
+    ft.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1")
+    ft.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                    help="compute dtype (default: the checkpoint's)")
+    ft.add_argument("--budget", type=_budget_arg, required=True,
+                    help="bytes per tier, e.g. device=2GiB,host=4GiB,disk=20GiB")
+    ft.add_argument("--disk-dir", default=None, help="folder for disk-tier blocks")
+    ft.add_argument("--storage", type=_storage_arg, default={}, help="stored dtype per tier, e.g. host=bf16,disk=int8")
+    ft.add_argument("--write-back-every", type=int, default=1, help="write host/disk blocks back every K visits")
+    ft.add_argument("--out", required=True, help="folder for log.jsonl, checkpoint.json, curves.png, model/")
+    ft.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    ft.add_argument("--export", choices=("hf", "none"), default="hf",
+                    help="hf: write the final weights to OUT/model as a Hugging Face directory")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from zo2tier.train.job import finetune, main_result_line
+
+    result = finetune(
+        model=args.model, train=args.train, test=args.test, dev=args.dev, out=args.out,
+        text_column=args.text_column, label_column=args.label_column, encoding=args.encoding,
+        template=args.template, label_words=args.label_words, objective=args.objective,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
+        lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, eval_max=args.eval_max,
+        max_length=args.max_length, device=args.device, dtype=args.dtype, budget=args.budget,
+        disk_dir=args.disk_dir, storage=args.storage, write_back_every=args.write_back_every,
+        resume=args.resume, export=args.export, progress=not args.no_progress,
+    )
+    print(main_result_line(result), flush=True)
+    return 0
 
 
 def _add_store_commands(sub) -> None:
@@ -90,7 +153,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from zo2tier.planning import describe_plan
 
     print(describe_plan(args.model, args.budget, storage=args.storage, dtype=args.dtype,
-                        calibration=args.calibration))
+                        calibration=args.calibration, batch=args.batch, seq=args.seq,
+                        write_back_every=args.write_back_every))
     return 0
 
 

@@ -1,0 +1,48 @@
+"""The planner's step-time arithmetic (DESIGN.md §1 rates), checked by hand on small numbers."""
+
+import pytest
+
+from zo2tier.budget import TierBudget
+from zo2tier.plan import BlockSize, PlanInput, plan_placement
+from zo2tier.predict import Calibration, predict_step
+
+
+def _inp(storage="fp16"):
+    blocks = tuple(BlockSize(f"b{i}", 10**9) for i in range(4))
+    return PlanInput(blocks, resident_numel=0, compute_bytes=2, storage={t: storage for t in ("device", "host", "disk")})
+
+
+def test_host_tier_is_bus_bound_and_k_removes_the_download():
+    inp = _inp()
+    plan = plan_placement(inp, TierBudget(10**11, 10**11, 0), {f"b{i}": "host" for i in range(4)})
+    cal = Calibration(h2d_gbps=50, d2h_gbps=50, bus_both_gbps=80, forward_tflops=1e6, fused_pass_gbps=1e6)
+    every = predict_step(inp, plan, cal, tokens=1, write_back_every=1)
+    assert every.bus_s == pytest.approx(16e9 / 80e9)  # 8 GB up + 8 GB down over the shared bus
+    assert every.bound == "bus" and every.disk_s == 0
+    deferred = predict_step(inp, plan, cal, tokens=1, write_back_every=16)
+    assert deferred.bus_s == pytest.approx(8e9 / 50e9)  # the upload alone
+
+
+def test_disk_tier_counts_reads_and_amortized_writes():
+    inp = _inp("int8")
+    plan = plan_placement(inp, TierBudget(10**11, 0, 10**11), {f"b{i}": "disk" for i in range(4)})
+    cal = Calibration(disk_read_gbps=2.0, disk_write_gbps=4.0)
+    pred = predict_step(inp, plan, cal, tokens=1, write_back_every=8)
+    stored = 4 * (10**9 + 4 * (10**9 // 128) + 3)
+    assert pred.disk_s == pytest.approx(stored / 2e9 + stored / 8 / 4e9)
+    assert pred.bound == "disk"
+
+
+def test_compute_bound_when_everything_is_on_the_device():
+    inp = _inp()
+    plan = plan_placement(inp, TierBudget(10**11, 0, 0))
+    pred = predict_step(inp, plan, Calibration(forward_tflops=100.0, fused_pass_gbps=1000.0), tokens=2048)
+    assert pred.bound == "compute"
+    assert pred.compute_s == pytest.approx(4 * 4e9 * 2048 / 100e12 + 4e9 * 6 / 1000e9)
+
+
+def test_bad_calibration_file_is_refused(tmp_path):
+    path = tmp_path / "cal.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        Calibration.load(str(path))

@@ -1,0 +1,91 @@
+"""Predicted step time from measured rates: pure arithmetic over a placement, no tensors and no I/O.
+
+A step visits every block once. Per step it moves, for each block:
+
+- host tier: its stored bytes up the bus, and back down every ``write_back_every`` steps;
+- disk tier: its stored bytes read from disk and up the bus, and written back every ``write_back_every`` steps;
+
+and computes two forwards (the doubled batch) plus one fused pass over its weights. Compute, bus and disk
+run on their own streams and threads, so the step takes as long as the slowest of the three; that one is
+the bound.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+
+from zo2tier.plan import Plan, PlanInput, block_bytes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured rates of one machine (GB/s are 10**9 bytes per second).
+
+    Defaults are the H100 machine's figures from DESIGN.md §1; ``tools/bench_io.py --calibration-out``
+    writes the first four for your own machine.
+    """
+
+    disk_read_gbps: float = 2.24
+    disk_write_gbps: float = 2.84
+    h2d_gbps: float = 55.3
+    d2h_gbps: float = 52.9
+    bus_both_gbps: float = 96.0  # both directions at once, in total
+    forward_tflops: float = 650.0  # effective fp16 TFLOP/s of a decoder-layer forward at long sequences
+    fused_pass_gbps: float = 2500.0  # device-memory rate of the fused perturbation kernel
+
+    @classmethod
+    def load(cls, path: str | None) -> "Calibration":
+        """Read a calibration JSON (unknown keys ignored, missing keys default); ``None`` gives defaults."""
+        if path is None:
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"calibration file {path!r} is not a JSON object; write it with tools/bench_io.py")
+        known = {f.name for f in fields(cls)}
+        values = {k: float(v) for k, v in data.items() if k in known and isinstance(v, (int, float)) and v}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Seconds per step for each resource, the step (their maximum) and the resource that bounds it."""
+
+    compute_s: float
+    bus_s: float
+    disk_s: float
+
+    @property
+    def step_s(self) -> float:
+        return max(self.compute_s, self.bus_s, self.disk_s)
+
+    @property
+    def bound(self) -> str:
+        return max((self.compute_s, "compute"), (self.bus_s, "bus"), (self.disk_s, "disk"))[1]
+
+
+def predict_step(
+    inp: PlanInput, plan: Plan, cal: Calibration, *, tokens: int, write_back_every: int = 1
+) -> Prediction:
+    """Predict one training step of ``tokens`` tokens (batch × sequence) under ``plan``."""
+    if tokens <= 0 or write_back_every < 1:
+        raise ValueError(f"tokens={tokens} and write_back_every={write_back_every} must be positive")
+    up = down = read = write = 0.0
+    for b in inp.blocks:
+        tier = plan.placement[b.name]
+        if tier == "device":
+            continue
+        stored = block_bytes(b.numel, inp.storage[tier])
+        up += stored
+        down += stored / write_back_every if tier == "host" else 0.0
+        if tier == "disk":
+            read += stored
+            write += stored / write_back_every
+    n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
+    flops = 2 * 2 * n_params * tokens  # two forwards (the doubled batch), 2 flops per weight per token
+    fused = sum(b.numel for b in inp.blocks) * 3 * inp.compute_bytes  # read θ, write θ+εz and θ−εz
+    compute = flops / (cal.forward_tflops * 1e12) + fused / (cal.fused_pass_gbps * 1e9)
+    bus = max(up / (cal.h2d_gbps * 1e9), down / (cal.d2h_gbps * 1e9), (up + down) / (cal.bus_both_gbps * 1e9))
+    disk = read / (cal.disk_read_gbps * 1e9) + write / (cal.disk_write_gbps * 1e9)
+    return Prediction(compute, bus, disk)
