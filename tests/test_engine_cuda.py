@@ -54,13 +54,13 @@ def test_fused_stochastic_rounding_is_unbiased(dtype):
     from zo2tier.zo import fused
     from zo2tier.zo.update import LogEntry
 
-    n = 1 << 16
+    n = 1 << 20  # SR noise per element is far above the signal: many elements make the estimate tight
     stored = torch.full((n,), 1.0, dtype=dtype, device="cuda")
     quantum = float(torch.finfo(dtype).eps)
     total = torch.zeros(n, device="cuda")
-    steps = 200
-    for t in range(steps):  # each update is -1e-2 quantum along z; SR must keep the mean
-        log = fused.PendingLog.build([LogEntry(t, t, 1e-2 * quantum, 1.0, 0.0)], torch.device("cuda"))
+    steps = 50
+    for t in range(steps):  # each update is 0.1 quantum along z; SR must keep the mean
+        log = fused.PendingLog.build([LogEntry(t, t, 1e-1 * quantum, 1.0, 0.0)], torch.device("cuda"))
         before = stored.float()
         plus = torch.empty(n, device="cuda")
         fused.arrive(stored, param_id=1, decay=False, log=log, new_seed=0, eps=0.0, plus=plus, minus=None,
@@ -70,7 +70,7 @@ def test_fused_stochastic_rounding_is_unbiased(dtype):
 
     expected = torch.zeros(n)
     for t in range(steps):
-        expected -= 1e-2 * quantum * normal(t, 1, n)
+        expected -= 1e-1 * quantum * normal(t, 1, n)
     got, want = total.cpu(), expected
     # per-element means agree in aggregate: compare the projection onto the expected direction
     assert float((got * want).sum() / (want * want).sum()) == pytest.approx(1.0, rel=0.05)

@@ -47,17 +47,10 @@ _pin_warned = False
 def _pin_alloc(n_bytes: int) -> torch.Tensor:
     """Page-locked uint8 memory; raises RuntimeError when the pinned-memory limit is reached.
 
-    Exactly ``n_bytes`` are locked: pageable memory registered with CUDA, not ``pin_memory=True``, whose
-    caching allocator rounds every request up to a power of two (a 1 GiB + 4 KiB chunk would lock 2 GiB).
+    torch's pinned allocator rounds every request up to a power of two, so callers ask for powers of two
+    (see :class:`PinnedPool`) to lock no more than they use.
     """
-    buf = torch.empty(n_bytes, dtype=torch.uint8)
-    register = getattr(torch.cuda.cudart(), "cudaHostRegister", None) if torch.cuda.is_available() else None
-    if register is None:
-        return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
-    err = register(buf.data_ptr(), n_bytes, 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {n_bytes} bytes failed with CUDA error {int(err)}")
-    return buf
+    return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
 
 
 def _alloc(n_bytes: int, pin: bool) -> torch.Tensor:
@@ -86,11 +79,12 @@ class PinnedPool:
         staging = [pool.take(block_bytes) for _ in range(6)]   # one pinned chunk if the limit allows
     """
 
-    def __init__(self, *, pin: bool, chunk_bytes: int = 2**30) -> None:
+    def __init__(self, *, pin: bool, chunk_bytes: int = 2**30, total_bytes: int | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes={chunk_bytes} must be > 0")
         self.pin = pin
         self.chunk_bytes = align_up(chunk_bytes)
+        self.total_bytes = total_bytes  # what the caller will take in all: the last chunk is sized to it
         self.pinned_bytes = 0  # bytes of pinned chunks allocated
         self.pageable_bytes = 0  # bytes handed out unpinned
         self._chunk: torch.Tensor | None = None
@@ -110,9 +104,12 @@ class PinnedPool:
 
     def _new_chunk(self, size: int) -> torch.Tensor | None:
         chunk = max(self.chunk_bytes, size)
+        if self.total_bytes is not None:  # the smallest power of two that covers what is still to come
+            left = max(size, self.total_bytes - self.pinned_bytes)
+            chunk = max(size, min(chunk, 1 << (left - 1).bit_length()))
         while True:
             try:
-                raw = _pin_alloc(chunk + ALIGN_BYTES)
+                raw = _pin_alloc(chunk)  # pinned memory is page-aligned: no slack needed
             except RuntimeError as exc:  # pinned-memory limit reached: try half as much
                 if chunk > size:
                     chunk = max(size, align_up(chunk // 2))
@@ -124,8 +121,10 @@ class PinnedPool:
                 return None
             self.chunk_bytes = chunk  # later chunks start from the size that worked
             self.pinned_bytes += chunk
-            shift = (-raw.data_ptr()) % ALIGN_BYTES
-            return raw[shift : shift + chunk]
+            if raw.data_ptr() % ALIGN_BYTES:  # not page-aligned after all: give up the first page
+                raw = raw[(-raw.data_ptr()) % ALIGN_BYTES :]
+                chunk = raw.numel() // ALIGN_BYTES * ALIGN_BYTES
+            return raw[:chunk]
 
 
 def supports_direct_io(directory: str) -> bool:

@@ -65,9 +65,11 @@ class TierManager:
         largest = max((align_up(r.stored_bytes) for r in disk), default=0)
         n_staging = (self.lookahead_blocks + 1 + self._n_writers + 1) if disk else 0
         host_bytes = sum(align_up(r.stored_bytes) for r in self.table.by_tier("host"))
-        unit = max([largest] + [align_up(r.stored_bytes) for r in self.table.by_tier("host")])
-        per_chunk = max(1, min(host_bytes, 2**30) // max(unit, 1))  # whole buffers per chunk: no tail waste
-        self._pinned = PinnedPool(pin=self._pin, chunk_bytes=max(n_staging * largest, per_chunk * unit, 1))
+        # pinned chunks are powers of two (torch rounds pinned requests up to one): up to 8 GiB, so that
+        # the tail a chunk cannot use stays a small fraction of it
+        want = max(n_staging * largest, min(host_bytes, 2**33), 1)
+        self._pinned = PinnedPool(pin=self._pin, chunk_bytes=1 << (want - 1).bit_length(),
+                                  total_bytes=n_staging * largest + host_bytes)
         if disk:
             for _ in range(self.lookahead_blocks + 1):
                 self._read_pool.put(self._pinned.take(largest))
