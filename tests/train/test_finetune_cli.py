@@ -1,0 +1,84 @@
+"""`zo2tier finetune` end to end on a tiny saved model and tiny CSVs, with the contract flags; and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+from tiny_task import save_tiny_model, tiny_rows, write_csv
+
+from zo2tier.train.job import finetune
+
+
+def _zo2tier() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "zo2tier")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "zo2tier.cli"]
+
+
+def _task(tmp_path):
+    model = save_tiny_model(str(tmp_path / "model"))
+    train = write_csv(str(tmp_path / "train.csv"), tiny_rows(48, seed=0))
+    test = write_csv(str(tmp_path / "test.csv"), tiny_rows(16, seed=1))
+    return model, train, test
+
+
+def test_cli_contract_flags(tmp_path):
+    model, train, test = _task(tmp_path)
+    cmd = _zo2tier() + [
+        "finetune", "--model", model, "--train", train, "--test", test,
+        "--text-column", "text", "--label-column", "label",
+        "--template", "{text} It was", "--label-words", "positive=great,negative=terrible",
+        "--steps", "12", "--batch-size", "16", "--lr", "1e-6", "--eps", "1e-3", "--seed", "0",
+        "--device", "cpu", "--budget", "device=2GiB,host=4GiB,disk=20GiB",
+        "--disk-dir", str(tmp_path / "runs/disk"), "--out", str(tmp_path / "runs/out"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"zero_shot_acc", "finetuned_acc", "steps", "seconds"} <= result.keys()
+    assert result["steps"] == 12 and 0.0 <= result["finetuned_acc"] <= 1.0
+    out = tmp_path / "runs/out"
+    assert (out / "curves.png").stat().st_size > 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "train" for r in records) == 12
+    assert records[0] == {"event": "eval", "step": 0, "split": "test", "acc": result["zero_shot_acc"], "n": 16}
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert reloaded.config.num_hidden_layers == 4
+
+
+def test_bad_flag_value_is_a_clear_error(tmp_path):
+    model, train, test = _task(tmp_path)
+    cmd = _zo2tier() + ["finetune", "--model", model, "--train", train, "--test", test, "--template", "no slot",
+                        "--budget", "device=1GiB", "--out", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "{text}" in done.stderr
+
+
+def _run(tmp_path, model, train, test, out, steps, resume=False):
+    return finetune(model=model, train=train, test=test, out=str(out), steps=steps, batch_size=8, lr=1e-3,
+                    eval_every=3, objective="classification", budget="device=1GiB,host=1GiB,disk=1GiB",
+                    disk_dir=str(tmp_path / f"disk-{out.name}"), resume=resume, progress=False,
+                    placement={f"model.layers.{i}": t for i, t in enumerate(["device", "host", "disk", "disk"])})
+
+
+def test_resume_mid_run_matches_an_uninterrupted_run(tmp_path):
+    model, train, test = _task(tmp_path)
+    full = _run(tmp_path, model, train, test, tmp_path / "full", steps=6)
+    _run(tmp_path, model, train, test, tmp_path / "cut", steps=3)  # stops at step 3: the "crash"
+    resumed = _run(tmp_path, model, train, test, tmp_path / "cut", steps=6, resume=True)
+    assert resumed.zero_shot_acc == full.zero_shot_acc and resumed.finetuned_acc == full.finetuned_acc
+    a, b = load_file(tmp_path / "full/model/model.safetensors"), load_file(tmp_path / "cut/model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(out):
+        return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+                if r["event"] == "train"]
+
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+    assert len(losses(tmp_path / "cut")) == 6

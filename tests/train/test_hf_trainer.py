@@ -1,0 +1,74 @@
+"""ZOTrainer: a Trainer script switches to tiered MeZO by changing the class and passing budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from tiny_task import tiny_rows, tiny_tokenizer
+from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+from zo2tier.train.hf_trainer import ZOTrainer
+
+
+def _dataset(n=16):
+    tok = tiny_tokenizer()
+    rows = [tok(r["text"] + " It was " + ("great" if r["label"] == "positive" else "terrible"))
+            for r in tiny_rows(n)]
+    return tok, [{"input_ids": r["input_ids"]} for r in rows]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "hf"), max_steps=6, learning_rate=1e-3, per_device_train_batch_size=4,
+                per_device_eval_batch_size=8, logging_steps=2, eval_strategy="steps", eval_steps=3,
+                save_strategy="no", report_to=[], use_cpu=True, seed=0)
+    return TrainingArguments(**(base | kw))
+
+
+def test_train_evaluate_save(tmp_path):
+    tok, data = _dataset()
+    trainer = ZOTrainer(model=tiny_model("llama"), args=_args(tmp_path), train_dataset=data, eval_dataset=data,
+                        data_collator=DataCollatorForLanguageModeling(tok, mlm=False), processing_class=tok,
+                        budget="device=1GiB,host=1GiB,disk=1GiB", disk_dir=str(tmp_path / "disk"),
+                        placement={f"model.layers.{i}": t for i, t in enumerate(["device", "host", "disk", "disk"])})
+    before = trainer.evaluate()["eval_loss"]
+    out = trainer.train()
+    assert out.global_step == 6
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and all(h["learning_rate"] > 0 for h in logged)
+    assert sum("eval_loss" in h for h in trainer.state.log_history) == 2  # steps 3 and 6
+    after = trainer.evaluate()["eval_loss"]
+    assert after != before
+    first8 = trainer.evaluate(eval_dataset=data[:8])["eval_loss"]
+    trainer.save_model(str(tmp_path / "final"))
+    trainer.close()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    batch = DataCollatorForLanguageModeling(tok, mlm=False)(data[:8])
+    with torch.no_grad():
+        loss = reloaded(**batch).loss
+    assert float(loss) == pytest.approx(first8, rel=1e-4)
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ({"activation_checkpointing": True}, "checkpointing"),
+    ({"torch_compile": True}, "torch_compile"),
+])  # fmt: skip
+def test_settings_that_need_gradients_are_refused(tmp_path, setting, match):
+    tok, data = _dataset(4)
+    with pytest.raises(ValueError, match=match):
+        ZOTrainer(model=tiny_model("llama"), args=_args(tmp_path, **setting), train_dataset=data,
+                  budget="device=1GiB")
+
+
+def test_fp16_amp_is_refused():
+    from types import SimpleNamespace
+
+    from zo2tier.train.hf_trainer import check_training_args
+
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        check_training_args(SimpleNamespace(gradient_accumulation_steps=1, fp16=True))
+    with pytest.raises(ValueError, match="deepspeed"):
+        check_training_args(SimpleNamespace(gradient_accumulation_steps=1, deepspeed="ds.json"))
