@@ -70,10 +70,12 @@ def block_bytes(numel: int, dtype: str) -> int:
 
 
 def working_bytes(inp: PlanInput, n_offloaded: int) -> int:
-    """Device bytes for scratch (θ±εz) and, when some blocks live off the device, the working slots."""
+    """Device bytes the engine allocates besides the blocks: θ+εz and θ−εz scratch, one fp32 working copy,
+    one encoded write-back buffer, and, when some blocks live off the device, the upload slots."""
     largest = max((b.numel for b in inp.blocks), default=0)
-    scratch = largest * inp.compute_bytes
-    slots = (1 + inp.lookahead_blocks) * largest * WORKING_BYTES_PER_NUMEL if n_offloaded else 0
+    widest = max(block_bytes(largest, d) for d in inp.storage.values()) if largest else 0
+    scratch = 2 * largest * inp.compute_bytes + largest * WORKING_BYTES_PER_NUMEL + widest
+    slots = (1 + inp.lookahead_blocks) * widest if n_offloaded else 0
     return scratch + slots
 
 
