@@ -126,7 +126,8 @@ def run_tiered(args, device: torch.device) -> dict:
     t0 = time.perf_counter()
     engine = zo2tier.ZOEngine(model, budget=args.budget, disk_dir=args.disk_dir, device=device,
                               config=zo2tier.MeZOConfig(lr=1e-7, eps=1e-3, seed=0), storage=storage,
-                              write_back_every=args.write_back_every, _source=RandomInit(model, device))
+                              write_back_every=args.write_back_every, lookahead_blocks=args.lookahead,
+                              _source=RandomInit(model, device))
     build_s = time.perf_counter() - t0
     ids = torch.randint(0, 32000, (args.batch, args.seq), device=device)
     batch = {"input_ids": ids}
@@ -248,6 +249,7 @@ def main() -> None:
     p.add_argument("--budget", default="device=8GiB,host=200GiB,disk=0")
     p.add_argument("--storage", default="")
     p.add_argument("--write-back-every", type=int, default=1)
+    p.add_argument("--lookahead", type=int, default=2, help="blocks prefetched ahead of the one computing")
     p.add_argument("--disk-dir", default="runs/bench-disk")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--phase", default="train", choices=["train", "eval"])

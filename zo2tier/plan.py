@@ -75,7 +75,7 @@ def working_bytes(inp: PlanInput, n_offloaded: int) -> int:
     largest = max((b.numel for b in inp.blocks), default=0)
     widest = max(block_bytes(largest, d) for d in inp.storage.values()) if largest else 0
     scratch = 2 * largest * inp.compute_bytes + largest * WORKING_BYTES_PER_NUMEL + widest
-    slots = (1 + inp.lookahead_blocks) * widest if n_offloaded else 0
+    slots = (1 + inp.lookahead_blocks) * block_bytes(largest, inp.storage["host"]) if n_offloaded else 0
     return scratch + slots
 
 
