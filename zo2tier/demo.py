@@ -77,7 +77,7 @@ def thirds(blocks: list[str]) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zo2tier.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12, help="MeZO steps (default 12: ~15 min on a 2-core CPU; each step is ~50 s there)")
+    p.add_argument("--steps", type=int, default=10, help="MeZO steps (default 10: about 15 min on a 2-core CPU, where a step takes ~50 s)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=0, help="dev accuracy every N steps (0: off)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--placement", choices=("thirds", "device"), default="thirds",
+                   help="thirds: layers split over device/host/disk; device: all on the device (for comparison)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
     p.add_argument("--storage", default="", help="stored dtype per tier, e.g. host=bf16,disk=bf16")
     p.add_argument("--out", default="runs/demo", help="work folder (converted model, splits, log, plot)")
@@ -120,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     from zo2tier.engine import ZOEngine
     from zo2tier.model.loading import pretrained_skeleton
 
-    placement = thirds(ZOEngine.block_names(pretrained_skeleton(model_dir)[0]))
+    blocks = ZOEngine.block_names(pretrained_skeleton(model_dir)[0])
+    placement = thirds(blocks) if args.placement == "thirds" else dict.fromkeys(blocks, "device")
     storage = dict(part.split("=", 1) for part in args.storage.split(",") if part)
     cfg = FineTuneConfig(
         model=model_dir, train=paths["train"], test=paths["test"], dev=paths["dev"] if args.eval_every else None,
-        out=os.path.join(args.out, f"run-seed{args.seed}"), template=TEMPLATE, label_words=LABEL_WORDS,
+        out=os.path.join(args.out, f"run-{args.placement}-seed{args.seed}"), template=TEMPLATE, label_words=LABEL_WORDS,
         objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eps=args.eps,
         lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, max_length=args.max_length,
         device=args.device, dtype=args.dtype, budget="device=4GiB,host=4GiB,disk=8GiB",

@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from tiny_task import tiny_rows, tiny_tokenizer, write_csv
 
-from zo2tier.train.data import (Example, LabelWords, Prompt, balanced_splits, batch_indices, collate, dedup,
-                                encode, keep_labels, load_examples)
+from zo2tier.train.data import (
+    Example,
+    LabelWords,
+    Prompt,
+    balanced_splits,
+    batch_indices,
+    collate,
+    dedup,
+    encode,
+    keep_labels,
+    load_examples,
+)
 
 
 def test_label_words_parse_and_errors():

@@ -14,7 +14,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 def test_cli_snippet_runs(tmp_path):
     text = open(README, encoding="utf-8").read()
     section = text.split("## Fine-tune on your data: `zo2tier finetune`", 1)[1]
-    script = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    script = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL).group(1)
     assert "--steps 1000" in script
     script = script.replace("--steps 1000", "--steps 6")  # the same command, shorter
     bindir = os.path.dirname(sys.executable)

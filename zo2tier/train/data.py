@@ -11,8 +11,9 @@ import csv
 import json
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ class LabelWords:
             raise ValueError(f"label words {list(self.words)} must be non-empty and distinct")
 
     @classmethod
-    def parse(cls, text: str) -> "LabelWords":
+    def parse(cls, text: str) -> LabelWords:
         """``"positive=great,negative=terrible"`` -> labels ('positive', 'negative'), words ('great', 'terrible')."""
         labels, words = [], []
         for part in filter(None, (p.strip() for p in text.split(","))):

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerState

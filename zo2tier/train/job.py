@@ -18,8 +18,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -27,7 +28,16 @@ from zo2tier.budget import BudgetLike
 from zo2tier.config import MeZOConfig
 from zo2tier.engine import ZOEngine
 from zo2tier.train import checkpoint as ckpt
-from zo2tier.train.data import EncodedSet, LabelWords, Prompt, batch_indices, collate, encode, keep_labels, load_examples
+from zo2tier.train.data import (
+    EncodedSet,
+    LabelWords,
+    Prompt,
+    batch_indices,
+    collate,
+    encode,
+    keep_labels,
+    load_examples,
+)
 from zo2tier.train.loading import find_gguf, load_gguf, save_hf_dir
 from zo2tier.train.objective import OBJECTIVES, loss_fn_for, n_correct
 from zo2tier.train.progress import Meter, plot_curves
@@ -145,8 +155,7 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
         train, test, dev = _load_sets(cfg, tokenizer)
         history = ckpt.history(log_path, resumed.step if resumed else 0)
         with open(log_path, "w") as log:
-            for rec in history:
-                log.write(json.dumps(rec) + "\n")
+            log.writelines(json.dumps(rec) + "\n" for rec in history)
             if resumed is None:
                 say(f"zero-shot: evaluating {len(test)} test examples ...")
                 zero_shot = accuracy(engine, test, batch_size=cfg.eval_batch_size)

