@@ -30,8 +30,9 @@ def test_bad_budget(budget, match):
 
 def test_budget_too_small_names_tier_and_fix():
     model = tiny_model("llama")
+    on_disk = {name: "disk" for name in zo2tier.ZOEngine.block_names(model)}
     with pytest.raises(ValueError, match=r"the disk tier needs .* but its budget is 0 B: .* short; raise the disk budget"):
-        zo2tier.ZOEngine(model, budget={"device": "170KiB"}, config=CFG)
+        zo2tier.ZOEngine(model, budget={"device": "1GiB"}, config=CFG, placement=on_disk)
     with pytest.raises(ValueError, match=r"the device tier needs .* but its budget is 1.00 KiB.*raise the device budget"):
         zo2tier.ZOEngine(model, budget={"device": "1KiB", "host": "1GiB"}, config=CFG)
 

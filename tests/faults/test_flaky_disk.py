@@ -51,7 +51,7 @@ class FlakyPreadv:
 
 @pytest.fixture(autouse=True)
 def _hang_guard():
-    faulthandler.dump_traceback_later(120, exit=True)  # a lost staging buffer would block forever
+    faulthandler.dump_traceback_later(90, exit=True)  # a lost staging buffer would block forever
     yield
     faulthandler.cancel_dump_traceback_later()
 
@@ -75,18 +75,26 @@ def test_transient_faults_are_retried(monkeypatch, caplog, tmp_path, batch, mode
 
 
 def test_persistent_eio_raises_naming_the_block_then_recovers(monkeypatch, tmp_path, batch):
+    """Only block 2's file fails, so blocks 0 and 1 arrive and prefetch it each step: every failed prefetch
+    must hand its staging buffer back, or after a few steps the pool is empty and the engine hangs."""
     engine = disk_engine(tmp_path / "store")
     engine.step(batch)
     engine.tiers.drain()
     flaky = FlakyPreadv("eio", None)
-    monkeypatch.setattr(os, "preadv", flaky)
+
+    def fail_block_2(fd, buffers, offset):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("block_00002"):
+            return flaky(fd, buffers, offset)
+        return _real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", fail_block_2)
     for _ in range(engine.tiers.lookahead_blocks + 3):  # more failures than there are staging buffers
         with pytest.raises(BlockIOError) as info:
             engine.step(batch)
         message = str(info.value)
-        assert "block model.layers." in message and str(tmp_path / "store") in message
+        assert "block model.layers.2" in message and str(tmp_path / "store") in message
         assert f"after {io.READ_RETRIES} retries" in message and "restore the store" in message
-    assert flaky.calls >= io.READ_RETRIES + 1
+    assert flaky.calls >= (io.READ_RETRIES + 1) * (engine.tiers.lookahead_blocks + 3)
     monkeypatch.setattr(os, "preadv", _real_preadv)  # the drive is back
     engine.step(batch)
     assert_matches_reference(engine)
