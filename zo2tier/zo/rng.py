@@ -2,21 +2,25 @@
 
 z for a parameter is a pure function of ``(step_seed, param_id, element index)``, so it can be
 regenerated in any order, on any tier and on any device. The full contract (formulas, golden
-vectors, measured speed) is in ``docs/rng.md``; the summary:
+vectors, measured speed) is in ``docs/rng.md``; in short:
 
 - key: ``k0 = step_seed``, ``k1 = param_id`` (Triton's ``seed64 = (param_id << 32) | step_seed``);
 - element ``i`` (flat, row-major) uses counter ``(i // 4, 0, 0, 0)`` and output word ``i % 4``;
 - word -> uniform: ``u = ((w >> 9) + 0.5) * 2**-23``, exact in float32, strictly inside (0, 1);
 - gaussian: Box-Muller over word pairs (0, 1) and (2, 3); rademacher: ``1 - 2 * bit31(w)``.
 
+Box-Muller's ln, sqrt, cos and sin are written here from IEEE-exact float32 operations in a
+fixed order, so z has the same bits on every backend that does not contract to FMA: eager CPU,
+``torch.compile`` CPU, torch on CUDA and the Triton kernels of ``kernels.py``.
+
 >>> z = normal(step_seed(seed=0, step=3), param_id=5, numel=10)
 >>> z.shape, z.dtype
 (torch.Size([10]), torch.float32)
 
-Speed: the integer Philox rounds run in cache-sized chunks, either in place with reused buffers
-(eager) or as one fused loop from ``torch.compile`` (CPU only; used only when it reproduces the
-eager words exactly; ``ZO2TIER_NO_COMPILE=1`` disables it). Box-Muller always runs eagerly, so
-both paths give bit-identical z.
+Speed: values are made in chunks of 2**16 counter groups. The eager path runs the Philox rounds
+in place on reused buffers. Once a process has generated 2**26 elements on the CPU, the chunk
+kernel is compiled with ``torch.compile`` (one fused C++ loop), used only if it reproduces the
+eager values bit for bit; ``ZO2TIER_NO_COMPILE=1`` disables it.
 """
 
 from __future__ import annotations
@@ -26,14 +30,14 @@ import math
 import os
 import threading
 import time
-from typing import Callable, Optional, Union
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["step_seed", "philox4x32_10", "normal", "sr_uniform", "KINDS"]
+__all__ = ["KINDS", "normal", "philox4x32_10", "sr_uniform", "step_seed"]
 
 KINDS = ("gaussian", "rademacher")
 
@@ -53,7 +57,7 @@ TWO_PI_F32 = float(torch.tensor(2 * math.pi, dtype=torch.float32))  # 6.28318548
 _MAX_GROUPS = 1 << 32  # the Philox counter word c0 is 32 bits
 _CHUNK_GROUPS = {"cpu": 1 << 16, "cuda": 1 << 20}  # 1 MiB of float32 uniforms per CPU chunk
 
-IntOrTensor = Union[int, Tensor]
+IntOrTensor = int | Tensor
 
 
 # ----------------------------------------------------------------------------- validation
@@ -61,7 +65,7 @@ IntOrTensor = Union[int, Tensor]
 
 def _check_u32(name: str, value: int, *, limit: int = 1 << 32) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int in [0, {limit}); got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{name} must be an int in [0, {limit}); got {value!r} ({type(value).__name__})")
     if not 0 <= value < limit:
         hint = "use param_id < 2**31 for stochastic-rounding keys" if limit == 1 << 31 else "mask it"
         raise ValueError(f"{name}={value} is outside [0, {limit}); {hint} (e.g. {name} & {limit - 1:#x})")
@@ -69,8 +73,10 @@ def _check_u32(name: str, value: int, *, limit: int = 1 << 32) -> None:
 
 def _check_range(numel: int, offset: int) -> None:
     for name, v in (("numel", numel), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int; got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be a non-negative int; got {v!r} ({type(v).__name__})")
+        if v < 0:
+            raise ValueError(f"{name}={v} is negative; pass a count/index >= 0")
     if offset + numel > 4 * _MAX_GROUPS:
         raise ValueError(
             f"offset + numel = {offset + numel} exceeds 2**34 elements, the span of one Philox key; "
@@ -93,7 +99,7 @@ def step_seed(seed: int, step: int) -> int:
     ``z = (z ^ z >> 27) * 0x94D049BB133111EB``; ``z ^ z >> 31`` (all mod 2**64).
 
     >>> step_seed(0, 0)
-    3793791458
+    2065550767
     """
     _check_u32("seed", seed)
     _check_u32("step", step)
@@ -133,7 +139,7 @@ def philox4x32_10(
     for name, c in (("c0", c0), ("c1", c1), ("c2", c2), ("c3", c3)):
         if isinstance(c, Tensor):
             if c.dtype != torch.int64:
-                raise ValueError(f"{name} has dtype {c.dtype}; pass an int64 tensor holding uint32 values")
+                raise TypeError(f"{name} has dtype {c.dtype}; pass an int64 tensor holding uint32 values")
             if c.numel() and (int(c.min()) < 0 or int(c.max()) > _M32):
                 raise ValueError(f"{name} holds values outside [0, 2**32); mask it with & 0xFFFFFFFF")
         else:
@@ -145,32 +151,132 @@ def philox4x32_10(
     return _philox_rounds(*words, k0, k1)
 
 
+# ----------------------------------------------------------------------------- float32 math
+#
+# Box-Muller needs ln, sqrt, cos and sin. Library versions differ in the last bit between MKL
+# (eager CPU), SLEEF (torch.compile), libdevice (Triton) and CUDA, so z is built only from
+# IEEE-exact operations (+, -, *, /, int<->float, bit casts, selects) in a fixed order. Any
+# backend that does not fuse a*b+c into an FMA then computes the same bits.
+
+
+def _f32(x: float) -> float:
+    """x rounded to the nearest float32 (so every backend multiplies by the same constant)."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+_LN2_HI = 0.693145751953125  # 0x3F317200: e * _LN2_HI is exact for |e| < 512
+_LN2_LO = _f32(math.log(2.0) - _LN2_HI)
+_SQRT_HALF_BITS = 0x3F3504F3  # float32 sqrt(1/2)
+_SIGN_BIT = -(2**31)  # 0x80000000 as int32
+_ATANH = [_f32(1.0 / k) for k in (9, 7, 5, 3)]  # ln m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^9/9)
+_SIN = [_f32((-1) ** k / math.factorial(2 * k + 1)) for k in (4, 3, 2, 1)]  # x^9 .. x^3
+_COS = [_f32((-1) ** k / math.factorial(2 * k)) for k in (5, 4, 3, 2, 1)]  # x^10 .. x^2
+_RSQRT_MAGIC = 0x5F3759DF
+
+
+def _horner(x: Tensor, coeffs: list) -> Tensor:
+    """((c0 * x + c1) * x + ...) * x + c_last, one rounding per op."""
+    acc = x * coeffs[0]
+    for c in coeffs[1:-1]:
+        acc = (acc + c) * x
+    return acc + coeffs[-1]
+
+
+def _ln(u: Tensor) -> Tensor:
+    """Natural log of positive normal float32 values (error about 1 ulp)."""
+    # u = 2**e * m with m in [sqrt(1/2), sqrt(2)): offsetting the bits puts the split at sqrt(1/2)
+    ix = u.view(torch.int32) + (0x3F800000 - _SQRT_HALF_BITS)
+    ef = ((ix >> 23) - 127).to(torch.float32)
+    m = ((ix & 0x007FFFFF) + _SQRT_HALF_BITS).view(torch.float32)
+    t = (m - 1.0) / (m + 1.0)
+    t2 = t * t
+    ln_m = (t + t * (_horner(t2, _ATANH) * t2)) * 2.0
+    return (ef * _LN2_LO + ln_m) + ef * _LN2_HI
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """Square root of positive float32 values: bit-trick guess, three Newton steps on 1/sqrt(v)."""
+    y = (_RSQRT_MAGIC - (v.view(torch.int32) >> 1)).view(torch.float32)
+    half_v = v * 0.5
+    for _ in range(3):
+        y = y * (1.5 - half_v * (y * y))
+    return v * y
+
+
+def _sincos_2pi(u: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos 2 pi u, sin 2 pi u) for u in [0, 1): exact quarter-turn reduction, then Taylor on [-pi/4, pi/4]."""
+    q = (u * 4.0 + 0.5).to(torch.int32)  # nearest quarter turn, 0..4
+    x = (u - q.to(torch.float32) * 0.25) * TWO_PI_F32  # the subtraction is exact
+    x2 = x * x
+    s = x + x * (_horner(x2, _SIN) * x2)
+    c = _horner(x2, _COS) * x2 + 1.0
+    # select and negate on the bits (exact, and much cheaper than torch.where):
+    # odd q swaps sin and cos; bit 1 of q negates sin, bit 1 of q + 1 negates cos
+    swap = -(q & 1)  # 0 or all ones
+    sb, cb = s.view(torch.int32), c.view(torch.int32)
+    diff = (sb ^ cb) & swap
+    sin_q = (sb ^ diff) ^ (-((q >> 1) & 1) & _SIGN_BIT)
+    cos_q = (cb ^ diff) ^ (-(((q + 1) >> 1) & 1) & _SIGN_BIT)
+    return cos_q.view(torch.float32), sin_q.view(torch.float32)
+
+
+def _interleave(lanes: Tensor) -> Tensor:
+    """(4, G) lane-major -> (G, 4) element order (element 4 g + j is lane j of group g)."""
+    return torch.stack([lanes[0], lanes[1], lanes[2], lanes[3]], dim=1)
+
+
+def _gaussian_lanes(u: Tensor) -> Tensor:
+    """Box-Muller on lane pairs (0, 1) and (2, 3) of (4, G) uniforms; returns (4, G) normals."""
+    r = _sqrt(_ln(u[0::2]) * -2.0)  # (2, G): radii from lanes 0 and 2
+    cos_t, sin_t = _sincos_2pi(u[1::2])  # (2, G): angles from lanes 1 and 3
+    zc, zs = r * cos_t, r * sin_t  # zc = (z0, z2), zs = (z1, z3)
+    return torch.stack([zc[0], zs[0], zc[1], zs[1]])
+
+
+def _rademacher_lanes(u: Tensor) -> Tensor:
+    """1 - 2 * bit31(w), from the uniforms ``u`` of the words (any shape).
+
+    bit31(w) is set exactly when u >= 0.5, i.e. when bits(u) >= 0x3F000000; the sign bit of
+    ``0x3EFFFFFF - bits(u)`` says so, and becomes the sign of 1.0.
+    """
+    neg = (0x3EFFFFFF - u.view(torch.int32)) >> 31  # -1 or 0
+    return ((neg & _SIGN_BIT) | 0x3F800000).view(torch.float32)
+
+
+_KIND_IDS = {"gaussian": 0, "rademacher": 1, "uniform": 2}
+_LANES = {"gaussian": _gaussian_lanes, "rademacher": _rademacher_lanes, "uniform": lambda u: u}
+
+
 # ----------------------------------------------------------------------------- chunk kernels
 
 
-def _to_uniform_(w: Tensor, out: Tensor) -> Tensor:
-    """``out = ((w >> 9) + 0.5) * 2**-23`` in float32 (every step exact)."""
-    torch.bitwise_right_shift(w, _U_SHIFT, out=w)
-    out.copy_(w)
-    return out.add_(0.5).mul_(_U_SCALE)
+def _values_kernel(groups: Tensor, k0: Tensor, k1: Tensor, kind_id: Tensor) -> Tensor:
+    """All-in-one chunk kernel for ``torch.compile``: counters ``(g, 0, 0, 0)`` -> (G, 4) values.
 
-
-def _uniform_kernel(groups: Tensor, k0: Tensor, k1: Tensor) -> Tensor:
-    """Functional chunk kernel for ``torch.compile``: counters ``(g, 0, 0, 0)`` -> (4, G) uniforms."""
+    Same elementwise ops as the eager path, written per lane so that the compiler fuses Philox,
+    Box-Muller and the interleaved store into one loop; every kind is computed and ``kind_id``
+    selects, so one compiled graph serves all of them.
+    """
     zero = torch.zeros_like(groups)
     words = _philox_rounds(groups, zero, zero, zero, k0, k1)
-    return torch.stack([((w >> _U_SHIFT).to(torch.float32) + 0.5) * _U_SCALE for w in words])
+    u = [((w >> _U_SHIFT).to(torch.float32) + 0.5) * _U_SCALE for w in words]  # 4 x (G,)
+    r01, r23 = _sqrt(_ln(u[0]) * -2.0), _sqrt(_ln(u[2]) * -2.0)
+    (c1, s1), (c3, s3) = _sincos_2pi(u[1]), _sincos_2pi(u[3])
+    gauss = (r01 * c1, r01 * s1, r23 * c3, r23 * s3)
+    lanes = [
+        torch.where(kind_id == 0, gauss[j], torch.where(kind_id == 1, _rademacher_lanes(u[j]), u[j]))
+        for j in range(4)
+    ]
+    return torch.stack(lanes, dim=1)
 
 
 class _Workspace:
-    """Reused int64 buffers for the eager rounds and float32 buffers for the transforms."""
+    """Reused buffers for the eager path (Philox words, uniforms), one set per thread and device."""
 
     def __init__(self, n_groups: int, device: torch.device) -> None:
         self.n_groups = n_groups
         self.ints = torch.empty(6, n_groups, dtype=torch.int64, device=device)
         self.uniform = torch.empty(4, n_groups, dtype=torch.float32, device=device)
-        self.z = torch.empty(4, n_groups, dtype=torch.float32, device=device)
-        self.flat = torch.empty(4 * n_groups, dtype=torch.float32, device=device)
         self.arange = torch.arange(n_groups, dtype=torch.int64, device=device)
 
 
@@ -185,7 +291,7 @@ def _workspace(device: torch.device) -> _Workspace:
     return spaces[key]
 
 
-def _uniform_eager(g0: int, n_groups: int, k0: int, k1: int, ws: _Workspace) -> Tensor:
+def _words_eager(g0: int, n_groups: int, k0: int, k1: int, ws: _Workspace) -> tuple[Tensor, ...]:
     """Same words as :func:`_philox_rounds`, in place on reused buffers (10 ops per round)."""
     c0, c1, c2, c3, p0, p1 = (b[:n_groups] for b in ws.ints)
     torch.add(ws.arange[:n_groups], g0, out=c0)
@@ -199,29 +305,55 @@ def _uniform_eager(g0: int, n_groups: int, k0: int, k1: int, ws: _Workspace) -> 
         c3, p0 = p0, c3
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
-    c1.bitwise_and_(_M32), c3.bitwise_and_(_M32)
+    return c0, c1.bitwise_and_(_M32), c2, c3.bitwise_and_(_M32)
+
+
+def _values_eager(g0: int, n_groups: int, k0: int, k1: int, kind: str, ws: _Workspace) -> Tensor:
+    """(n_groups, 4) values of counters ``g0 ..`` without the compiler.
+
+    The uniforms are made in place; every step is exact, so they equal the compiled kernel's.
+    """
     u = ws.uniform[:, :n_groups]
-    for j, w in enumerate((c0, c1, c2, c3)):
-        _to_uniform_(w, u[j])
-    return u
+    for j, w in enumerate(_words_eager(g0, n_groups, k0, k1, ws)):
+        u[j].copy_(w.bitwise_right_shift_(_U_SHIFT))  # < 2**23: the int -> float32 copy is exact
+    return _interleave(_LANES[kind](u.add_(0.5).mul_(_U_SCALE)))
 
 
 _compile_lock = threading.Lock()
-_compiled: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None
+_compiled: Callable[..., Tensor] | None = None
 _compile_tried = False
+_eager_numel = 0  # CPU elements generated eagerly so far in this process
+_COMPILE_AFTER_NUMEL = 1 << 26  # compile only once a process has shown it needs volume (~1 s eager)
 
 
-def _verify(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> bool:
-    """True iff ``fn`` reproduces the eager uniforms bit for bit on a spread of keys and counters."""
-    ws = _Workspace(1 << 12, torch.device("cpu"))
-    for k0, k1, g0, n in ((0, 0, 0, 8), (12345, 7, 1000, 1000), (_M32, _M32, _MAX_GROUPS - 4096, 4096)):
-        got = fn(torch.arange(g0, g0 + n), torch.tensor(k0), torch.tensor(k1))
-        if not torch.equal(got, _uniform_eager(g0, n, k0, k1, ws)):
-            return False
+def _call_compiled(fn: Callable[..., Tensor], g0: int, n_groups: int, k0: int, k1: int, kind: str) -> Tensor:
+    padded = max(8, -(-n_groups // 8) * 8)  # keep dynamic shapes away from the 0/1 specializations
+    # grad and inference mode are part of the compile guards: pin them so nothing recompiles
+    with torch.inference_mode(False), torch.no_grad():
+        groups = torch.arange(g0, g0 + padded, dtype=torch.int64)
+        torch._dynamo.mark_dynamic(groups, 0)  # one graph for every chunk length
+        out = fn(groups, torch.tensor(k0), torch.tensor(k1), torch.tensor(_KIND_IDS[kind]))
+    return out[:n_groups]
+
+
+def _verify(fn: Callable[..., Tensor]) -> bool:
+    """True iff ``fn`` reproduces the eager values bit for bit on a spread of keys, counters and kinds.
+
+    The first call uses a full chunk: the compiler sizes its loops (threads, vector width) from it.
+    """
+    n_full = _CHUNK_GROUPS["cpu"]
+    ws = _Workspace(n_full, torch.device("cpu"))
+    cases = ((12345, 7, 1000, n_full), (0, 0, 0, 5), (_M32, _M32, _MAX_GROUPS - 4096, 4096))
+    for k0, k1, g0, n in cases:
+        for kind in _KIND_IDS:
+            got = _call_compiled(fn, g0, n, k0, k1, kind)
+            if not torch.equal(got, _values_eager(g0, n, k0, k1, kind, ws)):
+                logger.debug("zo2tier rng: compiled %s values differ at key (%d, %d)", kind, k0, k1)
+                return False
     return True
 
 
-def _compiled_kernel() -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+def _compiled_kernel() -> Callable[..., Tensor] | None:
     """The compiled CPU chunk kernel, or None; compiled and verified at most once per process."""
     global _compiled, _compile_tried
     if _compile_tried:
@@ -230,79 +362,56 @@ def _compiled_kernel() -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
         if _compile_tried:
             return _compiled
         if os.environ.get("ZO2TIER_NO_COMPILE", "") not in ("", "0"):
-            logger.debug("zo2tier rng: ZO2TIER_NO_COMPILE is set; using the eager Philox path")
+            logger.debug("zo2tier rng: ZO2TIER_NO_COMPILE is set; using the eager path")
         else:
             start_s = time.perf_counter()
             try:
-                fn = torch.compile(_uniform_kernel, dynamic=True)
-                with torch.no_grad():
-                    ok = _verify(fn)
-                if ok:
-                    _compiled = fn
+                fn = torch.compile(_values_kernel)
+                ok = _verify(fn)
+                _compiled = fn if ok else None
                 logger.debug(
-                    "zo2tier rng: compiled Philox kernel %s after %.1f s",
+                    "zo2tier rng: compiled kernel %s after %.1f s",
                     "enabled" if ok else "differs from eager; disabled",
                     time.perf_counter() - start_s,
                 )
-            except Exception as exc:  # any compiler failure means: stay eager
-                logger.debug("zo2tier rng: torch.compile failed (%s); using the eager Philox path", exc)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means: stay eager
+                logger.debug("zo2tier rng: torch.compile failed (%s); using the eager path", exc)
         _compile_tried = True
     return _compiled
 
 
-def _uniform_groups(g0: int, n_groups: int, k0: int, k1: int, ws: _Workspace) -> Tensor:
-    """(4, n_groups) float32 uniforms of counters ``g0 .. g0 + n_groups - 1``."""
-    fn = _compiled_kernel() if ws.ints.device.type == "cpu" else None
-    if fn is None:
-        return _uniform_eager(g0, n_groups, k0, k1, ws)
-    padded = max(8, -(-n_groups // 8) * 8)  # keep dynamic shapes away from the 0/1 specializations
-    with torch.no_grad():  # grad mode is part of the compile guards: keep it constant
-        u = fn(ws.arange[:padded] + g0, torch.tensor(k0), torch.tensor(k1))
-    return u[:, :n_groups]
+def _values(g0: int, n_groups: int, k0: int, k1: int, kind: str, ws: _Workspace) -> Tensor:
+    """(n_groups, 4) float32 values (element order) of counters ``g0 .. g0 + n_groups - 1``.
 
-
-def _box_muller_(u: Tensor, z: Tensor) -> Tensor:
-    """(4, G) uniforms -> (4, G) normals; destroys ``u``. Op order is part of the spec."""
-    r, theta = u[0::2], u[1::2]  # lanes (0, 2) give radii, lanes (1, 3) angles
-    r.log_().mul_(-2.0).sqrt_()  # r = sqrt(-2 ln u0)
-    theta.mul_(TWO_PI_F32)  # theta = u1 * float32(2 pi)
-    torch.cos(theta, out=z[0::2]).mul_(r)
-    torch.sin(theta, out=z[1::2]).mul_(r)
-    return z
-
-
-def _rademacher_(u: Tensor, z: Tensor) -> Tensor:
-    """sign = 1 - 2 * bit31(w); bit 31 is set exactly when u >= 0.5."""
-    torch.ge(u, 0.5, out=z)  # bool result cast to 0.0 / 1.0
-    return z.mul_(-2.0).add_(1.0)
-
-
-def _fill(out: Tensor, *, k0: int, k1: int, offset: int, kind: str, consume: Optional[Callable] = None) -> None:
-    """Write values ``offset .. offset + out.numel() - 1`` of key ``(k0, k1)`` into flat float32 ``out``.
-
-    kind: "gaussian", "rademacher" or "uniform". With ``consume``, ``out`` is unused and
-    ``consume(lo, values)`` receives each chunk instead (``lo`` relative to ``offset``).
+    CPU work runs eagerly until this process has generated ``_COMPILE_AFTER_NUMEL`` elements;
+    then the compiled kernel takes over (short runs and tests never pay the compile time).
     """
-    ws = _workspace(out.device)
-    first, end = offset, offset + out.numel()
+    global _eager_numel
+    fn = None
+    if ws.ints.device.type == "cpu" and (_compile_tried or _eager_numel >= _COMPILE_AFTER_NUMEL):
+        fn = _compiled_kernel()
+    if fn is None:
+        _eager_numel += 4 * n_groups
+        return _values_eager(g0, n_groups, k0, k1, kind, ws)
+    return _call_compiled(fn, g0, n_groups, k0, k1, kind)
+
+
+def _chunks(
+    numel: int, *, k0: int, k1: int, offset: int, kind: str, device: torch.device
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``(lo, values)``: flat float32 values ``offset + lo ..`` of key ``(k0, k1)``, chunk by chunk.
+
+    Each ``values`` is fresh scratch (at most one chunk, 2**18 elements on the CPU) that the
+    caller may overwrite.
+    """
+    ws = _workspace(device)
+    first, end = offset, offset + numel
     g = first // 4
     while 4 * g < end:
         n = min(ws.n_groups, (end + 3) // 4 - g)
-        u = _uniform_groups(g, n, k0, k1, ws)
-        if kind == "gaussian":
-            vals = _box_muller_(u, ws.z[:, :n])
-        elif kind == "rademacher":
-            vals = _rademacher_(u, ws.z[:, :n])
-        else:
-            vals = u
+        flat = _values(g, n, k0, k1, kind, ws).view(-1)
         lo, hi = max(4 * g, first), min(4 * (g + n), end)
-        flat = ws.flat[: 4 * n]
-        flat.view(n, 4).copy_(vals.t())  # lane-major (4, G) -> element order
-        part = flat[lo - 4 * g : hi - 4 * g]
-        if consume is not None:
-            consume(lo - first, part)
-        else:
-            out[lo - first : hi - first].copy_(part)
+        yield lo - first, flat[lo - 4 * g : hi - 4 * g]
         g += n
 
 
@@ -312,7 +421,7 @@ def normal(
     numel: int,
     *,
     offset: int = 0,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     kind: str = "gaussian",
 ) -> Tensor:
     """z[offset : offset + numel] of parameter ``param_id`` at ``step_seed``, float32.
@@ -328,12 +437,13 @@ def normal(
     _check_range(numel, offset)
     _check_kind(kind)
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    _fill(out, k0=step_seed, k1=param_id, offset=offset, kind=kind)
+    for lo, vals in _chunks(numel, k0=step_seed, k1=param_id, offset=offset, kind=kind, device=out.device):
+        out[lo : lo + vals.numel()].copy_(vals)
     return out
 
 
 def sr_uniform(
-    sr_seed: int, param_id: int, numel: int, *, offset: int = 0, device: Union[str, torch.device] = "cpu"
+    sr_seed: int, param_id: int, numel: int, *, offset: int = 0, device: str | torch.device = "cpu"
 ) -> Tensor:
     """Stochastic-rounding uniforms in (0, 1), float32, keyed ``k0 = sr_seed``, ``k1 = param_id | 2**31``.
 
@@ -345,6 +455,7 @@ def sr_uniform(
     _check_u32("param_id", param_id, limit=1 << 31)
     _check_range(numel, offset)
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    _fill(out, k0=sr_seed, k1=param_id | _SR_DOMAIN, offset=offset, kind="uniform")
+    k1 = param_id | _SR_DOMAIN
+    for lo, vals in _chunks(numel, k0=sr_seed, k1=k1, offset=offset, kind="uniform", device=out.device):
+        out[lo : lo + vals.numel()].copy_(vals)
     return out
-
