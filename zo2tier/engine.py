@@ -115,7 +115,7 @@ class ZOEngine:
             raise ValueError("some blocks are placed on disk but disk_dir is None; pass disk_dir='runs/disk'")
         self.disk_dir = claim_disk_dir(os.fspath(disk_dir)) if needs_disk else None
 
-        self.model = model
+        self.model = model.eval()  # dropout would give the two perturbed passes different masks
         self.log: list[LogEntry] = []
         self.n_skipped = 0
         self.extra_state: dict = {}  # the caller's dict from save_checkpoint, given back by resume
