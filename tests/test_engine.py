@@ -105,3 +105,20 @@ def test_perturbed_losses_match_two_pass_reference(arch, tmp_path):
         losses.append(causal_lm_loss(logits, batch["labels"]))
     assert r.loss_plus == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
     assert r.loss_minus == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+
+
+def test_unsupported_models_get_a_clear_error(tmp_path):
+    class NoLayers(torch.nn.Module):  # looks like a model (config, forward) but has no decoder layer list
+        def __init__(self):
+            super().__init__()
+            self.config = object()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    with pytest.raises(zo2tier.UnsupportedModelError, match="NoLayers.*no single decoder layer list"):
+        zo2tier.ZOEngine(NoLayers(), budget=BIG, disk_dir=tmp_path / "a")
+    with pytest.raises(zo2tier.UnsupportedModelError, match="Linear is not a transformers PreTrainedModel"):
+        zo2tier.ZOEngine(torch.nn.Linear(4, 4), budget=BIG, disk_dir=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
