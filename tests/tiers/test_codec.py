@@ -70,6 +70,22 @@ def test_reencoding_a_decoded_block_is_exact(dtype, stochastic):
         assert torch.equal(again, raw), (dtype, trial, int((again != raw).sum()))
 
 
+@pytest.mark.parametrize("shrink", [0.94, 0.9375, 0.93])
+def test_int8_reencoding_is_exact_at_the_band_edge(shrink):
+    """A group shrunk to the bottom of its scale band (absmax near 119 quanta) still re-encodes exactly."""
+    numel = 64 * INT8_GROUP
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(4))
+    raw = torch.empty(encoded_bytes(numel, "int8"), dtype=torch.uint8)
+    encode(x, "int8", raw, sr_seed=0, sr_key=0, stochastic=False)
+    shrunk = decode(raw, "int8", numel, torch.empty(numel)) * shrink
+    encode(shrunk, "int8", raw, sr_seed=1, sr_key=0, prev_scales=int8_scales(raw, numel).clone())
+    for trial in range(3):
+        again = torch.empty_like(raw)
+        decoded = decode(raw, "int8", numel, torch.empty(numel))
+        encode(decoded, "int8", again, sr_seed=2 + trial, sr_key=0, prev_scales=int8_scales(raw, numel))
+        assert torch.equal(again, raw), (shrink, trial)
+
+
 def test_int8_scales_have_17_bits_and_decode_exactly():
     x = torch.randn(4096, generator=torch.Generator().manual_seed(2))
     raw = torch.empty(encoded_bytes(4096, "int8"), dtype=torch.uint8)

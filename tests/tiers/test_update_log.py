@@ -88,6 +88,7 @@ def test_write_back_every_k_staggered_and_max_log(tmp_path):
         lags = []
         for _ in range(9):
             engine.step(tiny_batch())
+            engine.tiers.drain()  # a disk write-back counts as applied once it is seen to succeed
             lags.append([len(engine.log) - r.applied_steps for r in movable])
         assert max(max(row) for row in lags) <= 4
         assert len({row[0] for row in lags[4:]}) == 4  # each block cycles through its K phases ...
@@ -95,7 +96,8 @@ def test_write_back_every_k_staggered_and_max_log(tmp_path):
     with _engine(tmp_path, write_back_every=100, max_log=3) as engine:
         for _ in range(5):
             engine.step(tiny_batch())
-            assert all(len(engine.log) - r.applied_steps < 3 for r in engine.table if r.tier != "device")
+            engine.tiers.drain()
+            assert all(len(engine.log) - r.applied_steps <= 3 for r in engine.table if r.tier != "device")  # 5 steps: without the cap the lag would reach 5
 
 
 def test_write_back_every_validation():

@@ -12,7 +12,7 @@ with stochastic rounding too. Three rules make it so:
   ``u > 0``);
 - int8 scales keep 17 significant bits, so ``q * scale`` (|q| <= 127, 7 bits) is exact in fp32 and
   ``decoded / scale`` gives back the integer ``q``;
-- a group keeps its previous scale while its absmax stays in ``[127 * (1 - INT8_BAND), 127] * scale``; a
+- a group keeps its previous scale while its absmax stays in ``[119, 127] * scale``; a
   new scale (placing the absmax mid-band) is computed only when the group outgrows or underfills that band.
   A block re-encoded every step would otherwise re-quantize its groups at every step and add a full
   quantum of rounding noise each time.
@@ -25,7 +25,8 @@ import torch
 from zo2tier.zo.rng import sr_uniform
 
 INT8_GROUP = 128  # 4 bytes of scale per 128 weights: 1.031 bytes per parameter
-INT8_BAND = 1.0 / 16  # a group keeps its scale while absmax / scale stays within [127 * (1 - band), 127]
+INT8_BAND = 1.0 / 16  # a group keeps its scale while absmax / scale stays within [_KEEP_MIN_Q, 127]
+_KEEP_MIN_Q = float(int(127 * (1 - INT8_BAND)))  # 119: an integer, so rounding never leaves the band
 _SCALE_LOW_BITS = 0x7F  # cleared (rounding up) so scales keep 17 significant bits
 STORAGE_DTYPES = ("fp32", "bf16", "fp16", "int8")
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,7 +144,7 @@ def _int8_group_scales(absmax: torch.Tensor, prev: torch.Tensor | None) -> torch
                              "pass the scales of this block's stored copy (int8_scales(raw, numel))")
         prev = prev.to(absmax.device)
         top = prev * 127.0  # exact: prev has 17 significant bits
-        keep = (absmax <= top) & (absmax >= top * (1.0 - INT8_BAND)) & (prev > 0)
+        keep = (absmax <= top) & (absmax >= prev * _KEEP_MIN_Q) & (prev > 0)
         mid = _ceil_scale(absmax / (127.0 * (1.0 - INT8_BAND / 2)))  # absmax lands mid-band
         fresh = torch.where(keep, prev, mid)
     return torch.where(fresh > 0, fresh, torch.ones_like(fresh))
