@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from zo2tier.budget import TierBudget
+from zo2tier.store.io import BlockIOError
+from zo2tier.store.lock import StoreLockedError
 
 
 def _storage_arg(text: str) -> dict[str, str]:
@@ -166,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"zo2tier {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (BlockIOError, StoreLockedError) as exc:  # disk full, failing drive, store in use
+        print(f"zo2tier {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
