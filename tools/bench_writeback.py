@@ -20,6 +20,9 @@ import json
 import math
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _options import parse_overrides  # noqa: E402
 import tempfile
 import time
 
@@ -39,12 +42,7 @@ KIND = "gaussian"
 
 def _args() -> dict:
     cfg = dict(device=DEVICE, numel=NUMEL, dtypes=DTYPES, repeats=REPEATS, disk_dir=DISK_DIR, kind=KIND)
-    for arg in sys.argv[1:]:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in cfg:
-            raise SystemExit(f"unknown option --{key}; known: {', '.join('--' + k for k in cfg)}")
-        cfg[key] = type(cfg[key])(value)
-    return cfg
+    return parse_overrides(cfg)
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _options import parse_overrides  # noqa: E402
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,12 +38,7 @@ REPEATS = 2
 def _args() -> dict:
     cfg = dict(hidden=HIDDEN, ffn=FFN, scale_numel=SCALE_NUMEL, dtypes=DTYPES, threads=THREADS, level=LEVEL,
                repeats=REPEATS)
-    for arg in sys.argv[1:]:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in cfg:
-            raise SystemExit(f"unknown option --{key}; known: {', '.join('--' + k for k in cfg)}")
-        cfg[key] = type(cfg[key])(value)
-    return cfg
+    return parse_overrides(cfg)
 
 
 def _best(fn, repeats: int) -> float:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _options import parse_overrides  # noqa: E402
 import tempfile
 import time
 from unittest import mock
@@ -36,12 +39,7 @@ RUNS = ("fp32", "bf16+SR", "int8+SR", "bf16 nearest")
 
 def _args() -> dict:
     cfg = dict(steps=STEPS, lr=LR, eps=EPS, eval_every=EVAL_EVERY, out=OUT)
-    for arg in sys.argv[1:]:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in cfg:
-            raise SystemExit(f"unknown option --{key}; known: {', '.join('--' + k for k in cfg)}")
-        cfg[key] = type(cfg[key])(value)
-    return cfg
+    return parse_overrides(cfg)
 
 
 def _curve(run: str, cfg: dict, batch: dict) -> list[tuple[int, float]]:
