@@ -73,6 +73,8 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before/after)")
     ft.add_argument("--eval-max", type=int, default=0, help="examples per --eval-every evaluation (0: all)")
+    ft.add_argument("--eval-test", action="store_true",
+                    help="with --dev: also log test accuracy at every eval point (for the curves only)")
     ft.add_argument("--max-length", type=int, default=64, help="tokens per example; long texts lose their start")
     ft.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1")
     ft.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
@@ -99,7 +101,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         template=args.template, label_words=args.label_words, objective=args.objective,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, eval_max=args.eval_max,
-        max_length=args.max_length, device=args.device, dtype=args.dtype, budget=args.budget,
+        eval_test=args.eval_test, max_length=args.max_length, device=args.device, dtype=args.dtype, budget=args.budget,
         disk_dir=args.disk_dir, storage=args.storage, write_back_every=args.write_back_every,
         resume=args.resume, export=args.export, progress=not args.no_progress,
     )

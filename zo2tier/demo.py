@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-dev", type=int, default=200)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=0, help="dev accuracy every N steps (0: off)")
+    p.add_argument("--eval-test", action="store_true", help="also log test accuracy at every eval point (curves)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--placement", choices=("thirds", "device"), default="thirds",
@@ -125,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     blocks = ZOEngine.block_names(pretrained_skeleton(model_dir)[0])
     placement = thirds(blocks) if args.placement == "thirds" else dict.fromkeys(blocks, "device")
     storage = dict(part.split("=", 1) for part in args.storage.split(",") if part)
+    run_dir = os.path.join(args.out, f"run-{args.placement}-lr{args.lr:g}-seed{args.seed}")
     cfg = FineTuneConfig(
         model=model_dir, train=paths["train"], test=paths["test"], dev=paths["dev"] if args.eval_every else None,
-        out=os.path.join(args.out, f"run-{args.placement}-seed{args.seed}"), template=TEMPLATE, label_words=LABEL_WORDS,
+        out=run_dir, template=TEMPLATE, label_words=LABEL_WORDS,
         objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eps=args.eps,
-        lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, max_length=args.max_length,
+        lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, eval_test=args.eval_test,
+        max_length=args.max_length,
         device=args.device, dtype=args.dtype, budget="device=4GiB,host=4GiB,disk=8GiB",
-        disk_dir=os.path.join(args.out, "disk"), storage=storage, placement=placement, export=args.export,
+        disk_dir=os.path.join(run_dir, "disk"), storage=storage, placement=placement, export=args.export,
         progress=not args.no_progress)
     tiers = {t: sum(v == t for v in placement.values()) for t in ("device", "host", "disk")}
     print(f"placement of {len(placement)} decoder layers: {tiers}; objective {args.objective}, lr {args.lr}, "

@@ -71,6 +71,7 @@ class FineTuneConfig:
     lr_schedule: str = "constant"
     eval_every: int = 0
     eval_max: int = 0
+    eval_test: bool = False
     eval_batch_size: int = 32
     max_length: int = 64
     device: str = "cpu"
@@ -137,7 +138,8 @@ def finetune(**kwargs: Any) -> FineTuneResult:
     on the label word; ``"classification"``: cross-entropy over the label words' logits), MeZO settings
     (``steps``, ``batch_size``, ``lr``, ``eps``, ``weight_decay``, ``seed``, ``lr_schedule``), tiers
     (``device``, ``budget``, ``disk_dir``, ``storage``, ``placement``, ``write_back_every``), evaluation
-    (``eval_every``, ``eval_max``) and output (``out``, ``export``, ``resume``).
+    (``eval_every``, ``eval_max``; ``eval_test``: also log test accuracy at every eval point, for curves only)
+    and output (``out``, ``export``, ``resume``).
     """
     return run(FineTuneConfig(**kwargs))
 
@@ -166,7 +168,8 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
                 say(f"resumed at step {resumed.step} from {cfg.out}")
             say(f"zero-shot test accuracy: {zero_shot:.4f}")
             t_train = time.perf_counter()
-            _train(engine, cfg, train, dev or test, log, zero_shot, start=resumed.step if resumed else 0)
+            _train(engine, cfg, train, dev or test, log, zero_shot, start=resumed.step if resumed else 0,
+                   testset=test)
             train_s = time.perf_counter() - t_train
             say(f"fine-tuned: evaluating {len(test)} test examples ...")
             final = accuracy(engine, test, batch_size=cfg.eval_batch_size)
@@ -244,7 +247,7 @@ def lr_at(step: int, *, lr: float, steps: int, schedule: str) -> float:
 
 
 def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: EncodedSet, log, zero_shot: float,
-           *, start: int) -> None:
+           *, start: int, testset: EncodedSet | None = None) -> None:
     loss_fn = loss_fn_for(cfg.objective)
     split = "dev" if cfg.dev else "test"
     meter = Meter(engine, total=cfg.steps, initial=start, enabled=cfg.progress)
@@ -261,6 +264,9 @@ def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: En
                 _write(log, {"event": "eval", "step": step + 1, "split": split, "acc": acc,
                              "n": min(len(evalset), cfg.eval_max or len(evalset))})
                 meter.note(f"{split} acc {acc:.3f}")
+                if cfg.eval_test and cfg.dev:  # the held-out curve, logged for plots; nothing selects on it
+                    acc = accuracy(engine, testset, batch_size=cfg.eval_batch_size)
+                    _write(log, {"event": "eval", "step": step + 1, "split": "test", "acc": acc, "n": len(testset)})
                 ckpt.save(cfg.out, cfg, engine, zero_shot)
     finally:
         meter.close()
