@@ -63,7 +63,7 @@ def main() -> None:
     cfg = parse_overrides(dict(device=DEVICE, steps=STEPS, lrs=LRS, seeds=SEEDS, placements=PLACEMENTS,
                                parallel=PARALLEL, timeout_s=TIMEOUT_S, out=OUT, records=RECORDS, extra=EXTRA),
                           sys.argv[1:])
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(THREADS_PER_RUN), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(THREADS_PER_RUN), PYTHONUNBUFFERED="1")
     os.makedirs(cfg["out"], exist_ok=True)
     # convert once (and warm every cache) before the runs start side by side
     subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
@@ -75,7 +75,7 @@ def main() -> None:
         while pending and len(running) < int(cfg["parallel"]):
             placement, lr, seed = pending.pop(0)
             argv = _demo_argv(cfg, placement, lr, seed, int(cfg["steps"]))
-            log = open(os.path.join(cfg["out"], f"stdout-{placement}-lr{float(lr):g}-seed{seed}.txt"), "w")
+            log = open(os.path.join(cfg["out"], f"stdout-{placement.replace('/', '-')}-lr{float(lr):g}-seed{seed}.txt"), "w")
             proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, time.monotonic(), (placement, lr, seed), argv, log))
         time.sleep(2)

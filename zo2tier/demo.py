@@ -74,6 +74,18 @@ def thirds(blocks: list[str]) -> dict[str, str]:
     return {b: "device" if i < n // 3 else "host" if i < 2 * (n // 3) else "disk" for i, b in enumerate(blocks)}
 
 
+def counted(blocks: list[str], spec: str) -> dict[str, str]:
+    """``"D/H/K"``: the first D blocks on the device, the next H in host RAM, the last K on disk."""
+    try:
+        counts = [int(x) for x in spec.split("/")]
+    except ValueError:
+        counts = []
+    if len(counts) != 3 or min(counts) < 0 or sum(counts) != len(blocks):
+        raise ValueError(f"--placement {spec!r}: give thirds, device or D/H/K block counts summing to {len(blocks)}")
+    tiers = ["device"] * counts[0] + ["host"] * counts[1] + ["disk"] * counts[2]
+    return dict(zip(blocks, tiers))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zo2tier.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-test", action="store_true", help="also log test accuracy at every eval point (curves)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--placement", choices=("thirds", "device"), default="thirds",
-                   help="thirds: layers split over device/host/disk; device: all on the device (for comparison)")
+    p.add_argument("--placement", default="thirds",
+                   help="thirds: layers split over device/host/disk; device: all on the device (for comparison); "
+                        "D/H/K: that many layers on device, host and disk, in order (e.g. 14/10/6)")
+    p.add_argument("--write-back-every", type=int, default=1, help="write host/disk layers back every K steps")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
     p.add_argument("--storage", default="", help="stored dtype per tier, e.g. host=bf16,disk=bf16")
     p.add_argument("--out", default="runs/demo", help="work folder (converted model, splits, log, plot)")
@@ -124,9 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     from zo2tier.model.loading import pretrained_skeleton
 
     blocks = ZOEngine.block_names(pretrained_skeleton(model_dir)[0])
-    placement = thirds(blocks) if args.placement == "thirds" else dict.fromkeys(blocks, "device")
+    try:
+        placement = {"thirds": thirds, "device": lambda b: dict.fromkeys(b, "device")}.get(
+            args.placement, lambda b: counted(b, args.placement))(blocks)
+    except ValueError as exc:
+        print(f"zo2tier demo: {exc}", file=sys.stderr)
+        return 2
     storage = dict(part.split("=", 1) for part in args.storage.split(",") if part)
-    run_dir = os.path.join(args.out, f"run-{args.placement}-lr{args.lr:g}-seed{args.seed}")
+    run_dir = os.path.join(args.out, f"run-{args.placement.replace('/', '-')}-k{args.write_back_every}-lr{args.lr:g}-seed{args.seed}")
     cfg = FineTuneConfig(
         model=model_dir, train=paths["train"], test=paths["test"], dev=paths["dev"] if args.eval_every else None,
         out=run_dir, template=TEMPLATE, label_words=LABEL_WORDS,
@@ -135,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length,
         device=args.device, dtype=args.dtype, budget="device=4GiB,host=4GiB,disk=8GiB",
         disk_dir=os.path.join(run_dir, "disk"), storage=storage, placement=placement, export=args.export,
+        write_back_every=args.write_back_every,
         progress=not args.no_progress)
     tiers = {t: sum(v == t for v in placement.values()) for t in ("device", "host", "disk")}
     print(f"placement of {len(placement)} decoder layers: {tiers}; objective {args.objective}, lr {args.lr}, "
