@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import torch.distributed
 from test_distributed import BIG, CFG, _batch, _free_port, _spread
 from tiny_models import tiny_model
 
@@ -47,6 +48,7 @@ def _run(disk_dir, data_parallel, write_back_every=None):
         paths = [r.path for r in engine.table.by_tier("disk")]
         log = [e.to_json() for e in engine.log]
         state = engine.state_dict()
+    torch.distributed.barrier()  # rank 0 may still be committing its close() when the others are done
     return {"snaps": snaps, "merged": merged, "closed": engine._dp.n_consolidations, "paths": paths, "log": log,
             "state": state, "disk": engine.disk_dir, "final": _files(engine.disk_dir)}
 
