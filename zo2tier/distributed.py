@@ -1,7 +1,8 @@
 """Data-parallel tiered MeZO over ``torch.distributed``: only a few scalars per sample cross the network.
 
 Every rank holds a full replica of the weights in its own tiers (its own budget, plan, disk directory and
-prefetcher). Per step:
+prefetcher; or, with ``DataParallel(shared_disk=True)``, one disk directory read by all ranks and written by
+rank 0 only: ``zo2tier/shared_disk.py``). Per step:
 
 1. each rank takes its contiguous shard of the global batch (rank r gets rows ``[start_r, stop_r)``)
    and runs the dual forward on it with the perturbation of index ``r % q``;
