@@ -1,7 +1,15 @@
 """Data-parallel scaling: 1 GPU vs N GPUs (torchrun, NCCL), tiered MeZO; one JSON line per GPU count.
 
     NCCL_NVLS_ENABLE=0 python tools/bench_dp.py --gpus=1,2            # OPT-13B shape, host tier, 8 x 2048
-    python tools/bench_dp.py --tiny                                     # CPU, gloo, tiny OPT: a smoke run
+    NCCL_NVLS_ENABLE=0 python tools/bench_dp.py --disk=own --disk-dir=/nvme/tmp     # half the blocks on disk,
+    NCCL_NVLS_ENABLE=0 python tools/bench_dp.py --disk=shared --disk-dir=/nvme/tmp  # own copies vs one shared
+    python tools/bench_dp.py --tiny [--disk=own|shared]                 # CPU, gloo, tiny OPT: a smoke run
+
+``--disk=none`` (default) puts every block on the host tier. ``--disk=own`` puts the last ``--disk-blocks``
+blocks (default: half) on disk, each rank its own copy in ``DIR/rank{r}``; ``--disk=shared`` puts the same
+blocks in one store all ranks read (``DataParallel(shared_disk=True)``), consolidated every
+``--write-back-disk`` log entries (0: the engine's default K). Stores go to a temporary directory inside
+``--disk-dir`` (default: the system's), removed afterwards; ``disk_store_bytes`` is their total size.
 
 The launcher starts ``torchrun --standalone --nproc-per-node N tools/bench_dp.py --worker`` for each N.
 Every run draws the same random-init weights (same seed), runs STEPS steps on the same global batch
@@ -40,8 +48,13 @@ BATCH, SEQ = 8, 2048
 STEPS, WARMUP = 10, 2
 LR, EPS, SEED = 1e-7, 1e-3, 0
 BUDGET = "device=16GiB,host=60GiB,disk=0"
+BUDGET_DISK = "device=16GiB,host=60GiB,disk=400GiB"  # the default budget with --disk=own|shared
+DISK = "none"  # none | own | shared
+DISK_BLOCKS = 0  # blocks on the disk tier with --disk=own|shared, the last ones (0: half of them)
+WRITE_BACK_DISK = 0  # write_back_every["disk"], the consolidation interval when shared (0: engine default)
 N_SAMPLES = 4096  # sampled weights per block for the cross-run comparison
-TINY = dict(batch=8, seq=64, lr=1e-3, budget="device=1GiB,host=1GiB,disk=0")
+TINY = dict(batch=8, seq=64, lr=1e-3, budget="device=1GiB,host=1GiB,disk=0",
+            budget_disk="device=1GiB,host=1GiB,disk=1GiB", write_back_disk=4)
 
 
 def _tiny_config():
@@ -61,6 +74,26 @@ def _tiny_config():
 # ---- worker: one rank ------------------------------------------------------------------------------
 
 
+def _keyed_init(model, device):
+    """bench_step's random init, drawn per tensor from a generator keyed by its name: the same weights
+    whatever tensors a rank reads (a shared-disk follower never reads the disk blocks' tensors)."""
+    import zlib
+
+    from bench_step import RandomInit
+
+    class KeyedInit(RandomInit):
+        def get(self, name: str) -> torch.Tensor:
+            torch.manual_seed(SEED ^ zlib.crc32(name.encode()))
+            return super().get(name)
+
+    return KeyedInit(model, device)
+
+
+def _placement(blocks: list[str], args) -> dict[str, str]:
+    n_disk = 0 if args.disk == "none" else args.disk_blocks or len(blocks) // 2
+    return {b: "disk" if i >= len(blocks) - n_disk else "host" for i, b in enumerate(blocks)}
+
+
 def _sample(engine) -> list[torch.Tensor]:
     """Evenly spaced fp32 weights of every block, with every logged update applied."""
     samples = []
@@ -74,7 +107,7 @@ def _sample(engine) -> list[torch.Tensor]:
 
 def worker(args) -> None:
     import torch.distributed as dist
-    from bench_step import RandomInit, Sampler, model_config
+    from bench_step import Sampler, model_config
     from transformers import AutoModelForCausalLM
 
     import zo2tier
@@ -94,17 +127,18 @@ def worker(args) -> None:
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if cuda else torch.float32)
     model.eval()  # no dropout: L+ and L- must see the same network
-    placement = {b: "host" for b in zo2tier.ZOEngine.block_names(model)}
-    torch.manual_seed(SEED)  # every rank, every run: the same random init
+    placement = _placement(zo2tier.ZOEngine.block_names(model), args)
     with Sampler() as sampler:
         engine = zo2tier.ZOEngine(
             model,
             budget=args.budget,
             device=device,
             placement=placement,
+            disk_dir=None if args.disk == "none" else args.disk_dir,
+            write_back_every={"disk": args.write_back_disk} if args.write_back_disk else None,
             config=zo2tier.MeZOConfig(lr=args.lr, eps=EPS, seed=SEED),
-            data_parallel=DataParallel(check_every=0),
-            _source=RandomInit(model, device),
+            data_parallel=DataParallel(check_every=0, shared_disk=args.disk == "shared"),
+            _source=_keyed_init(model, device),  # every rank, every run: the same random init
         )
         gen = torch.Generator().manual_seed(SEED + 1)
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen)
@@ -132,6 +166,8 @@ def worker(args) -> None:
         counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
         storage = dict(engine.storage)
         engine.close()
+        consolidations = engine._dp.n_consolidations
+    io = {"disk_read_bytes": engine.tiers.bytes_read, "disk_written_bytes": engine.tiers.bytes_written}
     step_s = statistics.median(times[args.warmup :] or times)
     mine = dict(
         rank=rank,
@@ -140,6 +176,7 @@ def worker(args) -> None:
         gpu_peak_torch_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         gpu_peak_nvml_gib=sampler.gpu_peak_bytes / 2**30 if cuda else None,
         host_rss_peak_gib=sampler.rss_peak_bytes / 2**30,
+        **io,
     )
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -152,6 +189,9 @@ def worker(args) -> None:
             step_s=max(e["step_s"] for e in everyone),
             blocks_per_tier=counts,
             storage=storage,
+            consolidations=consolidations,
+            disk_read_bytes=sum(e["disk_read_bytes"] for e in everyone),
+            disk_written_bytes=sum(e["disk_written_bytes"] for e in everyone),
             grads=grads,
             replicas_equal=replicas_equal,
             gpu_peak_torch_gib=None if not cuda else max(e["gpu_peak_torch_gib"] for e in everyone),
@@ -196,12 +236,16 @@ def launch(args) -> None:
         f"--warmup={args.warmup}",
         f"--lr={lr}",
         f"--budget={args.budget}",
+        f"--disk={args.disk}",
+        f"--disk-blocks={args.disk_blocks}",
+        f"--write-back-disk={args.write_back_disk}",
     ] + (["--tiny"] if args.tiny else [])
     ref = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=args.disk_dir) as disk_tmp:
         for n in [int(x) for x in args.gpus.split(",")]:
             out = os.path.join(tmp, f"n{n}")
             os.makedirs(out)
+            disk_dir = os.path.join(disk_tmp, f"n{n}")
             cmd = [
                 sys.executable,
                 "-m",
@@ -211,15 +255,17 @@ def launch(args) -> None:
                 os.path.abspath(__file__),
                 "--worker",
                 f"--result-dir={out}",
+                f"--disk-dir={disk_dir}",
                 *passthrough,
             ]
             subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+            disk_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(disk_dir) for f in fs)
             with open(os.path.join(out, "summary.json")) as f:
                 got = json.load(f)
             samples = torch.load(os.path.join(out, "samples.pt"))
             if ref is None:
                 ref = (got, samples)
-            storage = got["storage"]["host"]
+            storage = got["storage"]["disk" if args.disk != "none" else "host"]
             agree, worst, g_part = _agree(ref[0], ref[1], got, samples, lr, args.steps, storage)
             tok_per_s = batch * seq / got["step_s"]
             base = batch * seq / ref[0]["step_s"]
@@ -238,6 +284,12 @@ def launch(args) -> None:
                         phase="train",
                         blocks_per_tier=got["blocks_per_tier"],
                         storage=got["storage"],
+                        disk=args.disk,
+                        disk_store_bytes=disk_bytes,
+                        disk_read_bytes=got["disk_read_bytes"],
+                        disk_written_bytes=got["disk_written_bytes"],
+                        consolidations=got["consolidations"],
+                        write_back_disk=args.write_back_disk or None,
                         tok_per_s=tok_per_s,
                         step_s=got["step_s"],
                         baseline_tok_per_s=base,
@@ -276,14 +328,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--budget", default=BUDGET, help="per rank: every block is placed on the host tier")
+    p.add_argument("--budget", default=BUDGET, help="per rank: blocks go to the host tier (and disk, --disk)")
+    p.add_argument("--disk", default=DISK, choices=("none", "own", "shared"),
+                   help="no disk tier; the last --disk-blocks on disk, each rank its own copy; or one shared copy")
+    p.add_argument("--disk-blocks", type=int, default=DISK_BLOCKS, help="blocks on disk (0: half of them)")
+    p.add_argument("--disk-dir", default=None, help="where the disk stores go (a temporary dir inside it)")
+    p.add_argument("--write-back-disk", type=int, default=WRITE_BACK_DISK,
+                   help="write_back_every for the disk tier: the consolidation interval when shared (0: default)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.budget == BUDGET and args.disk != "none":
+        args.budget = BUDGET_DISK
     if args.tiny:
         args.batch, args.seq, args.lr = TINY["batch"], TINY["seq"], TINY["lr"]
-        if args.budget == BUDGET:
-            args.budget = TINY["budget"]
+        if args.budget in (BUDGET, BUDGET_DISK):
+            args.budget = TINY["budget" if args.disk == "none" else "budget_disk"]
+        args.write_back_disk = args.write_back_disk or TINY["write_back_disk"]
     if args.worker:
         worker(args)
         return

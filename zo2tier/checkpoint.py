@@ -237,12 +237,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def from_store(cls, path: str | os.PathLike, **kwargs: Any):
     """Open the store at ``path`` and build an engine on it (in place unless ``disk_dir`` says otherwise)."""
+    _refuse_shared_disk(kwargs, "from_store")
     store = BlockStore.open(path, verify_reads=kwargs.pop("verify_reads", True))
     return _build_on_store(cls, store, kwargs)
 
 
 def resume(cls, path: str | os.PathLike, **kwargs: Any):
     """Rebuild the engine a checkpoint describes; ``engine.extra_state`` is the dict saved with it."""
+    _refuse_shared_disk(kwargs, "resume")
     doc = read_checkpoint(path)
     where = doc["store"] if os.path.isabs(doc["store"]) else os.path.join(os.fspath(path), doc["store"])
     store = BlockStore.open(where, verify_reads=kwargs.pop("verify_reads", True))
@@ -263,6 +265,14 @@ def resume(cls, path: str | os.PathLike, **kwargs: Any):
     engine.n_skipped = int(doc.get("n_skipped", 0))
     engine.extra_state = doc["extra_state"]
     return engine
+
+
+def _refuse_shared_disk(kwargs: dict, what: str) -> None:
+    """Every rank would lock and open the same store; only a freshly built shared disk tier is supported."""
+    if getattr(kwargs.get("data_parallel"), "shared_disk", False):
+        raise ValueError(f"ZOEngine.{what} with DataParallel(shared_disk=True) is not supported yet: every rank "
+                         "would open the same store; build the engine from the model (rank 0 writes the shared "
+                         "disk tier) or use DataParallel(shared_disk=False), each rank its own copy")
 
 
 def _build_on_store(cls, store: BlockStore, kwargs: dict):

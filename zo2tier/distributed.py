@@ -1,7 +1,8 @@
 """Data-parallel tiered MeZO over ``torch.distributed``: only a few scalars per sample cross the network.
 
 Every rank holds a full replica of the weights in its own tiers (its own budget, plan, disk directory and
-prefetcher). Per step:
+prefetcher; or, with ``DataParallel(shared_disk=True)``, one disk directory read by all ranks and written by
+rank 0 only: ``zo2tier/shared_disk.py``). Per step:
 
 1. each rank takes its contiguous shard of the global batch (rank r gets rows ``[start_r, stop_r)``)
    and runs the dual forward on it with the perturbation of index ``r % q``;
@@ -78,17 +79,29 @@ class DataParallel:
     before every M-th step (0: never). ``shard_batch``: True if ``step`` receives the global batch and
     the engine takes its own contiguous shard; False if each rank already passes its own shard.
 
+    ``shared_disk``: False (default): each rank keeps its own full copy of the disk tier in
+    ``disk_dir/rank{r}``. True: every rank reads the disk blocks from ONE set of files in ``disk_dir``
+    itself, written by rank 0 of the group; no rank writes them during training, each keeps the disk
+    blocks' updates in its (bit-identical) update log, and all ranks consolidate them together once a block
+    has ``write_back_every["disk"]`` (or ``max_log``) updates pending (``zo2tier/shared_disk.py``). One copy
+    on disk instead of N, one writer instead of N, for a replay cost between consolidations. Every rank
+    must pass the same ``disk_dir`` (one node, or a shared filesystem) and placement, and call
+    ``flush()``/``close()`` together; ``save_checkpoint`` runs on rank 0 only.
+
     Example::
 
         dist.init_process_group("nccl")  # e.g. under torchrun
         engine = ZOEngine(model, budget=..., disk_dir="runs/disk",  # the engine uses runs/disk/rank{r}
                           data_parallel=DataParallel(n_perturbations=2, check_every=100))
+        engine = ZOEngine(model, budget=..., disk_dir="runs/disk",  # every rank reads runs/disk
+                          data_parallel=DataParallel(shared_disk=True))
     """
 
     group: Any = None
     n_perturbations: int = 1
     check_every: int = 100
     shard_batch: bool = True
+    shared_disk: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_perturbations", "check_every"):
@@ -96,8 +109,9 @@ class DataParallel:
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "n_perturbations" else 0):
                 low = 1 if name == "n_perturbations" else 0
                 raise ValueError(f"{name}={v!r} must be an int >= {low}")
-        if not isinstance(self.shard_batch, bool):
-            raise ValueError(f"shard_batch={self.shard_batch!r} must be True or False")
+        for name in ("shard_batch", "shared_disk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
 
 # ---- pure math: per-sample losses, shards, the global estimate -------------------------------------
@@ -227,14 +241,38 @@ class _Replicas:
                 f"perturbation needs a rank: use n_perturbations <= {self.world_size}"
             )
         self.n_steps = 0
+        self.n_consolidations = 0  # shared_disk: collective write-backs of the shared disk blocks so far
         self._global_rows = 0
         self.last_rows: list[torch.Tensor] = []  # the gathered per-sample rows of the last step (CPU)
 
     def rank_dir(self, disk_dir: str | os.PathLike | None) -> str | os.PathLike | None:
-        """Each process its own disk directory: ``disk_dir/rank{global rank}`` when several ranks run."""
+        """Each process its own disk directory: ``disk_dir/rank{global rank}`` when several ranks run.
+
+        With ``shared_disk`` every rank uses ``disk_dir`` itself, which must then be given.
+        """
+        if self.spec.shared_disk:
+            if disk_dir is None:
+                raise ValueError(
+                    "DataParallel(shared_disk=True) shares the disk tier's files between ranks but disk_dir "
+                    "is None; pass the same disk_dir='runs/disk' on every rank, or drop shared_disk"
+                )
+            return disk_dir
         if disk_dir is None or self.world_size == 1:
             return disk_dir
         return os.path.join(os.fspath(disk_dir), f"rank{self.global_rank}")
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order; a collective."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
     def _comm_device(self, engine: ZOEngine) -> torch.device:
         return engine.device if self.backend == "nccl" else torch.device("cpu")
@@ -303,6 +341,10 @@ class _Replicas:
             raise ValueError(
                 f"lr={lr!r} must be a finite number >= 0; pass e.g. lr=1e-6, or None for config.lr"
             )
+        if engine._shared_disk:
+            from zo2tier.shared_disk import consolidate_if_due
+
+            consolidate_if_due(engine)
         if self.spec.check_every and self.n_steps % self.spec.check_every == 0:
             self.check(engine)
         self._global_rows = _unpack(batch, engine.device)[0].shape[0]  # also checks the batch's shape

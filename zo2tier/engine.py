@@ -26,6 +26,7 @@ from zo2tier.model.blocks import describe
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
+from zo2tier import shared_disk as _shared_disk
 from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, int8_scales, encoded_bytes
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
@@ -109,11 +110,17 @@ class ZOEngine:
         self.placement: dict[str, str] = dict(self.plan.placement)
         needs_disk = any(t == "disk" for t in self.placement.values())
         self._dp = _attach_data_parallel(data_parallel)
-        if self._dp is not None:  # each rank its own disk directory: disk_dir/rank{r}
+        if self._dp is not None:  # each rank its own disk directory disk_dir/rank{r}, or one shared disk_dir
             disk_dir = self._dp.rank_dir(disk_dir)
         if needs_disk and disk_dir is None:
             raise ValueError("some blocks are placed on disk but disk_dir is None; pass disk_dir='runs/disk'")
-        self.disk_dir = claim_disk_dir(os.fspath(disk_dir)) if needs_disk else None
+        # shared_disk: rank 0 owns (locks, writes) disk_dir; the other ranks only read it (zo2tier/shared_disk.py)
+        self._shared_disk = needs_disk and self._dp is not None and self._dp.spec.shared_disk
+        self._disk_follower = self._shared_disk and self._dp.rank != 0
+        if self._disk_follower:
+            self.disk_dir = os.path.abspath(os.fspath(disk_dir))
+        else:
+            self.disk_dir = claim_disk_dir(os.fspath(disk_dir)) if needs_disk else None
 
         self.model = model.eval()  # dropout would give the two perturbed passes different masks
         self.log: list[LogEntry] = []
@@ -123,11 +130,15 @@ class ZOEngine:
         self._rows = 0
         self._closed = False
         try:
-            self._build(model, _source or in_memory_source(model), lookahead_blocks)
+            if self._shared_disk:
+                with _shared_disk.owner_first(self):
+                    self._build(model, _source or in_memory_source(model), lookahead_blocks)
+            else:
+                self._build(model, _source or in_memory_source(model), lookahead_blocks)
         except BaseException:  # e.g. the disk filled while the store was written: let other processes in
             if getattr(self, "store", None) is not None:
                 self.store.close()
-            if self.disk_dir is not None:
+            if self.disk_dir is not None and not self._disk_follower:
                 release_disk_dir(self.disk_dir)
             raise
 
@@ -182,6 +193,9 @@ class ZOEngine:
         narrow dtype and changed, or when their log tail is long). Only the latest checkpoint of a store
         can be resumed: a later one replaces block files an earlier one names.
         """
+        if self._disk_follower:
+            raise ValueError("with DataParallel(shared_disk=True) only rank 0 of the group owns the store and saves "
+                             "checkpoints (every rank holds the same weights); call save_checkpoint on rank 0 only")
         return _store_glue.save_checkpoint(self, path, extra_state)
 
     def export(self, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 << 30) -> str:
@@ -220,10 +234,13 @@ class ZOEngine:
         records.append(self._record(len(records), RESIDENT, "device", resident_params))
         self.table = BlockTable(records)
         self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead)
-        self.store = _store_glue.open_engine_store(self, records, source)  # the disk_dir is a store
+        # the disk_dir is a store; a shared-disk follower only reads the owner's (by path, see below)
+        self.store = None if self._disk_follower else _store_glue.open_engine_store(self, records, source)
         self.tiers.store = self.store
         self.tiers.open()
         for record in records:  # one block at a time: load, encode, place
+            if self._disk_follower and record.tier == "disk":
+                continue
             if _store_glue.place_from_store(self, record, source):
                 continue
             flat = torch.empty(record.numel, dtype=torch.float32, device=self.device)
@@ -235,6 +252,8 @@ class ZOEngine:
             _store_glue.persist_initial(self, record, raw)
             del flat, raw
         self.tiers.drain()
+        if self._disk_follower:
+            _shared_disk.follow(self)
         _store_glue.finish_initial(self, source)
 
         self.bindings: list[_Binding] = []
@@ -481,9 +500,15 @@ class ZOEngine:
         so the write-backs of a step are spread evenly), or once ``max_log`` updates are pending."""
         if pending <= 0 or record.tier == "device":
             return pending > 0
+        if record.tier == "disk" and self._shared_disk:  # all ranks consolidate together (shared_disk.py)
+            return False
         k = self.write_back_every[record.tier]
-        limit = k if self.max_log is None else min(k, self.max_log)
-        return pending >= limit or (len(self.log) + record.index) % k == 0
+        return pending >= self._log_limit(record.tier) or (len(self.log) + record.index) % k == 0
+
+    def _log_limit(self, tier: str) -> int:
+        """Pending updates at which a block of ``tier`` is written back: K, or ``max_log`` if smaller."""
+        k = self.write_back_every[tier]
+        return k if self.max_log is None else min(k, self.max_log)
 
     def _keep_scales(self, record: BlockRecord, raw: torch.Tensor) -> None:
         """Remember an int8 block's stored scales so its write-back keeps every group that still fits."""
@@ -545,18 +570,20 @@ class ZOEngine:
 
     # ---- life cycle -------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write every block with pending updates back to its tier."""
+        """Write every block with pending updates back to its tier (shared_disk: a collective, every rank calls it)."""
         self._check_open()
         self.tiers.drain()  # settle the write-backs in flight first (raises a failed one's error)
         for record in self.table:
-            if record.applied_steps < len(self.log):
+            if record.applied_steps < len(self.log) and not (self._shared_disk and record.tier == "disk"):
                 work = self._arrive(record, scratch=torch.empty(record.numel, device=self.device))
                 if record.applied_steps < len(self.log) and record.write_future is None:
                     self._write_back(record, work)
         self.tiers.drain()
+        if self._shared_disk:
+            _shared_disk.consolidate(self)
 
     def close(self) -> None:
-        """Write back pending updates and stop the I/O threads. Safe to call twice.
+        """Write back pending updates and stop the I/O threads. Safe to call twice (shared_disk: a collective).
 
         If a write-back fails (e.g. the disk is full) the error is raised and the engine stays open with
         its updates pending in the log: free space and call ``close()`` again; nothing is lost.
@@ -566,7 +593,7 @@ class ZOEngine:
         self.flush()
         _store_glue.close_store(self)  # full write-back into the store, manifest committed, lock released
         self.tiers.close()
-        if self.disk_dir is not None:
+        if self.disk_dir is not None and not self._disk_follower:
             release_disk_dir(self.disk_dir)
         self._closed = True
 
