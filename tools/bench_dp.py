@@ -226,6 +226,7 @@ def _agree(
 
 def launch(args) -> None:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    rev_s = rev.stdout.strip() or os.environ.get("GIT_REV", "")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     batch, seq, lr = args.batch, args.seq, args.lr
     passthrough = [
@@ -274,7 +275,7 @@ def launch(args) -> None:
                     dict(
                         card=got["card"],
                         date=datetime.date.today().isoformat(),
-                        git_rev=rev.stdout.strip(),
+                        git_rev=rev_s,
                         command=" ".join(
                             ["NCCL_NVLS_ENABLE=0", "python", "tools/bench_dp.py", *sys.argv[1:]]
                         ),
