@@ -99,7 +99,8 @@ def _sample(engine) -> list[torch.Tensor]:
     samples = []
     for record in engine.table:
         work = engine._arrive(record, scratch=engine._work)
-        idx = torch.linspace(0, record.numel - 1, min(N_SAMPLES, record.numel), device=work.device).long()
+        n = min(N_SAMPLES, record.numel)  # integer spacing: fp32 linspace rounds past numel - 1 at 13B sizes
+        idx = torch.arange(n, device=work.device) * (record.numel - 1) // max(1, n - 1)
         samples.append(work[idx].float().cpu())
     engine.tiers.drain()
     return samples
