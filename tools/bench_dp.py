@@ -243,6 +243,8 @@ def launch(args) -> None:
         f"--write-back-disk={args.write_back_disk}",
     ] + (["--tiny"] if args.tiny else [])
     ref = None
+    if args.disk_dir:
+        os.makedirs(args.disk_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=args.disk_dir) as disk_tmp:
         for n in [int(x) for x in args.gpus.split(",")]:
             out = os.path.join(tmp, f"n{n}")
