@@ -26,6 +26,7 @@ from zo2tier.model.blocks import describe
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
+from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, int8_scales, encoded_bytes
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
@@ -83,6 +84,7 @@ class ZOEngine:
         storage: Mapping[str, str] | None = None,
         write_back_every: int | Mapping[str, int] | None = None,
         max_log: int | None = None,
+        compress: str | Zstd | Mapping[str, str | Zstd | None] | None = None,
         lookahead_blocks: int = 2,
         data_parallel: DataParallel | bool | None = None,
         _source: StateSource | None = None,
@@ -104,6 +106,9 @@ class ZOEngine:
         # K per tier (host, disk): written back every K steps, staggered by block; see docs/io.md
         self.write_back_every = resolve_write_back(write_back_every, self.device)
         self.max_log = _check_max_log(max_log)
+        # disk-tier blocks as zstd frames: "zstd", {"disk": "zstd"} or Zstd(level=, frame_bytes=); default
+        # off (zo2tier.store.zstd.DEFAULT_DISK_COMPRESS; docs/io.md "zstd on the disk tier")
+        self.compress = parse_compress(compress)
         self.plan = self._make_plan(placement, lookahead_blocks)
         self.blocks: list[str] = list(self.layout.block_names)
         self.placement: dict[str, str] = dict(self.plan.placement)
@@ -219,7 +224,8 @@ class ZOEngine:
         resident_params = [p for p in layout.params if p.param_id not in in_blocks]
         records.append(self._record(len(records), RESIDENT, "device", resident_params))
         self.table = BlockTable(records)
-        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead)
+        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead,
+                                 compress=self.compress)
         self.store = _store_glue.open_engine_store(self, records, source)  # the disk_dir is a store
         self.tiers.store = self.store
         self.tiers.open()
