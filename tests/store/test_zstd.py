@@ -150,3 +150,21 @@ def test_unknown_version_and_compress_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match="multiple of 4096"):
         Zstd(frame_bytes=1000)
     assert parse_compress(None) is None and parse_compress({"disk": "zstd"}) == Zstd()
+
+
+def test_cli_compress_flag(tmp_path, capsys):
+    from zo2tier import cli
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "store"), "--compress", "zstd",
+                     "--no-progress"]) == 0
+    assert all(b.zstd is not None for b in read_manifest(str(tmp_path / "store")).blocks[:-1])
+    assert cli.main(["plan", str(tmp_path / "hf"), "--budget", "device=300KB,disk=1GiB", "--storage", "disk=bf16",
+                     "--compress", "zstd"]) == 0
+    out = capsys.readouterr().out
+    assert "zstd-compressed" in out and "at ratio 0.780" in out and "not yet measured on the GPU machine" in out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "s2"), "--compress", "lz4"])
+    assert exit_.value.code == 2
+    assert "argument --compress: compress='lz4' is unknown; use 'zstd' or 'none'" in capsys.readouterr().err
