@@ -11,7 +11,7 @@ works on several frames at once; python-zstandard releases the GIL inside zstd, 
 - write: compress the frame (``ZstdCompressor.compress``), copy it into the thread's aligned scratch,
   zero-pad it to 4 KiB and ``pwritev`` it at its slot.
 
-Memory: one scratch of ``slot_bytes`` (a frame's worst case, 4 MiB + 20 KiB by default) per pool thread.
+Memory: one scratch of ``slot_bytes`` (a frame's worst case, 4 MiB + 16 KiB by default) per pool thread.
 Whether zstd pays, and the numbers behind the default (off), are in docs/io.md ("zstd on the disk tier").
 """
 
