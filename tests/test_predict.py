@@ -46,3 +46,19 @@ def test_bad_calibration_file_is_refused(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object"):
         Calibration.load(str(path))
+
+
+def test_zstd_on_disk_scales_disk_bytes_by_the_ratio_and_adds_codec_time():
+    inp = _inp("bf16")
+    plan = plan_placement(inp, TierBudget(10**11, 0, 10**11), {f"b{i}": "disk" for i in range(4)})
+    cal = Calibration(disk_read_gbps=2.0, disk_write_gbps=4.0, zstd_ratio_bf16=0.5,
+                      zstd_decompress_gbps=8.0, zstd_compress_gbps=2.0)
+    plain = predict_step(inp, plan, cal, tokens=1, write_back_every=8)
+    pred = predict_step(inp, plan, cal, tokens=1, write_back_every=8, compress=True)
+    stored = 4 * 2 * 10**9
+    assert pred.disk_s == pytest.approx(0.5 * plain.disk_s)
+    assert pred.zstd_s == pytest.approx(stored / 8e9 + stored / 8 / 2e9) and plain.zstd_s == 0
+    assert pred.bound == "disk" and pred.step_s == pytest.approx(2.125)  # 1.5 s of zstd under 4.25 s / 2 of disk
+    assert pred.step_s < plain.step_s  # here zstd pays
+    slow = predict_step(inp, plan, Calibration(), tokens=1, compress=True)  # default rates: zstd bound
+    assert slow.bound == "zstd"

@@ -25,6 +25,7 @@ from zo2tier.config import MeZOConfig
 from zo2tier.model.loading import StateSource, params_on_meta
 from zo2tier.store.blockstore import BlockStore
 from zo2tier.store.format import BlockEntry, Manifest, TensorEntry, fsync_dir, write_json_atomic
+from zo2tier.store.zstd import Zstd
 from zo2tier.tiers.codec import decode, dtype_name, encode
 from zo2tier.tiers.records import BlockRecord
 from zo2tier.zo.update import LogEntry
@@ -115,11 +116,12 @@ def place_from_store(engine, record: BlockRecord, source: StateSource) -> bool:
     if not isinstance(source, StoreSource) or not source.matches(record):
         return False
     store, entry = source.store, source.store.entry(record.index)
-    if engine.store is store and record.tier == "disk" and entry.dtype == record.storage:
+    same_codec = (entry.zstd is None) == (engine.compress is None)
+    if engine.store is store and record.tier == "disk" and entry.dtype == record.storage and same_codec:
         record.path = store.file_path(entry)  # in place: the store file is the disk tier's copy
     else:
         raw = store.read_bytes(record.index)
-        if entry.dtype != record.storage:
+        if entry.dtype != record.storage:  # (a codec change alone rewrites the block with put_initial)
             flat = decode(raw, entry.dtype, entry.numel, torch.empty(entry.numel))
             raw = torch.empty(record.stored_bytes, dtype=torch.uint8)
             encode(flat, record.storage, raw, sr_seed=0, sr_key=record.index, stochastic=False)
@@ -214,6 +216,7 @@ def save_checkpoint(engine, path: str | os.PathLike, extra_state: dict | None = 
         "config": asdict(engine.config), "n_skipped": engine.n_skipped,
         "engine": {"placement": dict(engine.placement), "storage": dict(engine.storage),
                    "write_back_every": engine.write_back_every, "dtype": dtype_name(engine.compute_dtype),
+                   "compress": None if engine.compress is None else asdict(engine.compress),
                    "budget": {t: engine.budget.of(t) for t in ("device", "host", "disk")}},
         "extra_state": extra_json,
         "blocks": [e.state() for e in entries],
@@ -261,6 +264,7 @@ def resume(cls, path: str | os.PathLike, **kwargs: Any):
     kwargs.setdefault("write_back_every", saved["write_back_every"])
     kwargs.setdefault("budget", saved["budget"])
     kwargs.setdefault("dtype", _TORCH[saved["dtype"]])
+    kwargs.setdefault("compress", Zstd(**saved["compress"]) if saved.get("compress") else "none")
     engine = _build_on_store(cls, store, kwargs)
     engine.n_skipped = int(doc.get("n_skipped", 0))
     engine.extra_state = doc["extra_state"]
@@ -282,6 +286,9 @@ def _build_on_store(cls, store: BlockStore, kwargs: dict):
         layer_dtypes = {b.dtype for b in m.blocks[:-1]}
         if "storage" not in kwargs and len(layer_dtypes) == 1:
             kwargs["storage"] = {"disk": layer_dtypes.pop()}
+        layouts = [b.zstd for b in m.blocks[:-1]]
+        if "compress" not in kwargs and layouts and all(layouts):  # a store converted with --compress zstd
+            kwargs["compress"] = Zstd(layouts[0].level, layouts[0].frame_bytes)
         if kwargs.get("disk_dir") is None:
             kwargs["disk_dir"] = store.path
         return cls(model, _source=StoreSource(model, store), **kwargs)

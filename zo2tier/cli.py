@@ -20,6 +20,15 @@ def _storage_arg(text: str) -> dict[str, str]:
     return out
 
 
+def _compress_arg(text: str):
+    from zo2tier.store.zstd import parse_compress
+
+    try:
+        return parse_compress(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _budget_arg(text: str) -> TierBudget:
     try:
         return TierBudget.parse(text)
@@ -42,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=int, default=1, help="sequences per step, for the predicted step time")
     plan.add_argument("--seq", type=int, default=2048, help="tokens per sequence, for the predicted step time")
     plan.add_argument("--write-back-every", type=int, default=1, help="steps between write-backs (K)")
+    plan.add_argument("--compress", type=_compress_arg, default=None, metavar="{zstd,none}",
+                      help="zstd on the disk tier: the prediction counts the ratio and the zstd GB/s of "
+                           "--calibration (default none; docs/io.md)")
     plan.set_defaults(func=_cmd_plan)
     _add_store_commands(sub)
     _add_finetune(sub)
@@ -117,6 +129,8 @@ def _add_store_commands(sub) -> None:
                       help="compute dtype of the model (default: the source's, lossless)")
     conv.add_argument("--disk-dtype", choices=("fp32", "fp16", "bf16", "int8"), default=None,
                       help="how decoder-layer blocks are stored (default: --dtype)")
+    conv.add_argument("--compress", type=_compress_arg, default=None, metavar="{zstd,none}",
+                      help="store decoder-layer blocks as zstd frames (default none; docs/io.md)")
     conv.add_argument("--seed", type=int, default=0, help="seed of the random init when SRC is a config")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
     conv.set_defaults(func=_cmd_convert)
@@ -140,7 +154,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from zo2tier.store.convert import convert
 
     r = convert(args.src, args.dst, dtype=args.dtype, disk_dtype=args.disk_dtype, seed=args.seed,
-                progress=not args.no_progress)
+                progress=not args.no_progress, compress=args.compress)
     print(f"{r.store}: {r.n_blocks} blocks ({r.n_written} written), {r.source_bytes / 1e9:.2f} GB read, "
           f"{r.store_bytes / 1e9:.2f} GB stored, {r.seconds:.1f} s ({r.source_bytes / 1e9 / max(r.seconds, 1e-9):.2f} GB/s)")
     return 0
@@ -158,7 +172,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     print(describe_plan(args.model, args.budget, storage=args.storage, dtype=args.dtype,
                         calibration=args.calibration, batch=args.batch, seq=args.seq,
-                        write_back_every=args.write_back_every))
+                        write_back_every=args.write_back_every, compress=args.compress))
     return 0
 
 

@@ -27,6 +27,7 @@ from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skel
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
 from zo2tier import shared_disk as _shared_disk
+from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, int8_scales, encoded_bytes
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
@@ -84,6 +85,7 @@ class ZOEngine:
         storage: Mapping[str, str] | None = None,
         write_back_every: int | Mapping[str, int] | None = None,
         max_log: int | None = None,
+        compress: str | Zstd | Mapping[str, str | Zstd | None] | None = None,
         lookahead_blocks: int = 2,
         data_parallel: DataParallel | bool | None = None,
         _source: StateSource | None = None,
@@ -105,6 +107,9 @@ class ZOEngine:
         # K per tier (host, disk): written back every K steps, staggered by block; see docs/io.md
         self.write_back_every = resolve_write_back(write_back_every, self.device)
         self.max_log = _check_max_log(max_log)
+        # disk-tier blocks as zstd frames: "zstd", {"disk": "zstd"} or Zstd(level=, frame_bytes=); default
+        # off (zo2tier.store.zstd.DEFAULT_DISK_COMPRESS; docs/io.md "zstd on the disk tier")
+        self.compress = parse_compress(compress)
         self.plan = self._make_plan(placement, lookahead_blocks)
         self.blocks: list[str] = list(self.layout.block_names)
         self.placement: dict[str, str] = dict(self.plan.placement)
@@ -117,6 +122,9 @@ class ZOEngine:
         # shared_disk: rank 0 owns (locks, writes) disk_dir; the other ranks only read it (zo2tier/shared_disk.py)
         self._shared_disk = needs_disk and self._dp is not None and self._dp.spec.shared_disk
         self._disk_follower = self._shared_disk and self._dp.rank != 0
+        if self._shared_disk and self.compress is not None:
+            raise ValueError("compress='zstd' with DataParallel(shared_disk=True) is not supported yet; "
+                             "drop one of them (compress=None, or shared_disk=False: each rank its own copy)")
         if self._disk_follower:
             self.disk_dir = os.path.abspath(os.fspath(disk_dir))
         else:
@@ -233,7 +241,8 @@ class ZOEngine:
         resident_params = [p for p in layout.params if p.param_id not in in_blocks]
         records.append(self._record(len(records), RESIDENT, "device", resident_params))
         self.table = BlockTable(records)
-        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead)
+        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead,
+                                 compress=self.compress)
         # the disk_dir is a store; a shared-disk follower only reads the owner's (by path, see below)
         self.store = None if self._disk_follower else _store_glue.open_engine_store(self, records, source)
         self.tiers.store = self.store

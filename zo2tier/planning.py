@@ -10,6 +10,7 @@ from zo2tier.budget import TierBudget
 from zo2tier.model.blocks import describe
 from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
 from zo2tier.predict import Calibration, predict_step
+from zo2tier.store.zstd import parse_compress
 from zo2tier.tiers.codec import check_storage
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,16 +42,23 @@ def plan_from_config(
 
 
 def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, calibration=None,
-                  batch: int = 1, seq: int = 2048, write_back_every: int = 1) -> str:
-    """The text ``zo2tier plan`` prints: the placement, and the predicted step time and its bound."""
+                  batch: int = 1, seq: int = 2048, write_back_every: int = 1, compress=None) -> str:
+    """The text ``zo2tier plan`` prints: the placement, and the predicted step time and its bound.
+
+    ``compress``: zstd on the disk tier (anything ``zo2tier.store.zstd.parse_compress`` takes).
+    """
+    zstd = parse_compress(compress) is not None
     plan, inp = plan_from_config(model, budget, storage=storage, dtype=dtype)
     n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
     head = (f"{model}: {n_params / 1e9:.2f}B parameters, {len(inp.blocks)} blocks, "
-            f"storage {inp.storage}")
+            f"storage {inp.storage}" + (", disk tier zstd-compressed" if zstd else ""))
     cal = Calibration.load(calibration)
-    pred = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=write_back_every)
+    pred = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=write_back_every, compress=zstd)
+    codec = (f", zstd {pred.zstd_s:.3f} s at ratio {getattr(cal, 'zstd_ratio_' + inp.storage['disk']):.3f}"
+             + (" (zstd GB/s of the 2-core CI machine: not yet measured on the GPU machine)" if calibration is None
+                else "") if zstd else "")
     tail = (f"predicted step ({batch}x{seq} tokens, write-back every {write_back_every}): {pred.step_s:.3f} s "
             f"= {batch * seq / pred.step_s:,.0f} tok/s, bound by {pred.bound} "
-            f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s; "
+            f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s{codec}; "
             f"rates from {calibration or 'DESIGN.md defaults (H100 machine)'})")
     return head + "\n" + plan.table() + "\n" + tail

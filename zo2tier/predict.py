@@ -5,9 +5,11 @@ A step visits every block once. Per step it moves, for each block:
 - host tier: its stored bytes up the bus, and back down every ``write_back_every`` steps;
 - disk tier: its stored bytes read from disk and up the bus, and written back every ``write_back_every`` steps;
 
-and computes two forwards (the doubled batch) plus one fused pass over its weights. Compute, bus and disk
-run on their own streams and threads, so the step takes as long as the slowest of the three; that one is
-the bound.
+and computes two forwards (the doubled batch) plus one fused pass over its weights. With zstd on the disk
+tier (``compress=True``) the disk moves ``ratio`` times the bytes, and the CPU decompresses every disk
+block read and compresses every one written. Compute, bus, disk and zstd run on their own streams and
+threads, so the step takes as long as the slowest of them; that one is the bound (docs/io.md, "zstd on the
+disk tier": a block costs max(ratio * B / disk, B / zstd)).
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ class Calibration:
     bus_both_gbps: float = 96.0  # both directions at once, in total
     forward_tflops: float = 650.0  # effective fp16 TFLOP/s of a decoder-layer forward at long sequences
     fused_pass_gbps: float = 2500.0  # device-memory rate of the fused perturbation kernel
+    # zstd on the disk tier: GB/s of uncompressed bytes through the engine's frame path. Not yet measured on
+    # the GPU machine: these are the 2-core CI machine's (benchmarks/zstd_frames_cpu2.json, bf16, 4 threads),
+    # the only numbers there are. `tools/bench_zstd.py --calibration_out=PATH` writes your machine's.
+    zstd_decompress_gbps: float = 0.392
+    zstd_compress_gbps: float = 0.303
+    # compressed / stored bytes of N(0, 0.02) weights: properties of the data, the same on any machine
+    zstd_ratio_fp32: float = 0.923
+    zstd_ratio_bf16: float = 0.780
+    zstd_ratio_fp16: float = 0.918
+    zstd_ratio_int8: float = 0.937
 
     @classmethod
     def load(cls, path: str | None) -> "Calibration":
@@ -55,20 +67,22 @@ class Prediction:
     compute_s: float
     bus_s: float
     disk_s: float
+    zstd_s: float = 0.0  # CPU time to decompress and compress disk blocks (0 without compression)
 
     @property
     def step_s(self) -> float:
-        return max(self.compute_s, self.bus_s, self.disk_s)
+        return max(self.compute_s, self.bus_s, self.disk_s, self.zstd_s)
 
     @property
     def bound(self) -> str:
-        return max((self.compute_s, "compute"), (self.bus_s, "bus"), (self.disk_s, "disk"))[1]
+        return max((self.compute_s, "compute"), (self.bus_s, "bus"), (self.disk_s, "disk"), (self.zstd_s, "zstd"))[1]
 
 
 def predict_step(
-    inp: PlanInput, plan: Plan, cal: Calibration, *, tokens: int, write_back_every: int = 1
+    inp: PlanInput, plan: Plan, cal: Calibration, *, tokens: int, write_back_every: int = 1, compress: bool = False
 ) -> Prediction:
-    """Predict one training step of ``tokens`` tokens (batch × sequence) under ``plan``."""
+    """Predict one training step of ``tokens`` tokens (batch × sequence) under ``plan``; ``compress``: the
+    disk tier stores zstd frames (ratio ``cal.zstd_ratio_<disk dtype>``)."""
     if tokens <= 0 or write_back_every < 1:
         raise ValueError(f"tokens={tokens} and write_back_every={write_back_every} must be positive")
     up = down = read = write = 0.0
@@ -87,5 +101,7 @@ def predict_step(
     fused = sum(b.numel for b in inp.blocks) * 3 * inp.compute_bytes  # read θ, write θ+εz and θ−εz
     compute = flops / (cal.forward_tflops * 1e12) + fused / (cal.fused_pass_gbps * 1e9)
     bus = max(up / (cal.h2d_gbps * 1e9), down / (cal.d2h_gbps * 1e9), (up + down) / (cal.bus_both_gbps * 1e9))
-    disk = read / (cal.disk_read_gbps * 1e9) + write / (cal.disk_write_gbps * 1e9)
-    return Prediction(compute, bus, disk)
+    ratio = getattr(cal, f"zstd_ratio_{inp.storage['disk']}") if compress else 1.0
+    disk = ratio * (read / (cal.disk_read_gbps * 1e9) + write / (cal.disk_write_gbps * 1e9))
+    codec = read / (cal.zstd_decompress_gbps * 1e9) + write / (cal.zstd_compress_gbps * 1e9) if compress else 0.0
+    return Prediction(compute, bus, disk, codec)

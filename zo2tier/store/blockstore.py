@@ -6,7 +6,9 @@ writes a new file ``block_<index>_g<generation>.bin`` (``.tmp``, fsync, rename) 
 atomically; only then are copies that no committed manifest names deleted. A crash at any instant thus
 leaves the last committed manifest and every file it names intact.
 
-Bytes only, no math: what the bytes mean is zo2tier.tiers.codec's business.
+Bytes only, no math: what the bytes mean is zo2tier.tiers.codec's business. A block may be stored as zstd
+frames (``compress=``, zo2tier.store.zstd); reads and writes then go through a pool of frame threads,
+started at the first compressed read or write and stopped by :meth:`BlockStore.close`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from zo2tier.store.format import (
     MANIFEST,
     BlockEntry,
+    FrameLayout,
     Manifest,
     StoreFormatError,
     checksum,
@@ -31,6 +34,7 @@ from zo2tier.store.format import (
 )
 from zo2tier.store.io import BlockFile, aligned_empty, raise_if_no_space
 from zo2tier.store.lock import MARKER, lock_dir, unlock_dir
+from zo2tier.store.zstd import ZSTD_THREADS, FrameCorruptError, FramePool, Zstd
 
 _GEN = re.compile(r"^block_(\d+)_g(\d+)\.bin$")
 _FIX = ("restore it from a backup, re-run `zo2tier convert` into this store to rewrite damaged blocks, "
@@ -51,9 +55,10 @@ class BlockStore:
             raw = store.read_bytes(3)  # block 3's stored bytes, checksum verified
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True, zstd_threads: int = ZSTD_THREADS) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.verify_reads = verify_reads
+        self._frames = FramePool(zstd_threads)  # threads start at the first compressed block read or written
         self.manifest: Manifest | None = None  # the committed manifest
         self._current: list[BlockEntry] = []
         self._guard = threading.Lock()
@@ -123,6 +128,7 @@ class BlockStore:
 
     def close(self) -> None:
         """Release the lock. Uncommitted block copies stay on disk until the next commit collects them."""
+        self._frames.close()
         if self._locked:
             unlock_dir(self.path)
             self._locked = False
@@ -153,16 +159,20 @@ class BlockStore:
             self._current[index] = replace(self._current[index], applied_steps=applied_steps)
 
     def adopt(self, states: list[list]) -> None:
-        """Make a checkpoint's compact block states ([name, file, xxh3_64, dtype, applied_steps]) current."""
+        """Make a checkpoint's compact block states current: [name, file, xxh3_64, dtype, applied_steps] and,
+        since format v2, the zstd layout (None for a block stored as is)."""
         if len(states) != len(self._current):
             raise StoreFormatError(f"the checkpoint lists {len(states)} blocks but store {self.path!r} has "
                                    f"{len(self._current)}; it belongs to another model")
-        for i, (name, file, digest, dtype, applied) in enumerate(states):
+        for i, state in enumerate(states):
+            name, file, digest, dtype, applied = state[:5]
+            layout = state[5] if len(state) > 5 else None
             entry = self._current[i]
             if entry.name != name:
                 raise StoreFormatError(f"the checkpoint's block {i} is {name!r} but store {self.path!r} has "
                                        f"{entry.name!r}; it belongs to another model")
-            new = replace(entry, file=file, xxh3_64=digest, dtype=dtype, applied_steps=int(applied))
+            new = replace(entry, file=file, xxh3_64=digest, dtype=dtype, applied_steps=int(applied),
+                          zstd=FrameLayout.from_json(layout).check(entry.nbytes, name) if layout else None)
             if not os.path.exists(os.path.join(self.path, file)):
                 raise StoreCorruptError(
                     f"block {name}: file {os.path.join(self.path, file)} named by the checkpoint is gone; a later "
@@ -178,12 +188,19 @@ class BlockStore:
             size = os.stat(path).st_size
         except FileNotFoundError:
             raise StoreCorruptError(f"block {entry.name}: file {path} is missing; {_FIX}") from None
-        if size < entry.offset + entry.nbytes:
+        if size < entry.offset + entry.file_bytes:
             raise StoreCorruptError(f"block {entry.name}: file {path} is truncated ({size} bytes, needs "
-                                    f"{entry.offset + entry.nbytes}); {_FIX}")
+                                    f"{entry.offset + entry.file_bytes}); {_FIX}")
+
+    def _frame_pool(self) -> FramePool:
+        with self._guard:
+            return self._frames.open()
+
+    def _corrupt_frame(self, entry: BlockEntry, exc: FrameCorruptError) -> StoreCorruptError:
+        return StoreCorruptError(f"block {entry.name}: file {self.file_path(entry)}: {exc}; {_FIX}")
 
     def _check_digest(self, entry: BlockEntry, buf: torch.Tensor) -> None:
-        if entry.xxh3_64 is None:
+        if entry.xxh3_64 is None or entry.zstd is not None:  # frames are checked one by one as they are read
             return
         got = checksum(memoryview(buf.numpy())[: entry.nbytes])
         if got != entry.xxh3_64:
@@ -196,6 +213,9 @@ class BlockStore:
 
         for entry in self._current if index is None else [self._current[index]]:
             self.check_size(entry)
+            if entry.zstd is not None:
+                self._verify_frames(entry)
+                continue
             h = xxhash.xxh3_64()
             with open(self.file_path(entry), "rb", buffering=0) as f:
                 f.seek(entry.offset)
@@ -210,6 +230,16 @@ class BlockStore:
                 raise StoreCorruptError(f"block {entry.name}: file {self.file_path(entry)} fails its checksum "
                                         f"(xxh3_64 {h.hexdigest()}, manifest says {entry.xxh3_64}); {_FIX}")
 
+    def _verify_frames(self, entry: BlockEntry) -> None:
+        layout = entry.zstd
+        with open(self.file_path(entry), "rb", buffering=0) as f:
+            for k, (n_bytes, digest) in enumerate(layout.frames):
+                f.seek(entry.offset + k * layout.slot_bytes)
+                got = checksum(f.read(n_bytes))
+                if got != digest:
+                    raise self._corrupt_frame(entry, FrameCorruptError(
+                        k, f"fails its checksum (xxh3_64 {got}, manifest says {digest})"))
+
     # ---- reads and writes -------------------------------------------------------------------------
     def read_into(self, index: int, buf: torch.Tensor, *, direct: bool = False) -> BlockEntry:
         """Fill uint8 ``buf`` (4 KiB-aligned if ``direct``) with block ``index``'s bytes; checks them."""
@@ -221,9 +251,16 @@ class BlockStore:
             raise StoreCorruptError(f"block {entry.name}: file {path} is missing; {_FIX}") from None
         with f:
             size = os.fstat(f._fd).st_size
-            if size < entry.offset + entry.nbytes:
+            if size < entry.offset + entry.file_bytes:
                 raise StoreCorruptError(f"block {entry.name}: file {path} is truncated ({size} bytes, needs "
-                                        f"{entry.offset + entry.nbytes}); {_FIX}")
+                                        f"{entry.offset + entry.file_bytes}); {_FIX}")
+            if entry.zstd is not None:  # decompressed by the frame threads straight into buf
+                try:
+                    self._frame_pool().read(f, entry.zstd, memoryview(buf.reshape(-1).numpy())[: entry.nbytes],
+                                            verify=self.verify_reads, offset=entry.offset, what=f"block {entry.name}")
+                except FrameCorruptError as exc:
+                    raise self._corrupt_frame(entry, exc) from None
+                return entry
             f.read_into(buf, entry.nbytes, offset=entry.offset, what=f"block {entry.name}")
         if self.verify_reads:
             self._check_digest(entry, buf)
@@ -237,19 +274,21 @@ class BlockStore:
         return buf[: entry.nbytes]
 
     def write_block(self, index: int, buf: torch.Tensor, *, dtype: str | None = None, direct: bool = False,
-                    applied_steps: int | None = None) -> BlockEntry:
+                    applied_steps: int | None = None, compress: Zstd | None = None) -> BlockEntry:
         """Write uint8 ``buf`` as a new copy of block ``index`` and make it current (not yet committed).
 
         ``buf`` must hold the block's encoded bytes (``dtype``, default: unchanged); with ``direct`` it must
-        be 4 KiB-aligned and padded. The previous current copy is deleted unless a committed manifest
-        names it. Safe to call from several threads for different blocks.
+        be 4 KiB-aligned and padded. ``compress``: store them as zstd frames (default: as they are). The
+        previous current copy is deleted unless a committed manifest names it. Safe to call from several
+        threads for different blocks.
         """
         old = self._current[index]
         entry = replace(old, dtype=dtype or old.dtype, offset=0)
         if applied_steps is not None:
             entry = replace(entry, applied_steps=applied_steps)
         view = buf.reshape(-1)
-        digest = checksum(memoryview(view.numpy())[: entry.nbytes])
+        digest = checksum(memoryview(view.numpy())[: entry.nbytes]) if compress is None else None
+        layout = None
         with self._guard:
             gen, self._next_gen = self._next_gen, self._next_gen + 1
         name = f"block_{index:05d}_g{gen:06d}.bin"
@@ -258,9 +297,12 @@ class BlockStore:
         what = f"block {entry.name} of store {self.path}"
         try:
             with BlockFile.open(tmp, write=True, direct=direct) as f:
-                f.write_from(view, entry.nbytes, what=what)
-                if not f.direct:
-                    f.truncate(entry.nbytes)
+                if compress is not None:
+                    layout = self._frame_pool().write(f, memoryview(view.numpy())[: entry.nbytes], compress, what=what)
+                else:
+                    f.write_from(view, entry.nbytes, what=what)
+                    if not f.direct:
+                        f.truncate(entry.nbytes)
                 f.sync(what=what, n_bytes=entry.nbytes)
             if _fault_delay_s:
                 time.sleep(_fault_delay_s)
@@ -268,7 +310,7 @@ class BlockStore:
         except BaseException:
             _unlink_quiet(tmp)  # the current copy is intact; a partial .tmp would only hold space
             raise
-        entry = replace(entry, file=name, xxh3_64=digest)
+        entry = replace(entry, file=name, xxh3_64=digest or layout.digest, zstd=layout)
         with self._guard:
             self._current[index] = entry
             committed = {b.file for b in self.manifest.blocks} | set(self.manifest.pinned) if self.manifest else set()
@@ -277,9 +319,8 @@ class BlockStore:
         return entry
 
     def write_block_stream(self, index: int, pieces, *, dtype: str | None = None,
-                           applied_steps: int = 0) -> BlockEntry:
+                           applied_steps: int = 0, compress: Zstd | None = None) -> BlockEntry:
         """Like :meth:`write_block`, from an iterable of byte pieces (memoryview/bytes) written in order."""
-        import xxhash
 
         old = self._current[index]
         entry = replace(old, dtype=dtype or old.dtype, offset=0, applied_steps=applied_steps)
@@ -288,25 +329,24 @@ class BlockStore:
         name = f"block_{index:05d}_g{gen:06d}.bin"
         final = os.path.join(self.path, name)
         tmp = final + ".tmp"
-        h, written = xxhash.xxh3_64(), 0
+        written, layout, what = 0, None, f"block {entry.name} of store {self.path}"
         try:
-            with open(tmp, "wb", buffering=0) as f:
-                for piece in pieces:
-                    view = memoryview(piece).cast("B")
-                    h.update(view)
-                    while view:
-                        view = view[f.write(view):]
-                    written += len(memoryview(piece).cast("B"))
-                os.fsync(f.fileno())
+            if compress is not None:
+                with BlockFile.open(tmp, write=True, direct=False) as f:
+                    layout, written = self._frame_pool().write_stream(f, pieces, compress, what=what)
+                    f.sync(what=what, n_bytes=written)
+                digest = layout.digest
+            else:
+                digest, written = _write_pieces(tmp, pieces)
             if written != entry.nbytes:
                 raise RuntimeError(f"block {entry.name}: wrote {written} bytes, the format needs {entry.nbytes}")
             os.replace(tmp, final)
         except BaseException as exc:
             _unlink_quiet(tmp)
             if isinstance(exc, OSError):  # a full disk: name the store, the block and the bytes
-                raise_if_no_space(exc, f"block {entry.name} of store {self.path}", tmp, entry.nbytes, written)
+                raise_if_no_space(exc, what, tmp, entry.nbytes, written)
             raise
-        entry = replace(entry, file=name, xxh3_64=h.hexdigest())
+        entry = replace(entry, file=name, xxh3_64=digest, zstd=layout)
         with self._guard:
             self._current[index] = entry
         if old.file is not None and old.file != name and (self.manifest is None or old.file not in
@@ -349,6 +389,22 @@ class BlockStore:
         for name in os.listdir(self.path):
             if name.startswith("block_") and name.endswith(".bin") and name not in keep:
                 _unlink_quiet(os.path.join(self.path, name))
+
+
+def _write_pieces(path: str, pieces) -> tuple[str, int]:
+    """Write byte pieces in order to a new file ``path``, fsync it; returns (xxh3_64, bytes written)."""
+    import xxhash
+
+    h, written = xxhash.xxh3_64(), 0
+    with open(path, "wb", buffering=0) as f:
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            h.update(view)
+            written += len(view)
+            while view:
+                view = view[f.write(view):]
+        os.fsync(f.fileno())
+    return h.hexdigest(), written
 
 
 def _unlink_quiet(path: str) -> None:

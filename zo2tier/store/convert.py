@@ -27,6 +27,7 @@ from zo2tier.store.sources import (
     name_resolver,
     safetensors_files,
 )
+from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import INT8_GROUP, check_storage, dtype_name, encode
 
 RESIDENT = "<resident>"
@@ -41,24 +42,26 @@ class ConvertReport:
     n_blocks: int
     n_written: int  # blocks written by this run (the others were already good)
     source_bytes: int
-    store_bytes: int
+    store_bytes: int  # compressed bytes for zstd blocks
     seconds: float
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
             disk_dtype: str | None = None, progress: bool = True, chunk_bytes: int = 32 << 20,
-            seed: int = 0) -> ConvertReport:
+            seed: int = 0, compress: str | Zstd | None = None) -> ConvertReport:
     """Stream ``src`` into a store at ``dst``.
 
     ``src``: a Hugging Face model directory (safetensors, sharded or not; ``pytorch_model.bin``; a ``.gguf``
     file, read through transformers) or a ``config.json`` (random init of that shape). ``dtype``: the
     model's compute dtype (default: the source's, so a plain convert is lossless). ``disk_dtype``: how the
     decoder-layer blocks are stored (default ``dtype``; ``int8`` quantizes them); the resident set
-    (embeddings, final norm, head) is stored in ``dtype``.
+    (embeddings, final norm, head) is stored in ``dtype``. ``compress="zstd"`` (or a ``Zstd``) stores the
+    decoder-layer blocks as zstd frames, as an engine with ``compress="zstd"`` keeps its disk tier; the
+    resident set is never compressed (it lives on the compute device).
 
     Example::
 
-        zo2tier.convert("hf/opt-1.3b", "stores/opt-1.3b", disk_dtype="bf16")
+        zo2tier.convert("hf/opt-1.3b", "stores/opt-1.3b", disk_dtype="bf16", compress="zstd")
     """
     import time
 
@@ -67,6 +70,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
     for name, value in (("dtype", dtype), ("disk_dtype", disk_dtype)):
         if value is not None and (value not in _TORCH and not (name == "disk_dtype" and value == "int8")):
             raise ValueError(f"{name}={value!r} is unknown; use fp32, bf16, fp16" + (" or int8" if name == "disk_dtype" else ""))
+    spec = parse_compress(compress)
     config, source, src_dtype = _open_source(src, seed)
     try:
         compute = _TORCH[dtype] if dtype else src_dtype
@@ -78,10 +82,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
             source = RandomSource(config, compute, seed, {p.name: p.decay for p in describe(model).params})
         entries = _layout(model, layer_dtype, dtype_name(compute))
         src_info = {"src": src, **source.fingerprint(), "dtype": dtype_name(compute), "disk_dtype": layer_dtype}
+        if spec is not None:  # only then: stores converted before v2 keep their source record
+            src_info["compress"] = {"zstd": {"level": spec.level, "frame_bytes": spec.frame_bytes}}
         draft = Manifest(config, dtype_name(compute), tuple(entries), complete=False, source=src_info)
         store, done = _open_dst(dst, draft)
         try:
-            return _run(store, source, done, chunk_bytes, progress, t0)
+            return _run(store, source, done, chunk_bytes, progress, t0, spec)
         finally:
             store.close()
     finally:
@@ -89,7 +95,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
 
 
 def _run(store: BlockStore, source: TensorSource, done: set[int], chunk_bytes: int, progress: bool,
-         t0: float) -> ConvertReport:
+         t0: float, compress: Zstd | None) -> ConvertReport:
     import time
 
     from tqdm import tqdm
@@ -104,7 +110,8 @@ def _run(store: BlockStore, source: TensorSource, done: set[int], chunk_bytes: i
             if entry.index in done:
                 bar.update(size)
                 continue
-            store.write_block_stream(entry.index, _encoded(entry, source, chunk_bytes, bar), dtype=entry.dtype)
+            store.write_block_stream(entry.index, _encoded(entry, source, chunk_bytes, bar), dtype=entry.dtype,
+                                     compress=None if entry.name == RESIDENT else compress)
             store.commit(complete=False)  # progress survives a crash: a re-run skips this block
             written += 1
         bar.set_description("verify checksums")
@@ -112,7 +119,8 @@ def _run(store: BlockStore, source: TensorSource, done: set[int], chunk_bytes: i
         store.commit(complete=True)
     finally:
         bar.close()
-    return ConvertReport(store.path, len(entries), written, sum(sizes), sum(e.nbytes for e in store.entries),
+    stored = sum(e.zstd.stored_bytes if e.zstd is not None else e.nbytes for e in store.entries)
+    return ConvertReport(store.path, len(entries), written, sum(sizes), stored,
                          time.perf_counter() - t0)
 
 

@@ -3,7 +3,9 @@
 Bytes only, no math: the engine decodes what this returns and hands back what it encoded. Disk blocks are
 read by a pool of reader threads into aligned staging buffers, ahead of use, in schedule order; write-backs
 go through their own writer threads and copy-on-write files (write ``.tmp``, fsync, rename), so a crash
-never destroys the only good copy.
+never destroys the only good copy. With ``compress`` (zo2tier.store.zstd), disk blocks are stored as zstd
+frames: the store's frame threads decompress them straight into the staging buffers and compress the
+write-backs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 
 from zo2tier.store.io import BlockFile, BlockIOError, PinnedPool, aligned_empty, align_up
+from zo2tier.store.zstd import Zstd
 from zo2tier.tiers.cuda_path import CudaTransfers
 from zo2tier.tiers.records import BlockRecord, BlockTable
 
@@ -40,6 +43,7 @@ class TierManager:
         n_readers: int = 4,
         n_writers: int = 2,
         direct_io: bool = True,
+        compress: Zstd | None = None,
     ) -> None:
         self.table = table
         self.device = device
@@ -47,6 +51,7 @@ class TierManager:
         self.lookahead_blocks = max(0, lookahead_blocks)
         self._n_readers, self._n_writers = n_readers, n_writers
         self._direct = direct_io
+        self.compress = compress  # disk blocks are written as zstd frames (needs a store)
         self._pin = device.type == "cuda"
         self._readers: ThreadPoolExecutor | None = None
         self._writers: ThreadPoolExecutor | None = None
@@ -62,6 +67,9 @@ class TierManager:
     # ---- life cycle -------------------------------------------------------------------------------
     def open(self) -> "TierManager":
         disk = self.table.by_tier("disk")
+        if disk and self.compress is not None and self.store is None:
+            raise ValueError("compress needs the disk tier to be a store (zo2tier.store.blockstore.BlockStore); "
+                             "build the engine with disk_dir, or pass compress=None")
         largest = max((align_up(r.stored_bytes) for r in disk), default=0)
         n_staging = (self.lookahead_blocks + 1 + self._n_writers + 1) if disk else 0
         host_bytes = sum(align_up(r.stored_bytes) for r in self.table.by_tier("host"))
@@ -292,7 +300,8 @@ class TierManager:
     def _write_file(self, record: BlockRecord, staging: torch.Tensor, release: bool = True, n_steps: int = 0) -> int:
         if self.store is not None:  # a new generation file; the store keeps the committed one
             try:
-                entry = self.store.write_block(record.index, staging, dtype=record.storage, direct=self._direct)
+                entry = self.store.write_block(record.index, staging, dtype=record.storage, direct=self._direct,
+                                               compress=self.compress)
                 record.path = self.store.file_path(entry)
                 self.bytes_written += record.stored_bytes
             finally:
