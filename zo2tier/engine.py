@@ -105,7 +105,7 @@ class ZOEngine:
         if unknown:
             raise ValueError(f"storage names unknown tier(s) {sorted(unknown)}; use device, host, disk")
         # K per tier (host, disk): written back every K steps, staggered by block; see docs/io.md
-        self.write_back_every = resolve_write_back(write_back_every, self.device)
+        self.write_back_every = resolve_write_back(write_back_every, self.device, self.storage)
         self.max_log = _check_max_log(max_log)
         # disk-tier blocks as zstd frames: "zstd", {"disk": "zstd"} or Zstd(level=, frame_bytes=); default
         # off (zo2tier.store.zstd.DEFAULT_DISK_COMPRESS; docs/io.md "zstd on the disk tier")

@@ -14,6 +14,8 @@ choice below are in ``docs/io.md`` ("Update log and write-back").
 {'host': 1, 'disk': 1}
 >>> resolve_write_back({"disk": 16}, torch.device("cpu"))
 {'host': 1, 'disk': 16}
+>>> resolve_write_back(None, torch.device("cuda"), {"host": "int8"})
+{'host': 16, 'disk': 16}
 """
 
 from __future__ import annotations
@@ -23,22 +25,29 @@ from typing import Mapping
 import torch
 
 # On the CPU an RNG pass costs ~50-100x a block write (docs/io.md): write back every step.
-# On CUDA (H100, DESIGN.md §1 numbers: fused RNG pass 0.75 ms per 315M parameters, host writes at
-# 52.9 GB/s, disk writes at 2.84 GB/s) K* is about 5 for the host tier and 18-24 for the disk tier.
+# On CUDA, measured on the H100 machine (benchmarks/writeback_h100.json, 201M-parameter block): a replayed
+# step costs 0.59 ms; a write-back 7.4 ms to pinned host and 122-129 ms to disk (fp16/bf16, whose
+# stochastic rounding runs inside the fused kernel), so K* = sqrt(2 t_write / t_replay) is about 5 for
+# the host tier and 20-25 for the disk tier. int8 write-backs also pay the torch encoder (~68 ms), which
+# moves the host tier's K* to about 16 (DEFAULT_INT8_HOST_EVERY).
 DEFAULT_WRITE_BACK_EVERY: dict[str, dict[str, int]] = {
     "cpu": {"host": 1, "disk": 1},
     "cuda": {"host": 4, "disk": 16},
 }
+DEFAULT_INT8_HOST_EVERY = 16  # CUDA, host tier stored as int8
 _TIERS = ("host", "disk")
 
 
-def resolve_write_back(value: int | Mapping[str, int] | None, device: torch.device) -> dict[str, int]:
+def resolve_write_back(value: int | Mapping[str, int] | None, device: torch.device,
+                       storage: Mapping[str, str] | None = None) -> dict[str, int]:
     """``write_back_every`` as given to the engine -> K per tier (``{"host": K, "disk": K}``).
 
-    ``None`` takes the measured default for ``device``; an int applies to both tiers; a mapping overrides
-    the default for the tiers it names.
+    ``None`` takes the measured default for ``device`` (and the host tier's ``storage`` dtype on CUDA); an int
+    applies to both tiers; a mapping overrides the default for the tiers it names.
     """
     out = dict(DEFAULT_WRITE_BACK_EVERY.get(device.type, DEFAULT_WRITE_BACK_EVERY["cuda"]))
+    if device.type == "cuda" and (storage or {}).get("host") == "int8":
+        out["host"] = DEFAULT_INT8_HOST_EVERY
     if value is None:
         return out
     given = {t: value for t in _TIERS} if not isinstance(value, Mapping) else dict(value)
