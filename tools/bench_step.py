@@ -11,6 +11,7 @@ Blocks are generated straight into their tiers (never the whole model on the hos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -136,11 +137,13 @@ def run_tiered(args, device: torch.device) -> dict:
         before = (engine.tiers.bytes_read, engine.tiers.bytes_written, engine.tiers.h2d_bytes, engine.tiers.d2h_bytes)
         sync(device)
         t = time.perf_counter()
-        if args.phase == "train":
-            engine.step(batch)
-        else:
-            engine.evaluate(batch)
-        sync(device)
+        traced = args.trace and i == args.steps - 1  # the last step, steady state, as a per-block timeline
+        with engine.trace(args.trace) if traced else contextlib.nullcontext():
+            if args.phase == "train":
+                engine.step(batch)
+            else:
+                engine.evaluate(batch)
+            sync(device)
         times.append(time.perf_counter() - t)
         after = (engine.tiers.bytes_read, engine.tiers.bytes_written, engine.tiers.h2d_bytes, engine.tiers.d2h_bytes)
         moved.append([a - b for a, b in zip(after, before)])
@@ -253,6 +256,7 @@ def main() -> None:
     p.add_argument("--disk-dir", default="runs/bench-disk")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--phase", default="train", choices=["train", "eval"])
+    p.add_argument("--trace", default="", help="write the last step's per-block timeline here (Chrome trace JSON)")
     p.add_argument("--baseline", action="store_true")
     p.add_argument("--baseline-first", action="store_true")
     args = p.parse_args()

@@ -9,11 +9,12 @@ is never perturbed in place, so nothing drifts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, int8_scales, encoded_bytes
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
+from zo2tier.trace import Timeline
 from zo2tier.tiers.write_back import check_max_log as _check_max_log, resolve_write_back
 from zo2tier.tiers.store_dir import claim_disk_dir, release_disk_dir
 from zo2tier.zo import fused
@@ -132,6 +134,7 @@ class ZOEngine:
 
         self.model = model.eval()  # dropout would give the two perturbed passes different masks
         self.log: list[LogEntry] = []
+        self._timeline: Timeline | None = None  # set while trace() records
         self.n_skipped = 0
         self.extra_state: dict = {}  # the caller's dict from save_checkpoint, given back by resume
         self._mode: tuple[str, int, float] = ("eval", 0, 0.0)
@@ -374,6 +377,12 @@ class ZOEngine:
         self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=None)
 
     def _run(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self._timeline is None:
+            return self._run_block(binding_index, inner, args, kwargs)
+        with self._timeline.span("compute", self.table[self.bindings[binding_index].record].name):
+            return self._run_block(binding_index, inner, args, kwargs)
+
+    def _run_block(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
         binding = self.bindings[binding_index]
         record = self.table[binding.record]
         resident = record.name == RESIDENT
@@ -556,6 +565,33 @@ class ZOEngine:
 
     # ---- weights out ------------------------------------------------------------------------------
     @torch.no_grad()
+    @contextlib.contextmanager
+    def trace(self, path: str | os.PathLike) -> Iterator[Timeline]:
+        """Record a per-block timeline of the steps run inside the ``with``; write it to ``path`` (Chrome trace).
+
+        Lanes: compute, H2D / D2H copies (CUDA) and each disk reader / writer thread. Open the file in
+        Perfetto or chrome://tracing, or draw it with ``tools/plot_trace.py``. Example::
+
+            with engine.trace("runs/steps.json"):
+                for batch in batches[:3]:
+                    engine.step(batch)
+        """
+        self._check_open()
+        if self._timeline is not None:
+            raise RuntimeError("a trace is already being recorded; traces do not nest")
+        timeline = Timeline(self.device)
+        self._timeline = self.tiers.timeline = timeline
+        if self.tiers._cuda is not None:
+            self.tiers._cuda.timeline = timeline
+        try:
+            yield timeline
+            self.tiers.drain()  # the write-backs started inside the trace land in it
+        finally:
+            self._timeline = self.tiers.timeline = None
+            if self.tiers._cuda is not None:
+                self.tiers._cuda.timeline = None
+        timeline.export(os.fspath(path))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Current weights on the CPU with every pending update applied; same keys as ``model.state_dict()``."""
         self._check_open()

@@ -24,6 +24,7 @@ class CudaTransfers:
         self.n_out = n_out
         self.h2d_bytes = 0
         self.d2h_bytes = 0
+        self.timeline = None  # a zo2tier.trace.Timeline while ZOEngine.trace() records
 
     def open(self) -> "CudaTransfers":
         self._copy = torch.cuda.Stream(self.device)
@@ -56,7 +57,10 @@ class CudaTransfers:
             pending = self._write_events.get(record.index)
             if pending is not None:
                 self._copy.wait_event(pending)  # its last write-back has landed in host memory
+            span = self.timeline.gpu_begin("H2D copy", record.name, self._copy) if self.timeline else None
             slot[: record.stored_bytes].copy_(record.data, non_blocking=True)
+            if span is not None:
+                self.timeline.gpu_end(span, self._copy)
             done = torch.cuda.Event()
             done.record(self._copy)
         self._ready.append((record.index, slot, done))
@@ -91,7 +95,10 @@ class CudaTransfers:
         encoded.record(compute)
         with torch.cuda.stream(self._back):
             self._back.wait_event(encoded)
+            span = self.timeline.gpu_begin("D2H copy", record.name, self._back) if self.timeline else None
             record.data.copy_(out[: raw.numel()], non_blocking=True)
+            if span is not None:
+                self.timeline.gpu_end(span, self._back)
             landed = torch.cuda.Event()
             landed.record(self._back)
         self._write_events[record.index] = landed

@@ -10,6 +10,7 @@ write-backs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 from collections import deque
@@ -21,6 +22,7 @@ from zo2tier.store.io import BlockFile, BlockIOError, PinnedPool, aligned_empty,
 from zo2tier.store.zstd import Zstd
 from zo2tier.tiers.cuda_path import CudaTransfers
 from zo2tier.tiers.records import BlockRecord, BlockTable
+from zo2tier.trace import Timeline
 
 
 class TierManager:
@@ -62,6 +64,7 @@ class TierManager:
         self.bytes_read = 0
         self.bytes_written = 0
         self._cuda: CudaTransfers | None = None
+        self.timeline: Timeline | None = None  # set by ZOEngine.trace(); spans of the reader/writer threads
         self._host_next = 0
 
     # ---- life cycle -------------------------------------------------------------------------------
@@ -226,7 +229,8 @@ class TierManager:
         if pending is not None:  # read the new file; if the write failed the old one is intact and is read
             wait([pending])
         try:
-            self._read_file(record, staging)
+            with self._span("disk read", record.name):
+                self._read_file(record, staging)
         except BaseException:
             self._read_pool.put(staging)  # never lose a staging buffer, or the next fetch would wait forever
             raise
@@ -297,7 +301,15 @@ class TierManager:
                 first = first or exc
         return first
 
+    def _span(self, prefix: str, name: str):
+        tl = self.timeline
+        return tl.cpu_span(tl.thread_lane(prefix), name) if tl is not None else contextlib.nullcontext()
+
     def _write_file(self, record: BlockRecord, staging: torch.Tensor, release: bool = True, n_steps: int = 0) -> int:
+        with self._span("disk write", record.name):
+            return self._write_file_now(record, staging, release, n_steps)
+
+    def _write_file_now(self, record: BlockRecord, staging: torch.Tensor, release: bool, n_steps: int) -> int:
         if self.store is not None:  # a new generation file; the store keeps the committed one
             try:
                 entry = self.store.write_block(record.index, staging, dtype=record.storage, direct=self._direct,
