@@ -96,6 +96,8 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--disk-dir", default=None, help="folder for disk-tier blocks")
     ft.add_argument("--storage", type=_storage_arg, default={}, help="stored dtype per tier, e.g. host=bf16,disk=int8")
     ft.add_argument("--write-back-every", type=int, default=1, help="write host/disk blocks back every K visits")
+    ft.add_argument("--compress", choices=("none", "zstd"), default=None,
+                    help="store disk-tier blocks as zstd frames (default: off; docs/io.md says when it pays)")
     ft.add_argument("--out", required=True, help="folder for log.jsonl, checkpoint.json, curves.png, model/")
     ft.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ft.add_argument("--export", choices=("hf", "none"), default="hf",
@@ -114,7 +116,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, eval_max=args.eval_max,
         eval_test=args.eval_test, max_length=args.max_length, device=args.device, dtype=args.dtype, budget=args.budget,
-        disk_dir=args.disk_dir, storage=args.storage, write_back_every=args.write_back_every,
+        disk_dir=args.disk_dir, storage=args.storage, write_back_every=args.write_back_every, compress=args.compress,
         resume=args.resume, export=args.export, progress=not args.no_progress,
     )
     print(main_result_line(result), flush=True)

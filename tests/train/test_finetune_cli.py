@@ -82,3 +82,25 @@ def test_resume_mid_run_matches_an_uninterrupted_run(tmp_path):
 
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
     assert len(losses(tmp_path / "cut")) == 6
+
+
+def test_zstd_disk_tier_gives_the_same_run(tmp_path):
+    model, train, test = _task(tmp_path)
+    plain = _run(tmp_path, model, train, test, tmp_path / "plain", steps=3)
+    packed = finetune(model=model, train=train, test=test, out=str(tmp_path / "zstd"), steps=3, batch_size=8,
+                      lr=1e-3, eval_every=3, objective="classification", budget="device=1GiB,host=1GiB,disk=1GiB",
+                      disk_dir=str(tmp_path / "disk-zstd"), progress=False, compress="zstd",
+                      placement={f"model.layers.{i}": t for i, t in enumerate(["device", "host", "disk", "disk"])})
+    a = load_file(tmp_path / "plain/model/model.safetensors")
+    b = load_file(tmp_path / "zstd/model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and packed.finetuned_acc == plain.finetuned_acc
+    blocks = json.loads((tmp_path / "disk-zstd/manifest.json").read_text())["blocks"]
+    assert sum("zstd" in b for b in blocks) == 2  # the two disk-tier layers were stored as zstd frames
+
+
+def test_bad_compress_is_a_clear_error(tmp_path):
+    import pytest
+
+    model, train, test = _task(tmp_path)
+    with pytest.raises(ValueError, match="compress='lz4'"):
+        finetune(model=model, train=train, test=test, out=str(tmp_path / "o"), compress="lz4")

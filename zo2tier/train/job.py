@@ -80,6 +80,7 @@ class FineTuneConfig:
     storage: Mapping[str, str] = field(default_factory=dict)
     placement: Mapping[str, str] | None = None
     write_back_every: int = 1
+    compress: str | None = None
     dtype: str | None = None
     resume: bool = False
     export: str = "hf"
@@ -99,6 +100,8 @@ class FineTuneConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
         if self.export not in EXPORTS:
             raise ValueError(f"export={self.export!r} is unknown; use one of {', '.join(EXPORTS)}")
+        if self.compress not in (None, "none", "zstd"):
+            raise ValueError(f"compress={self.compress!r} is unknown; use zstd or none (disk tier only)")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(_DTYPES)}")
         self.prompt()  # checks the template and the label words
@@ -137,7 +140,8 @@ def finetune(**kwargs: Any) -> FineTuneResult:
     ``{text}`` slot, ``label_words`` (``"positive=great,negative=terrible"``), ``objective`` (``"lm"``: LM loss
     on the label word; ``"classification"``: cross-entropy over the label words' logits), MeZO settings
     (``steps``, ``batch_size``, ``lr``, ``eps``, ``weight_decay``, ``seed``, ``lr_schedule``), tiers
-    (``device``, ``budget``, ``disk_dir``, ``storage``, ``placement``, ``write_back_every``), evaluation
+    (``device``, ``budget``, ``disk_dir``, ``storage``, ``placement``, ``write_back_every``, ``compress``:
+    ``"zstd"`` frames on the disk tier), evaluation
     (``eval_every``, ``eval_max``; ``eval_test``: also log test accuracy at every eval point, for curves only)
     and output (``out``, ``export``, ``resume``).
     """
@@ -197,7 +201,7 @@ def open_engine(cfg: FineTuneConfig) -> tuple[ZOEngine, Any, Any]:
     dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
     kwargs = dict(budget=cfg.budget, disk_dir=cfg.disk_dir, device=cfg.device, config=cfg.mezo(),
                   placement=cfg.placement, storage=dict(cfg.storage) or None,
-                  write_back_every=cfg.write_back_every)
+                  write_back_every=cfg.write_back_every, compress=cfg.compress)
     gguf = find_gguf(cfg.model)
     if gguf is not None:
         model, tokenizer = load_gguf(gguf, dtype=dtype)
