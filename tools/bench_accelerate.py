@@ -32,27 +32,16 @@ import time
 
 import torch
 
-SHAPES = {  # OPT: hidden, ffn, layers, heads
-    "opt-125m": (768, 3072, 12, 12),
-    "opt-350m": (1024, 4096, 24, 16),
-    "opt-1.3b": (2048, 8192, 24, 32),
-    "opt-2.7b": (2560, 10240, 32, 32),
-    "opt-6.7b": (4096, 16384, 32, 32),
-    "opt-13b": (5120, 20480, 40, 40),
-    "opt-30b": (7168, 28672, 48, 56),
-    "opt-66b": (9216, 36864, 64, 72),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shapes import SHAPES, drop_page_cache, model_config  # noqa: E402
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 INDEX = "model.safetensors.index.json"
 
 
 def opt_config(name: str, dtype: torch.dtype):
-    import transformers as tf
-
-    hidden, ffn, layers, heads = SHAPES[name]
-    cfg = tf.OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-                       word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048,
-                       use_cache=False)
+    cfg = model_config(name)
+    cfg.use_cache = False
     cfg.dtype = dtype
     return cfg
 
@@ -133,13 +122,7 @@ def write_checkpoint(ckpt: str, config, dtype, device: str) -> dict:
 
 
 def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return True
-    except OSError:
-        return False
+    return drop_page_cache() == "drop_caches"
 
 
 def placement(device_map: dict) -> dict:

@@ -43,6 +43,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shapes import drop_page_cache  # noqa: E402
 
 # ---- defaults; each can be overridden with --key=value (dashes or underscores) ----------------------
 DIR = "/tmp/zo2tier-bench-io"  # scratch directory on the disk under test; emptied and removed at the end
@@ -162,27 +164,6 @@ def host_info(directory: str) -> dict:
             "python": platform.python_version()}
 
 
-def drop_caches(files: list[str]) -> str:
-    """Empty the page cache of ``files``; returns the method that worked."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
-    for path in files:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return "fadvise_dontneed"
-
-
 def files_under(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
@@ -280,7 +261,7 @@ def bench_raw(raw: RawFile, threads: list[int], note: dict) -> dict:
     rows = []
     for t in threads:
         w = raw.write(t)
-        method = drop_caches([raw.path])
+        method = drop_page_cache([raw.path])
         r = raw.read(t)
         rows.append({"threads": t, "write_gbps": round(total / w / GB, 3), "read_gbps": round(total / r / GB, 3)})
         print(f"raw O_DIRECT={raw.direct} threads={t}: write {rows[-1]['write_gbps']} GB/s, "
@@ -297,7 +278,7 @@ def bench_raw_mixed(raw: RawFile, n_threads: int) -> dict:
 
     half = raw.n_blocks // 2
     readers, writers = max(1, n_threads // 2), max(1, n_threads - n_threads // 2)
-    drop_caches([raw.path])
+    drop_page_cache([raw.path])
     times: dict = {}
 
     def reads() -> None:
@@ -412,7 +393,7 @@ def bench_tensorstore(o: dict, root: str, n_blocks: int, block_bytes: int, src, 
         for mode in words(o["ts_read_modes"]):
             row = {"codec": codec, "file_io_mode": mode}
             try:
-                row["cache_drop"] = drop_caches(files_under(path))
+                row["cache_drop"] = drop_page_cache(files_under(path))
                 store = ts.open(spec, open=True, read=True,
                                 context=_ts_context(mode, True, o["ts_concurrency"])).result()
                 t0 = time.perf_counter()
@@ -487,7 +468,7 @@ def bench_aiofiles(raw: RawFile, concurrencies: list[int], modes: list[str]) -> 
             continue
         for c in concurrencies:
             w = asyncio.run(run(c, True, direct))
-            method = drop_caches([raw.path])
+            method = drop_page_cache([raw.path])
             r = asyncio.run(run(c, False, direct))
             rows.append({"mode": mode, "tasks": c, "write_gbps": round(total / w / GB, 3),
                          "read_gbps": round(total / r / GB, 3), "cache_drop": method})
@@ -584,7 +565,7 @@ def bench_mmap(raw: RawFile, threads: list[int], src) -> dict:
         os.sync()
         w = time.perf_counter() - t0
         del out_map, write
-        method = drop_caches([raw.path])
+        method = drop_page_cache([raw.path])
         in_map = np.memmap(raw.path, dtype=np.uint8, mode="r", shape=(total,))
 
         def read(i: int, b: int, in_map=in_map, stages=stages) -> None:

@@ -26,31 +26,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SHAPES = {  # hidden, ffn, layers, heads (OPT); Llama shapes add kv heads
-    "opt-125m": (768, 3072, 12, 12),
-    "opt-350m": (1024, 4096, 24, 16),
-    "opt-1.3b": (2048, 8192, 24, 32),
-    "opt-2.7b": (2560, 10240, 32, 32),
-    "opt-6.7b": (4096, 16384, 32, 32),
-    "opt-13b": (5120, 20480, 40, 40),
-    "opt-30b": (7168, 28672, 48, 56),
-    "opt-66b": (9216, 36864, 64, 72),
-    "llama-7b": (4096, 11008, 32, 32),
-    "llama-13b": (5120, 13824, 40, 40),
-}
-
-
-def model_config(name: str):
-    import transformers as tf
-
-    hidden, ffn, layers, heads = SHAPES[name]
-    if name.startswith("opt"):
-        return tf.OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=heads,
-                            word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048)
-    return tf.LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000,
-                          max_position_embeddings=4096, tie_word_embeddings=False)
+from _shapes import SHAPES, drop_page_cache, model_config  # noqa: E402  (bench_dp imports these from here)
 
 
 class RandomInit:
@@ -177,12 +155,8 @@ def raw_read_gbps(engine, threads: int = 8) -> float:
     from zo2tier.store.io import BlockFile, aligned_empty
 
     engine.tiers.drain()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
     records = [r for r in engine.table if r.tier == "disk"]
+    drop_page_cache([r.path for r in records])
     bufs = [aligned_empty(max(r.stored_bytes for r in records)) for _ in range(threads)]
 
     def read(i: int) -> int:
