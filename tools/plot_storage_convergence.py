@@ -32,7 +32,7 @@ from zo2tier.tiers import codec  # noqa: E402
 from tiny_models import tiny_batch, tiny_model  # noqa: E402
 
 STEPS = 300
-LR = 1e-4
+LR = 2e-5
 EPS = 1e-3
 EVAL_EVERY = 10
 INIT_SCALE = 10.0
