@@ -74,3 +74,15 @@ def test_fused_stochastic_rounding_is_unbiased(dtype):
     got, want = total.cpu(), expected
     # per-element means agree in aggregate: compare the projection onto the expected direction
     assert float((got * want).sum() / (want * want).sum()) == pytest.approx(1.0, rel=0.05)
+
+
+def test_fused_float_path_holds_no_fp32_block_buffer(tmp_path):
+    """fp16 blocks through the fused kernel never touch the fp32 work buffer, so it is never allocated."""
+    model = tiny_model("llama")
+    place = {b: "host" for b in zo2tier.ZOEngine.block_names(model)}
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, device="cuda", placement=place,
+                          storage={"device": "fp16", "host": "fp16"},
+                          config=zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, seed=0)) as engine:
+        for _ in range(3):
+            engine.step(tiny_batch())
+        assert engine._work_buf is None

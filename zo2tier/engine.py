@@ -285,7 +285,8 @@ class ZOEngine:
                     module._buffers[key] = b.to(self.device)
         self._buffers_by_key = {k: v for k, v in source.buffer_keys().items()}
         largest = max(r.numel for r in records)
-        self._work = torch.empty(largest, dtype=torch.float32, device=self.device)
+        self._work_numel = largest
+        self._work_buf: torch.Tensor | None = None  # fp32 block buffer, allocated on first use (see _work)
         self._scratch = torch.empty(largest, dtype=self.compute_dtype, device=self.device)
         self._fused_blocks = any(self._is_fused(r) for r in records[:-1])
         self._scratch_minus = (
@@ -375,6 +376,15 @@ class ZOEngine:
 
     def _prepare_resident(self) -> None:
         self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=None)
+
+    @property
+    def _work(self) -> torch.Tensor:
+        """An fp32 buffer of the largest block. The generic path, int8 write-backs and ``state_dict`` use it;
+        the fused CUDA path with float storage never does, so it is allocated on first use, not up front
+        (at OPT-13B that is 1.26 GB of GPU memory a fp16 run does not hold)."""
+        if self._work_buf is None:
+            self._work_buf = torch.empty(self._work_numel, dtype=torch.float32, device=self.device)
+        return self._work_buf
 
     def _run(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self._timeline is None:
