@@ -74,8 +74,13 @@ def thirds(blocks: list[str]) -> dict[str, str]:
     return {b: "device" if i < n // 3 else "host" if i < 2 * (n // 3) else "disk" for i, b in enumerate(blocks)}
 
 
-def counted(blocks: list[str], spec: str) -> dict[str, str]:
-    """``"D/H/K"``: the first D blocks on the device, the next H in host RAM, the last K on disk."""
+def placement_for(blocks: list[str], spec: str) -> dict[str, str]:
+    """``thirds``, ``device`` (all on the device) or ``"D/H/K"``: the first D blocks on the device, the next H
+    in host RAM, the last K on disk."""
+    if spec == "thirds":
+        return thirds(blocks)
+    if spec == "device":
+        return dict.fromkeys(blocks, "device")
     try:
         counts = [int(x) for x in spec.split("/")]
     except ValueError:
@@ -139,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     blocks = ZOEngine.block_names(pretrained_skeleton(model_dir)[0])
     try:
-        placement = {"thirds": thirds, "device": lambda b: dict.fromkeys(b, "device")}.get(
-            args.placement, lambda b: counted(b, args.placement))(blocks)
+        placement = placement_for(blocks, args.placement)
     except ValueError as exc:
         print(f"zo2tier demo: {exc}", file=sys.stderr)
         return 2

@@ -141,10 +141,7 @@ class ZOEngine:
         self._rows = 0
         self._closed = False
         try:
-            if self._shared_disk:
-                with _shared_disk.owner_first(self):
-                    self._build(model, _source or in_memory_source(model), lookahead_blocks)
-            else:
+            with _shared_disk.owner_first(self) if self._shared_disk else contextlib.nullcontext():
                 self._build(model, _source or in_memory_source(model), lookahead_blocks)
         except BaseException:  # e.g. the disk filled while the store was written: let other processes in
             if getattr(self, "store", None) is not None:
@@ -285,7 +282,6 @@ class ZOEngine:
                     module._buffers[key] = b.to(self.device)
         self._buffers_by_key = {k: v for k, v in source.buffer_keys().items()}
         largest = max(r.numel for r in records)
-        self._work_numel = largest
         self._work_buf: torch.Tensor | None = None  # fp32 block buffer, allocated on first use (see _work)
         self._scratch = torch.empty(largest, dtype=self.compute_dtype, device=self.device)
         self._fused_blocks = any(self._is_fused(r) for r in records[:-1])
@@ -379,11 +375,11 @@ class ZOEngine:
 
     @property
     def _work(self) -> torch.Tensor:
-        """An fp32 buffer of the largest block. The generic path, int8 write-backs and ``state_dict`` use it;
-        the fused CUDA path with float storage never does, so it is allocated on first use, not up front
-        (at OPT-13B that is 1.26 GB of GPU memory a fp16 run does not hold)."""
+        """An fp32 buffer of the largest block (``_scratch``'s length). The generic path and int8 write-backs
+        use it; the fused CUDA path with float storage never does, so it is allocated on first use, not up
+        front (at OPT-13B that is 1.26 GB of GPU memory a fp16 run does not hold)."""
         if self._work_buf is None:
-            self._work_buf = torch.empty(self._work_numel, dtype=torch.float32, device=self.device)
+            self._work_buf = torch.empty(self._scratch.numel(), dtype=torch.float32, device=self.device)
         return self._work_buf
 
     def _run(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -574,7 +570,6 @@ class ZOEngine:
         self.tiers.write_back(record, raw, n_steps=len(self.log))  # applied once stored (disk: once written)
 
     # ---- weights out ------------------------------------------------------------------------------
-    @torch.no_grad()
     @contextlib.contextmanager
     def trace(self, path: str | os.PathLike) -> Iterator[Timeline]:
         """Record a per-block timeline of the steps run inside the ``with``; write it to ``path`` (Chrome trace).
@@ -602,6 +597,7 @@ class ZOEngine:
                 self.tiers._cuda.timeline = None
         timeline.export(os.fspath(path))
 
+    @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Current weights on the CPU with every pending update applied; same keys as ``model.state_dict()``."""
         self._check_open()

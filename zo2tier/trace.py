@@ -63,31 +63,24 @@ class Timeline:
         """A lane per worker thread: ``"{prefix} {thread name}"``."""
         return f"{prefix} {threading.current_thread().name}"
 
-    def gpu_begin(self, lane: str, name: str, stream: torch.cuda.Stream) -> _GpuSpan:
-        """Mark the start of GPU work enqueued next on ``stream``; close it with :meth:`gpu_end`."""
+    @contextlib.contextmanager
+    def stream_span(self, lane: str, name: str, stream: torch.cuda.Stream) -> Iterator[None]:
+        """Time the GPU work the ``with`` body enqueues on ``stream`` (CUDA events, resolved at export)."""
         span = _GpuSpan(lane, name, torch.cuda.Event(enable_timing=True))
         span.start.record(stream)
         with self._lock:
             self._gpu.append(span)
-        return span
-
-    def gpu_end(self, span: _GpuSpan, stream: torch.cuda.Stream) -> None:
-        span.end = torch.cuda.Event(enable_timing=True)
-        span.end.record(stream)
-
-    @contextlib.contextmanager
-    def span(self, lane: str, name: str) -> Iterator[None]:
-        """The device's own notion of a span: CUDA events on the current stream, else wall clock."""
-        if self._ref is None:
-            with self.cpu_span(lane, name):
-                yield
-            return
-        stream = torch.cuda.current_stream(self.device)
-        token = self.gpu_begin(lane, name, stream)
         try:
             yield
         finally:
-            self.gpu_end(token, stream)
+            span.end = torch.cuda.Event(enable_timing=True)
+            span.end.record(stream)
+
+    def span(self, lane: str, name: str):
+        """The device's own notion of a span: CUDA events on the current stream, else wall clock."""
+        if self._ref is None:
+            return self.cpu_span(lane, name)
+        return self.stream_span(lane, name, torch.cuda.current_stream(self.device))
 
     def events(self) -> list[dict]:
         """Chrome trace events (``ph: X``, microseconds since the timeline started), lanes named."""

@@ -7,6 +7,8 @@ allocated once in :meth:`CudaTransfers.open`; nothing is allocated per step.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections import deque
 
 import torch
@@ -57,10 +59,8 @@ class CudaTransfers:
             pending = self._write_events.get(record.index)
             if pending is not None:
                 self._copy.wait_event(pending)  # its last write-back has landed in host memory
-            span = self.timeline.gpu_begin("H2D copy", record.name, self._copy) if self.timeline else None
-            slot[: record.stored_bytes].copy_(record.data, non_blocking=True)
-            if span is not None:
-                self.timeline.gpu_end(span, self._copy)
+            with self._span("H2D copy", record.name, self._copy):
+                slot[: record.stored_bytes].copy_(record.data, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._copy)
         self._ready.append((record.index, slot, done))
@@ -95,15 +95,17 @@ class CudaTransfers:
         encoded.record(compute)
         with torch.cuda.stream(self._back):
             self._back.wait_event(encoded)
-            span = self.timeline.gpu_begin("D2H copy", record.name, self._back) if self.timeline else None
-            record.data.copy_(out[: raw.numel()], non_blocking=True)
-            if span is not None:
-                self.timeline.gpu_end(span, self._back)
+            with self._span("D2H copy", record.name, self._back):
+                record.data.copy_(out[: raw.numel()], non_blocking=True)
             landed = torch.cuda.Event()
             landed.record(self._back)
         self._write_events[record.index] = landed
         self._outs.append((out, landed))
         self.d2h_bytes += raw.numel()
+
+    def _span(self, lane: str, name: str, stream: torch.cuda.Stream):
+        tl = self.timeline
+        return tl.stream_span(lane, name, stream) if tl is not None else contextlib.nullcontext()
 
     def synchronize(self) -> None:
         self._copy.synchronize()
