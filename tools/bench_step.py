@@ -5,7 +5,11 @@
 
 Blocks are generated straight into their tiers (never the whole model on the host first). With
 ``--baseline`` the same process also runs plain MeZO with every weight on the GPU (in-place ``randn`` +
-``add_``, 4 passes) on the same shape, and reports its tok/s beside ours.
+``add_``, 4 passes) on the same shape, and reports its tok/s beside ours. ``--repeat=3`` alternates the two
+(tiered, baseline, tiered, ...) and reports the median of the per-pair ratios: calls differ by ~4%.
+GPU peaks (NVML and torch) cover the first tiered run's steps only, not the build and not the baseline;
+``gpu_build_peak_nvml_gib`` reports the build. ``--mem-snapshot=F`` dumps the allocator's history over the
+last step of that run (open it at pytorch.org/memory_viz).
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class Sampler:
                 self.gpu_peak_bytes = max(self.gpu_peak_bytes, self._gpu_used())
             time.sleep(0.05)
 
+    def reset(self) -> None:
+        """Forget the GPU peak so far (the build's): the next readings start a new window. RSS keeps its peak."""
+        self.gpu_peak_bytes = 0
+
     def __enter__(self) -> "Sampler":
         self._thread.start()
         return self
@@ -94,7 +102,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_tiered(args, device: torch.device) -> dict:
+def build_tiered(args, device: torch.device):
+    """The engine over a random-init model, its blocks generated straight into their tiers."""
     import zo2tier
     from zo2tier.model.loading import params_on_meta
     from transformers import AutoModelForCausalLM
@@ -107,7 +116,11 @@ def run_tiered(args, device: torch.device) -> dict:
                               config=zo2tier.MeZOConfig(lr=1e-7, eps=1e-3, seed=0), storage=storage,
                               write_back_every=args.write_back_every, lookahead_blocks=args.lookahead,
                               _source=RandomInit(model, device))
-    build_s = time.perf_counter() - t0
+    return engine, model, time.perf_counter() - t0
+
+
+def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
+    """``args.steps`` steps (or eval passes); the median of the steady ones, bytes moved per tier."""
     ids = torch.randint(0, 32000, (args.batch, args.seq), device=device)
     batch = {"input_ids": ids}
     times, moved = [], []
@@ -115,14 +128,19 @@ def run_tiered(args, device: torch.device) -> dict:
         before = (engine.tiers.bytes_read, engine.tiers.bytes_written, engine.tiers.h2d_bytes, engine.tiers.d2h_bytes)
         sync(device)
         t = time.perf_counter()
-        traced = args.trace and i == args.steps - 1  # the last step, steady state, as a per-block timeline
-        with engine.trace(args.trace) if traced else contextlib.nullcontext():
+        last = i == args.steps - 1  # the last step, steady state
+        if snapshot and last:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        with engine.trace(args.trace) if args.trace and last else contextlib.nullcontext():
             if args.phase == "train":
                 engine.step(batch)
             else:
                 engine.evaluate(batch)
             sync(device)
         times.append(time.perf_counter() - t)
+        if snapshot and last:
+            torch.cuda.memory._dump_snapshot(snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
         after = (engine.tiers.bytes_read, engine.tiers.bytes_written, engine.tiers.h2d_bytes, engine.tiers.d2h_bytes)
         moved.append([a - b for a, b in zip(after, before)])
     steady = times[args.warmup:] or times
@@ -131,21 +149,15 @@ def run_tiered(args, device: torch.device) -> dict:
     last = [sum(m[i] for m in steady_moved) / len(steady_moved) for i in range(4)]  # mean bytes per step
     n_params = sum(p.numel for p in engine.layout.params)
     counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
-    out = dict(
-        step_s=step_s, tok_per_s=args.batch * args.seq / step_s, build_s=build_s, step_times=times,
+    return dict(
+        step_s=step_s, tok_per_s=args.batch * args.seq / step_s, step_times=times,
         blocks_per_tier=counts, storage=engine.storage,
         disk_read_bytes_per_step=last[0], disk_write_bytes_per_step=last[1],
         h2d_bytes_per_step=last[2], d2h_bytes_per_step=last[3],
         disk_read_gbps=last[0] / step_s / 1e9, disk_write_gbps=last[1] / step_s / 1e9,
         h2d_gbps=last[2] / step_s / 1e9, d2h_gbps=last[3] / step_s / 1e9,
         disk_bytes_per_param_step=(last[0] + last[1]) / n_params, n_params=n_params,
-        gpu_peak_torch_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     )
-    out["raw_disk_read_gbps"] = raw_read_gbps(engine) if counts["disk"] else None
-    engine.close()
-    del engine, model
-    gc.collect()
-    return out
 
 
 def raw_read_gbps(engine, threads: int = 8) -> float:
@@ -171,49 +183,55 @@ def raw_read_gbps(engine, threads: int = 8) -> float:
     return total / (time.perf_counter() - t) / 1e9
 
 
-def run_baseline(args, device: torch.device) -> dict | None:
-    """Plain MeZO: all weights on the GPU, in-place randn + add_ (4 passes), two forwards."""
-    from transformers import AutoModelForCausalLM
+class Baseline:
+    """Plain MeZO: all weights on the GPU, in-place randn + add_ (4 passes), two forwards. Built once, so
+    that it can alternate with the tiered runs; ``None`` from ``build`` when the model does not fit."""
 
-    torch.cuda.empty_cache()
-    try:
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float16)
-    except torch.OutOfMemoryError:
-        return None
-    model.eval()
-    params = [p for p in model.parameters()]
-    ids = torch.randint(0, 32000, (args.batch, args.seq), device=device)
+    def __init__(self, model, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.params = list(model.parameters())
 
-    def perturb(scale: float, seed: int) -> None:
-        gen = torch.Generator(device).manual_seed(seed)
-        for p in params:
-            z = torch.randn(p.shape, device=device, dtype=p.dtype, generator=gen)
+    @classmethod
+    def build(cls, args, device: torch.device) -> "Baseline | None":
+        from transformers import AutoModelForCausalLM
+
+        torch.cuda.empty_cache()
+        try:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float16)
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None
+        return cls(model.eval(), device)
+
+    def _perturb(self, scale: float, seed: int) -> None:
+        gen = torch.Generator(self.device).manual_seed(seed)
+        for p in self.params:
+            z = torch.randn(p.shape, device=self.device, dtype=p.dtype, generator=gen)
             p.data.add_(z, alpha=scale)
 
-    def loss() -> float:
-        logits = model(input_ids=ids, use_cache=False).logits
+    def _loss(self, ids: torch.Tensor) -> float:
+        logits = self.model(input_ids=ids, use_cache=False).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
 
-    times = []
-    with torch.no_grad():
+    @torch.no_grad()
+    def run(self, args) -> float:
+        """Median seconds per steady step over ``args.steps`` steps."""
+        ids = torch.randint(0, 32000, (args.batch, args.seq), device=self.device)
+        times = []
         for step in range(args.steps):
-            sync(device)
+            sync(self.device)
             t = time.perf_counter()
-            perturb(1e-3, step)
-            lp = loss()
-            perturb(-2e-3, step)
-            lm = loss()
-            perturb(1e-3, step)
-            g = (lp - lm) / 2e-3
-            perturb(-1e-7 * g, step)
-            sync(device)
+            self._perturb(1e-3, step)
+            lp = self._loss(ids)
+            self._perturb(-2e-3, step)
+            lm = self._loss(ids)
+            self._perturb(1e-3, step)
+            self._perturb(-1e-7 * (lp - lm) / 2e-3, step)
+            sync(self.device)
             times.append(time.perf_counter() - t)
-    step_s = statistics.median(times[args.warmup:] or times)
-    del model, params
-    gc.collect()
-    torch.cuda.empty_cache()
-    return dict(baseline_step_s=step_s, baseline_tok_per_s=args.batch * args.seq / step_s)
+        return statistics.median(times[args.warmup:] or times)
 
 
 def main() -> None:
@@ -232,31 +250,57 @@ def main() -> None:
     p.add_argument("--phase", default="train", choices=["train", "eval"])
     p.add_argument("--trace", default="", help="write the last step's per-block timeline here (Chrome trace JSON)")
     p.add_argument("--baseline", action="store_true")
-    p.add_argument("--baseline-first", action="store_true")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="alternate tiered and baseline runs this many times; ratios are medians over the pairs")
+    p.add_argument("--mem-snapshot", default="", help="dump a torch.cuda memory snapshot of the last step here")
     args = p.parse_args()
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     record = dict(
-        card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        card=torch.cuda.get_device_name(device) if cuda else "cpu",
         date=datetime.date.today().isoformat(),
-        git_rev=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        git_rev=os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         command=" ".join(sys.argv), model=args.model, batch=args.batch, seq=args.seq, phase=args.phase,
-        torch=torch.__version__, budget=args.budget, write_back_every=args.write_back_every,
+        torch=torch.__version__, budget=args.budget, write_back_every=args.write_back_every, repeat=args.repeat,
     )
+    runs, base_runs, base = [], [], None
     with Sampler() as sampler:
-        base = run_baseline(args, device) if args.baseline and args.baseline_first and device.type == "cuda" else None
-        if device.type == "cuda":
+        engine, model, record["build_s"] = build_tiered(args, device)
+        if cuda:  # the peaks cover the steps, not the build (its cached blocks go back first)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        gpu0 = sampler.gpu_peak_bytes
-        record.update(run_tiered(args, device))
-        record["gpu_peak_nvml_gib"] = sampler.gpu_peak_bytes / 2**30 if device.type == "cuda" else None
-        record["host_rss_peak_gib"] = sampler.rss_peak_bytes / 2**30
-        if args.baseline and base is None and device.type == "cuda":
-            base = run_baseline(args, device)
+            record["gpu_build_peak_nvml_gib"] = sampler.gpu_peak_bytes / 2**30
+            sampler.reset()
+        for r in range(args.repeat):
+            runs.append(run_tiered(args, engine, device, args.mem_snapshot if r == 0 else ""))
+            if r == 0 and cuda:  # before any baseline weights share the card
+                record["gpu_peak_nvml_gib"] = sampler.gpu_peak_bytes / 2**30
+                record["gpu_peak_torch_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                record["gpu_reserved_peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+            if args.baseline and cuda:
+                base = base or Baseline.build(args, device)
+                if base is not None:
+                    base_runs.append(base.run(args))
+        record["raw_disk_read_gbps"] = raw_read_gbps(engine) if runs[0]["blocks_per_tier"]["disk"] else None
+        del base
+        gc.collect()
+        engine.close()
+        del engine, model
+        gc.collect()
+    record["host_rss_peak_gib"] = sampler.rss_peak_bytes / 2**30
     record["host_rss_peak_gib_getrusage"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    record.update(base or dict(baseline_step_s=None, baseline_tok_per_s=None))
-    if record["baseline_tok_per_s"]:
-        record["ratio_vs_baseline"] = record["tok_per_s"] / record["baseline_tok_per_s"]
-    del gpu0
+    record.update(runs[len(runs) // 2] if len(runs) % 2 else runs[0])  # byte counts of one run
+    record["step_s_runs"] = [r["step_s"] for r in runs]
+    record["step_s"] = statistics.median(record["step_s_runs"])
+    record["tok_per_s"] = args.batch * args.seq / record["step_s"]
+    if base_runs:
+        record["baseline_step_s_runs"] = base_runs
+        record["baseline_step_s"] = statistics.median(base_runs)
+        record["baseline_tok_per_s"] = args.batch * args.seq / record["baseline_step_s"]
+        record["ratio_runs"] = [b / r["step_s"] for b, r in zip(base_runs, runs)]
+        record["ratio_vs_baseline"] = statistics.median(record["ratio_runs"])
+    else:
+        record.update(baseline_step_s=None, baseline_tok_per_s=None)
     print(json.dumps(record))
 
 
