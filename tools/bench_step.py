@@ -183,6 +183,40 @@ def raw_read_gbps(engine, threads: int = 8) -> float:
     return total / (time.perf_counter() - t) / 1e9
 
 
+def bus_gbps(device: torch.device, nbytes: int = 2**30, reps: int = 5) -> dict:
+    """Pinned host<->GPU copy rates now, one way each and both at once (two streams): the bus bound."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host2 = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev2 = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    up, down = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def timed(copies) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            for stream, dst, src in copies:
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t)
+        return len(copies) * nbytes / best / 1e9
+
+    out = dict(bus_h2d_gbps=timed([(up, dev, host)]), bus_d2h_gbps=timed([(down, host2, dev2)]),
+               bus_duplex_gbps=timed([(up, dev, host), (down, host2, dev2)]))
+    del host, host2, dev, dev2
+    torch.cuda.empty_cache()
+    return out
+
+
+def bus_bound_s(record: dict) -> float:
+    """The least step time the measured bus allows for this run's bytes."""
+    up, down = record["h2d_bytes_per_step"], record["d2h_bytes_per_step"]
+    return max(up / record["bus_h2d_gbps"], down / record["bus_d2h_gbps"],
+               (up + down) / record["bus_duplex_gbps"]) / 1e9
+
+
 class Baseline:
     """Plain MeZO: all weights on the GPU, in-place randn + add_ (4 passes), two forwards. Built once, so
     that it can alternate with the tiered runs; ``None`` from ``build`` when the model does not fit."""
@@ -229,6 +263,20 @@ class Baseline:
             lm = self._loss(ids)
             self._perturb(1e-3, step)
             self._perturb(-1e-7 * (lp - lm) / 2e-3, step)
+            sync(self.device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[args.warmup:] or times)
+
+    @torch.no_grad()
+    def forwards(self, args) -> float:
+        """Median seconds of the two forwards alone: the compute floor of any MeZO step of this shape."""
+        ids = torch.randint(0, 32000, (args.batch, args.seq), device=self.device)
+        times = []
+        for _ in range(args.steps):
+            sync(self.device)
+            t = time.perf_counter()
+            self._loss(ids)
+            self._loss(ids)
             sync(self.device)
             times.append(time.perf_counter() - t)
         return statistics.median(times[args.warmup:] or times)
@@ -281,6 +329,8 @@ def main() -> None:
                 base = base or Baseline.build(args, device)
                 if base is not None:
                     base_runs.append(base.run(args))
+        if base is not None:  # what bounds any ratio: the forwards alone, and the bytes over the bus
+            record["baseline_forwards_s"] = base.forwards(args)
         record["raw_disk_read_gbps"] = raw_read_gbps(engine) if runs[0]["blocks_per_tier"]["disk"] else None
         del base
         gc.collect()
@@ -293,12 +343,19 @@ def main() -> None:
     record["step_s_runs"] = [r["step_s"] for r in runs]
     record["step_s"] = statistics.median(record["step_s_runs"])
     record["tok_per_s"] = args.batch * args.seq / record["step_s"]
+    if cuda:
+        record.update(bus_gbps(device))
+        record["bus_bound_step_s"] = bus_bound_s(record)
     if base_runs:
         record["baseline_step_s_runs"] = base_runs
         record["baseline_step_s"] = statistics.median(base_runs)
         record["baseline_tok_per_s"] = args.batch * args.seq / record["baseline_step_s"]
         record["ratio_runs"] = [b / r["step_s"] for b, r in zip(base_runs, runs)]
         record["ratio_vs_baseline"] = statistics.median(record["ratio_runs"])
+        if cuda:  # the ratios no tiered run of these bytes could beat on this card
+            record["bus_bound_ratio"] = record["baseline_step_s"] / record["bus_bound_step_s"]
+            record["compute_bound_ratio"] = record["baseline_step_s"] / record["baseline_forwards_s"]
+            record["bound_ratio"] = min(record["bus_bound_ratio"], record["compute_bound_ratio"])
     else:
         record.update(baseline_step_s=None, baseline_tok_per_s=None)
     print(json.dumps(record))
