@@ -122,3 +122,26 @@ def test_unsupported_models_get_a_clear_error(tmp_path):
     with pytest.raises(zo2tier.UnsupportedModelError, match="Linear is not a transformers PreTrainedModel"):
         zo2tier.ZOEngine(torch.nn.Linear(4, 4), budget=BIG, disk_dir=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_int8_chunked_encoding_is_invisible(tmp_path, monkeypatch):
+    """Hidden 128 (every slot 128-aligned), int8 on every tier: encoding in small chunks changes no bit."""
+    import transformers as tf
+
+    from zo2tier.tiers import codec
+
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    int8 = {t: "int8" for t in ("device", "host", "disk")}
+    outs = []
+    for chunk in [1 << 62, 3 * codec.INT8_GROUP]:  # chunking off, then many chunks per block
+        monkeypatch.setattr(codec, "ENCODE_CHUNK_NUMEL", chunk)
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        outs.append(run(model, tmp_path / str(chunk), spread, steps=4, storage=int8, write_back_every=2))
+    ref, got = outs
+    assert set(got[3].values()) == {"device", "host", "disk"}
+    assert [(r.loss_plus, r.projected_grad) for r in ref[0]] == [(g.loss_plus, g.projected_grad) for g in got[0]]
+    assert ref[1] == got[1]
+    for key in ref[2]:
+        assert torch.equal(ref[2][key], got[2][key]), key
