@@ -122,3 +122,35 @@ def test_unsupported_models_get_a_clear_error(tmp_path):
     with pytest.raises(zo2tier.UnsupportedModelError, match="Linear is not a transformers PreTrainedModel"):
         zo2tier.ZOEngine(torch.nn.Linear(4, 4), budget=BIG, disk_dir=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_int8_chunked_encoding_is_invisible(tmp_path, monkeypatch):
+    """Hidden 128 (every slot 128-aligned), int8 on every tier: encoding in small chunks changes no bit,
+    in the step's write-backs and in flush()."""
+    import transformers as tf
+
+    from zo2tier.tiers import codec
+
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3)
+    outs = []
+    for chunk in [1 << 62, 3 * codec.INT8_GROUP]:  # chunking off, then many chunks per block
+        monkeypatch.setattr(codec, "ENCODE_CHUNK_NUMEL", chunk)
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path / str(chunk), device="cpu", config=cfg,
+                              placement=spread(zo2tier.ZOEngine.block_names(model)),
+                              storage={t: "int8" for t in ("device", "host", "disk")},
+                              write_back_every=3) as engine:
+            results = [engine.step(tiny_batch()) for _ in range(4)]
+            before = engine.state_dict()
+            engine.flush()  # every block with pending updates is re-encoded
+            assert all(r.applied_steps == len(engine.log) for r in engine.table)
+            outs.append((results, before, engine.state_dict(), set(engine.placement.values())))
+    ref, got = outs
+    assert got[3] == {"device", "host", "disk"}
+    assert [(r.loss_plus, r.projected_grad) for r in ref[0]] == [(g.loss_plus, g.projected_grad) for g in got[0]]
+    for a, b in [(ref[1], got[1]), (ref[2], got[2])]:
+        for key in a:
+            assert torch.equal(a[key], b[key]), key

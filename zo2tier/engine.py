@@ -624,9 +624,15 @@ class ZOEngine:
         """Write every block with pending updates back to its tier (shared_disk: a collective, every rank calls it)."""
         self._check_open()
         self.tiers.drain()  # settle the write-backs in flight first (raises a failed one's error)
+        spare: torch.Tensor | None = None  # one fp32 block for every record, not a fresh one each
         for record in self.table:
             if record.applied_steps < len(self.log) and not (self._shared_disk and record.tier == "disk"):
-                work = self._arrive(record, scratch=torch.empty(record.numel, device=self.device))
+                scratch = self._work
+                if self._is_fused(record) and record.storage == "int8":  # its write-back replays in _work
+                    if spare is None:
+                        spare = torch.empty(self._scratch.numel(), dtype=torch.float32, device=self.device)
+                    scratch = spare
+                work = self._arrive(record, scratch=scratch)
                 if record.applied_steps < len(self.log) and record.write_future is None:
                     self._write_back(record, work)
         self.tiers.drain()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zo2tier.tiers import codec
 from zo2tier.tiers.codec import INT8_GROUP, decode, encode, encoded_bytes, int8_scales
 
 N_STEPS = 1000
@@ -112,3 +113,26 @@ def test_int8_keeps_a_fitting_scale_and_replaces_an_outgrown_one():
     assert now[0] == prev[0] and now[1] > prev[1]
     with pytest.raises(ValueError, match="groups"):
         encode(y, "int8", raw, sr_seed=1, sr_key=0, prev_scales=prev[:1])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8"])
+@pytest.mark.parametrize("stochastic", [True, False])
+@pytest.mark.parametrize("keep_scales", [False, True])
+@pytest.mark.parametrize("numel", [40 * INT8_GROUP, 37 * INT8_GROUP + 13])
+def test_chunked_encoding_equals_one_pass(dtype, stochastic, keep_scales, numel, monkeypatch):
+    """Encoding in group-aligned chunks (a uniform offset per chunk, a slice of the scales) gives the same bytes."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(numel, generator=g) * 0.02
+    prev = None
+    if keep_scales and dtype == "int8":  # fresh scales, or the stored ones kept where the group still fits
+        raw = torch.empty(encoded_bytes(numel, dtype), dtype=torch.uint8)
+        encode(x, dtype, raw, sr_seed=0, sr_key=4, stochastic=False)
+        prev = int8_scales(raw, numel).clone()
+        x = decode(raw, dtype, numel, torch.empty(numel)) * 0.97 + 1e-4 * torch.randn(numel, generator=g)
+    outs = []
+    for chunk in [1 << 24, 2 * INT8_GROUP, 5 * INT8_GROUP + 1, 1]:  # one pass, then several chunks
+        monkeypatch.setattr(codec, "ENCODE_CHUNK_NUMEL", chunk)
+        raw = torch.full((encoded_bytes(numel, dtype),), 0xAB, dtype=torch.uint8)  # garbage must not survive
+        outs.append(encode(x, dtype, raw, sr_seed=9, sr_key=4, stochastic=stochastic, prev_scales=prev))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0]), int((out != outs[0]).sum())

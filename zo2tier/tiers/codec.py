@@ -28,6 +28,10 @@ INT8_GROUP = 128  # 4 bytes of scale per 128 weights: 1.031 bytes per parameter
 INT8_BAND = 1.0 / 16  # a group keeps its scale while absmax / scale stays within [_KEEP_MIN_Q, 127]
 _KEEP_MIN_Q = float(int(127 * (1 - INT8_BAND)))  # 119: an integer, so rounding never leaves the band
 _SCALE_LOW_BITS = 0x7F  # cleared (rounding up) so scales keep 17 significant bits
+# elements encoded at a time: bounds encode's temporaries (~25 bytes per element for int8) to a constant
+# instead of a block. Chunks start on int8 group boundaries and the rounding uniforms are drawn at their
+# offsets, so the bytes equal a one-pass encode whatever the chunk size.
+ENCODE_CHUNK_NUMEL = 1 << 24
 STORAGE_DTYPES = ("fp32", "bf16", "fp16", "int8")
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -104,15 +108,28 @@ def encode(
     if dtype == "fp32":
         raw[: 4 * numel].view(torch.float32).copy_(src)
         return raw
-    noise = sr_uniform(sr_seed, sr_key, numel, device=src.device) if stochastic else None
     if dtype == "int8":
-        _encode_int8(src, raw, noise, prev_scales)
-        return raw
-    target = raw[: encoded_bytes(numel, dtype)].view(_TORCH[dtype])
-    if noise is None:
-        target.copy_(src)
+        n_groups = _n_groups(numel)
+        if prev_scales is not None and prev_scales.shape != (n_groups,):
+            raise ValueError(f"prev_scales has {prev_scales.numel()} groups but the block has {n_groups}; "
+                             "pass the scales of this block's stored copy (int8_scales(raw, numel))")
+        q, scales = raw[:numel].view(torch.int8), int8_scales(raw, numel)
+        raw[numel : _scale_offset(numel)].zero_()  # the alignment padding is part of the stored bytes
     else:
-        target.copy_(_round_float_stochastic(src, _TORCH[dtype], noise))
+        target = raw[: encoded_bytes(numel, dtype)].view(_TORCH[dtype])
+    chunk = max(INT8_GROUP, ENCODE_CHUNK_NUMEL // INT8_GROUP * INT8_GROUP)
+    for lo in range(0, numel, chunk):
+        hi = min(lo + chunk, numel)
+        part = src[lo:hi]
+        noise = sr_uniform(sr_seed, sr_key, hi - lo, offset=lo, device=src.device) if stochastic else None
+        if dtype == "int8":
+            g0, g1 = lo // INT8_GROUP, _n_groups(hi)
+            prev = None if prev_scales is None else prev_scales[g0:g1]
+            _encode_int8(part, q[lo:hi], scales[g0:g1], noise, prev)
+        elif noise is None:
+            target[lo:hi].copy_(part)
+        else:
+            target[lo:hi].copy_(_round_float_stochastic(part, _TORCH[dtype], noise))
     return raw
 
 
@@ -139,9 +156,6 @@ def _int8_group_scales(absmax: torch.Tensor, prev: torch.Tensor | None) -> torch
     """Per-group scales: the previous one while the group fits its band, else a fresh one."""
     fresh = _ceil_scale(absmax / 127.0)
     if prev is not None:
-        if prev.shape != absmax.shape:
-            raise ValueError(f"prev_scales has {prev.numel()} groups but the block has {absmax.numel()}; "
-                             "pass the scales of this block's stored copy (int8_scales(raw, numel))")
         prev = prev.to(absmax.device)
         top = prev * 127.0  # exact: prev has 17 significant bits
         keep = (absmax <= top) & (absmax >= prev * _KEEP_MIN_Q) & (prev > 0)
@@ -150,12 +164,16 @@ def _int8_group_scales(absmax: torch.Tensor, prev: torch.Tensor | None) -> torch
     return torch.where(fresh > 0, fresh, torch.ones_like(fresh))
 
 
-def _encode_int8(src: torch.Tensor, raw: torch.Tensor, u: torch.Tensor | None, prev: torch.Tensor | None) -> None:
+def _encode_int8(
+    src: torch.Tensor, q_out: torch.Tensor, scales_out: torch.Tensor, u: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> None:
+    """Quantize fp32 ``src`` (whole groups but the last) into int8 ``q_out`` and its group scales ``scales_out``."""
     numel = src.numel()
     n_groups = _n_groups(numel)
     padded = torch.zeros(n_groups * INT8_GROUP, dtype=torch.float32, device=src.device)
     padded[:numel] = src
-    groups = padded.view(n_groups, INT8_GROUP)  # (G, 64)
+    groups = padded.view(n_groups, INT8_GROUP)  # (G, 128)
     scales = _int8_group_scales(groups.abs().amax(dim=1), prev)  # (G,)
     scaled = groups / scales[:, None]  # on-grid values give exact integers
     if u is None:
@@ -165,7 +183,5 @@ def _encode_int8(src: torch.Tensor, raw: torch.Tensor, u: torch.Tensor | None, p
         noise[:numel] = u
         q = scaled.floor()
         q += noise.view(n_groups, INT8_GROUP) < (scaled - q)  # the fraction is exact; 0 never rounds
-    q = q.clamp_(-127, 127).to(torch.int8).view(-1)[:numel]
-    raw[:numel].view(torch.int8).copy_(q)
-    raw[numel : _scale_offset(numel)].zero_()  # the alignment padding is part of the stored bytes
-    int8_scales(raw, numel).copy_(scales)
+    q_out.copy_(q.clamp_(-127, 127).to(torch.int8).view(-1)[:numel])
+    scales_out.copy_(scales)
