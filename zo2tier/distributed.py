@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from zo2tier.zo.rng import step_seed
+from zo2tier.zo.update import next_token_log_probs
 
 if TYPE_CHECKING:  # the engine imports this module; never the other way round at import time
     from zo2tier.engine import StepResult, ZOEngine
@@ -123,13 +124,10 @@ def per_sample_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     logits: (B, T, V); labels: (B, T), -100 where unlabelled. Returns (B,) float64 sums (each token's
     loss is computed in fp32, then summed in float64) and (B,) float64 counts.
     """
-    b, t, v = logits.shape
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    ce = F.cross_entropy(
-        shift_logits.reshape(-1, v), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(b, t - 1)  # (B, T-1), 0 where ignored
-    return ce.double().sum(dim=1), (shift_labels != -100).sum(dim=1).double()
+    b, t, _ = logits.shape
+    log_probs, targets = next_token_log_probs(logits, labels)  # (B*(T-1), 1), (B*(T-1),)
+    ce = F.nll_loss(log_probs, targets, ignore_index=-100, reduction="none").view(b, t - 1)  # 0 where ignored
+    return ce.double().sum(dim=1), (labels[:, 1:] != -100).sum(dim=1).double()
 
 
 def shard_rows(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
