@@ -86,3 +86,26 @@ def test_fused_float_path_holds_no_fp32_block_buffer(tmp_path):
         for _ in range(3):
             engine.step(tiny_batch())
         assert engine._work_buf is None
+
+
+def _run_host(tmp_path, place_on: str, storage: str, steps: int = 6, **kw):
+    model = tiny_model("opt")
+    cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3)
+    place = {b: place_on for b in zo2tier.ZOEngine.block_names(model)}
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, device="cuda", config=cfg, placement=place,
+                          storage={"device": storage, "host": storage}, **kw) as e:
+        results = [e.step(tiny_batch()) for _ in range(steps)]
+        return results, e.evaluate(tiny_batch()), e.state_dict()
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_host_write_back_in_place_matches_all_on_device(storage, lookahead, tmp_path):
+    """Every host block is updated in its upload slot and copied down from it at every step: a slot refilled
+    before its D2H landed, or a block uploaded before its own D2H landed, would break equality here."""
+    ref = _run_host(tmp_path / "a", "device", storage, write_back_every=1)
+    got = _run_host(tmp_path / "b", "host", storage, write_back_every=1, lookahead_blocks=lookahead)
+    assert [(r.loss_plus, r.loss_minus) for r in ref[0]] == [(r.loss_plus, r.loss_minus) for r in got[0]]
+    assert ref[1] == got[1]
+    for key in ref[2]:
+        assert torch.equal(ref[2][key], got[2][key]), key

@@ -289,7 +289,8 @@ class ZOEngine:
             torch.empty(largest, dtype=self.compute_dtype, device=self.device) if self._fused_blocks else None
         )
         self._log_cache: tuple[int, int, fused.PendingLog] | None = None
-        self._raw_out = torch.empty(max(r.stored_bytes for r in records), dtype=torch.uint8, device=self.device)
+        self._raw_out_buf: torch.Tensor | None = None  # encoded write-back buffer, allocated on first use
+        self._raw_out_busy: torch.cuda.Event | None = None  # a host write-back's D2H still reads it until then
         self._resident_scratch = torch.empty(records[-1].numel, dtype=self.compute_dtype, device=self.device)
         self._resident_work: torch.Tensor | None = None
         self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
@@ -382,6 +383,18 @@ class ZOEngine:
             self._work_buf = torch.empty(self._scratch.numel(), dtype=torch.float32, device=self.device)
         return self._work_buf
 
+    def _raw_out(self, n_bytes: int) -> torch.Tensor:
+        """The first ``n_bytes`` of the encoded write-back buffer (the largest block's stored bytes). int8 and
+        the generic path encode into it; the fused float path writes back in place and never allocates it.
+        A D2H copy of the last host write-back still reading it is waited for (on the compute stream)."""
+        if self._raw_out_buf is None:
+            size = max(r.stored_bytes for r in self.table)
+            self._raw_out_buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        if self._raw_out_busy is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._raw_out_busy)
+            self._raw_out_busy = None
+        return self._raw_out_buf[:n_bytes]
+
     def _run(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self._timeline is None:
             return self._run_block(binding_index, inner, args, kwargs)
@@ -441,23 +454,29 @@ class ZOEngine:
         write = self._write_due(record, pending)
         log = self._pending_log(record.applied_steps)
         sr_seed = step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log))
+        encoded = None
         if dtype == torch.int8:
             scales = int8_scales(raw, record.numel)
             if write:  # the codec writes int8 (its groups span parameters): replay into fp32 first
                 work = self._work[: record.numel]
                 self._fused_pass(record, stored, scales, log, 0, 0.0, work, None, None, sr_seed)
-                encode(work, "int8", self._raw_out[: record.stored_bytes], sr_seed=sr_seed, sr_key=record.index,
+                encoded = self._raw_out(record.stored_bytes)
+                encode(work, "int8", encoded, sr_seed=sr_seed, sr_key=record.index,
                        prev_scales=scales)  # groups that still fit keep their scale: no re-quantization noise
                 stored, scales, log = work, None, self._no_log()
-        out = None
-        if write and dtype != torch.int8:
-            out = stored if record.tier == "device" else self._raw_out[: record.stored_bytes].view(dtype)
+        # float storage is written back in place: into the device copy, the upload slot or the disk block's copy
+        out = stored if write and dtype != torch.int8 else None
         self._fused_pass(record, stored, scales, log, seed, eps, plus, minus, out, sr_seed)
-        self.tiers.release(staging)
+        fresh = raw if encoded is None else encoded
+        landed = None
+        if write and record.tier == "host":  # before the release: the D2H reads fresh until `landed`
+            landed = self.tiers.write_back(record, fresh, n_steps=len(self.log))
+            if encoded is not None:
+                self._raw_out_busy = landed
+        self.tiers.release(staging, after=landed if encoded is None else None)  # refilled once the D2H landed
         if record.index < len(self.table) - 1:
             self.tiers.prefetch_after(record.index)
-        if write:
-            fresh = raw if record.tier == "device" and dtype != torch.int8 else self._raw_out[: record.stored_bytes]
+        if write and record.tier != "host":  # after the prefetch: a disk write may wait for a staging buffer
             self.tiers.write_back(record, fresh, n_steps=len(self.log))
 
     def _fused_pass(self, record, stored, scales, log, seed, eps, plus, minus, out, sr_seed) -> None:
@@ -561,13 +580,14 @@ class ZOEngine:
         if record.tier == "device" and record.storage == "fp32":  # work is the stored copy itself
             self.table.mark_applied(record, len(self.log))
             return
-        raw = self._raw_out[: record.stored_bytes]
+        raw = self._raw_out(record.stored_bytes)
         prev = None
         if record.storage == "int8" and self._prev_scales_of == record.index:
             prev = self._prev_scales[: int8_scales(raw, record.numel).numel()]
         encode(work, record.storage, raw, sr_seed=step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log)),
                sr_key=record.index, prev_scales=prev)
-        self.tiers.write_back(record, raw, n_steps=len(self.log))  # applied once stored (disk: once written)
+        # applied once stored (disk: once written); a host D2H reads raw until the event
+        self._raw_out_busy = self.tiers.write_back(record, raw, n_steps=len(self.log))
 
     # ---- weights out ------------------------------------------------------------------------------
     @contextlib.contextmanager
