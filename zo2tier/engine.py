@@ -291,7 +291,6 @@ class ZOEngine:
         self._log_cache: tuple[int, int, fused.PendingLog] | None = None
         self._raw_out_buf: torch.Tensor | None = None  # encoded write-back buffer, allocated on first use
         self._raw_out_busy: torch.cuda.Event | None = None  # a host write-back's D2H still reads it until then
-        self._resident_scratch = torch.empty(records[-1].numel, dtype=self.compute_dtype, device=self.device)
         self._resident_work: torch.Tensor | None = None
         self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
         self._prev_scales_of = -1
@@ -372,7 +371,8 @@ class ZOEngine:
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     def _prepare_resident(self) -> None:
-        self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=None)
+        # the last step's buffer is rebuilt in place (stream-ordered after its last use): one fp32 copy, not two
+        self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=self._resident_work)
 
     @property
     def _work(self) -> torch.Tensor:
@@ -408,7 +408,9 @@ class ZOEngine:
         if not resident and self._is_fused(record):
             return self._run_fused(binding, record, inner, args, kwargs)
         work = self._resident_work if resident else self._arrive(record, scratch=self._work)
-        scratch = self._resident_scratch if resident else self._scratch
+        # resident views too are built in _scratch: a module's views live only inside its own run_dual, and
+        # resident modules never contain blocks (describe() refuses that), so no other use of _scratch overlaps
+        scratch = self._scratch
         kind, seed, eps = self._mode
         if kind == "eval":
             return run_dual_eval(inner, self._views(binding, work, scratch, 0.0, seed), args, kwargs)
