@@ -122,3 +122,15 @@ def test_unsupported_models_get_a_clear_error(tmp_path):
     with pytest.raises(zo2tier.UnsupportedModelError, match="Linear is not a transformers PreTrainedModel"):
         zo2tier.ZOEngine(torch.nn.Linear(4, 4), budget=BIG, disk_dir=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(("lookahead", "k", "slots"), [(None, 1, 3), (None, 4, 2), (0, 4, 1), (3, 1, 4)])
+def test_upload_slots_follow_write_back_every_unless_lookahead_is_given(lookahead, k, slots, tmp_path):
+    """Host-tier upload slots (CUDA) are lookahead + 1; by default 3 when blocks are written every step, else 2.
+    The planner counts the same number."""
+    model = tiny_model("opt")
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, placement=spread(zo2tier.ZOEngine.block_names(model)),
+                          write_back_every=k, lookahead_blocks=lookahead) as engine:
+        assert engine.tiers.upload_slots == slots
+        assert engine.tiers.lookahead_blocks == (2 if lookahead is None else lookahead)  # disk reads
+        assert engine._host_lookahead + 1 == slots

@@ -41,6 +41,7 @@ from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import LogEntry, causal_lm_loss
 
 RESIDENT = "<resident>"
+_DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
 _log = logging.getLogger(__name__)
 
 
@@ -73,6 +74,13 @@ class ZOEngine:
                           disk_dir="runs/disk", device="cuda:0", config=MeZOConfig(lr=1e-6))
         r = engine.step({"input_ids": ids, "attention_mask": mask, "labels": ids})
         engine.close()
+
+    ``lookahead_blocks``: blocks fetched ahead of the one computing. The disk tier keeps that many reads in
+    flight (default 2). On CUDA, host-tier blocks are uploaded into ``lookahead_blocks + 1`` device slots of
+    the largest host block's stored size, never more than there are host blocks; a block written back is
+    updated in its slot and copied down from there. The default (None) is 3 slots when host blocks are
+    written back every step (one computing, one uploading, one copying down) and 2 otherwise: the host tier
+    is bound by the bus, so deeper look-ahead only holds GPU memory.
     """
 
     def __init__(
@@ -88,7 +96,7 @@ class ZOEngine:
         write_back_every: int | Mapping[str, int] | None = None,
         max_log: int | None = None,
         compress: str | Zstd | Mapping[str, str | Zstd | None] | None = None,
-        lookahead_blocks: int = 2,
+        lookahead_blocks: int | None = None,
         data_parallel: DataParallel | bool | None = None,
         _source: StateSource | None = None,
     ) -> None:
@@ -112,7 +120,8 @@ class ZOEngine:
         # disk-tier blocks as zstd frames: "zstd", {"disk": "zstd"} or Zstd(level=, frame_bytes=); default
         # off (zo2tier.store.zstd.DEFAULT_DISK_COMPRESS; docs/io.md "zstd on the disk tier")
         self.compress = parse_compress(compress)
-        self.plan = self._make_plan(placement, lookahead_blocks)
+        self._host_lookahead = self._resolve_host_lookahead(lookahead_blocks)
+        self.plan = self._make_plan(placement, self._host_lookahead)
         self.blocks: list[str] = list(self.layout.block_names)
         self.placement: dict[str, str] = dict(self.plan.placement)
         needs_disk = any(t == "disk" for t in self.placement.values())
@@ -220,6 +229,12 @@ class ZOEngine:
         """The movable blocks of ``model`` in execution order, without building an engine."""
         return list(describe(model).block_names)
 
+    def _resolve_host_lookahead(self, lookahead: int | None) -> int:
+        """Host-tier uploads ahead of the block computing (slots = this + 1); see the class docstring."""
+        if lookahead is not None:
+            return max(0, lookahead)
+        return 2 if self._log_limit("host") == 1 else 1
+
     def _make_plan(self, placement: Mapping[str, str] | None, lookahead: int) -> Plan:
         sizes = []
         for name in self.layout.block_names:
@@ -229,7 +244,7 @@ class ZOEngine:
         inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead)
         return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
 
-    def _build(self, model: nn.Module, source: StateSource, lookahead: int) -> None:
+    def _build(self, model: nn.Module, source: StateSource, lookahead: int | None) -> None:
         layout, modules = self.layout, dict(model.named_modules())
         alias_of: dict[str, list[str]] = {}
         for alias, canonical in layout.aliases.items():
@@ -241,8 +256,9 @@ class ZOEngine:
         resident_params = [p for p in layout.params if p.param_id not in in_blocks]
         records.append(self._record(len(records), RESIDENT, "device", resident_params))
         self.table = BlockTable(records)
-        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead,
-                                 compress=self.compress)
+        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir,
+                                 lookahead_blocks=_DISK_LOOKAHEAD if lookahead is None else lookahead,
+                                 upload_slots=self._host_lookahead + 1, compress=self.compress)
         # the disk_dir is a store; a shared-disk follower only reads the owner's (by path, see below)
         self.store = None if self._disk_follower else _store_glue.open_engine_store(self, records, source)
         self.tiers.store = self.store

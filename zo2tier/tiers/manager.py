@@ -42,6 +42,7 @@ class TierManager:
         device: torch.device,
         disk_dir: str | None,
         lookahead_blocks: int = 2,
+        upload_slots: int | None = None,
         n_readers: int = 4,
         n_writers: int = 2,
         direct_io: bool = True,
@@ -50,7 +51,9 @@ class TierManager:
         self.table = table
         self.device = device
         self.disk_dir = disk_dir
-        self.lookahead_blocks = max(0, lookahead_blocks)
+        self.lookahead_blocks = max(0, lookahead_blocks)  # disk reads in flight ahead of the block computing
+        # device slots for host-tier uploads (CUDA); None: lookahead_blocks + 1. Never more than the host blocks.
+        self.upload_slots = self.lookahead_blocks + 1 if upload_slots is None else max(1, upload_slots)
         self._n_readers, self._n_writers = n_readers, n_writers
         self._direct = direct_io
         self.compress = compress  # disk blocks are written as zstd frames (needs a store)
@@ -91,7 +94,7 @@ class TierManager:
         host = self.table.by_tier("host")
         if host and self.device.type == "cuda":
             largest_host = max(r.stored_bytes for r in host)
-            self._cuda = CudaTransfers(self.device, largest_host, self.lookahead_blocks + 1).open()
+            self._cuda = CudaTransfers(self.device, largest_host, min(self.upload_slots, len(host))).open()
         return self
 
     @property
