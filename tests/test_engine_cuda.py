@@ -122,6 +122,8 @@ def test_fp16_host_tier_peak_holds_only_slots_scratch_and_resident(tmp_path):
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
     place = {b: "host" for b in zo2tier.ZOEngine.block_names(model)}
+    x = torch.ones(16, 16, dtype=torch.float16, device="cuda")  # cuBLAS(Lt) workspaces come from the caching
+    torch.nn.functional.linear(x, x, x[0]), x @ x, torch.bmm(x[None], x[None])  # allocator: not in the peak
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     with zo2tier.ZOEngine(model, budget={"device": "1GiB", "host": "1GiB"}, device="cuda", placement=place,
