@@ -154,3 +154,15 @@ def test_int8_chunked_encoding_is_invisible(tmp_path, monkeypatch):
     for a, b in [(ref[1], got[1]), (ref[2], got[2])]:
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(("lookahead", "k", "slots"), [(None, 1, 3), (None, 4, 2), (0, 4, 1), (3, 1, 4)])
+def test_upload_slots_follow_write_back_every_unless_lookahead_is_given(lookahead, k, slots, tmp_path):
+    """Host-tier upload slots (CUDA) are lookahead + 1; by default 3 when blocks are written every step, else 2.
+    The planner counts the same number."""
+    model = tiny_model("opt")
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, placement=spread(zo2tier.ZOEngine.block_names(model)),
+                          write_back_every=k, lookahead_blocks=lookahead) as engine:
+        assert engine.tiers.upload_slots == slots
+        assert engine.tiers.lookahead_blocks == (2 if lookahead is None else lookahead)  # disk reads
+        assert engine._host_lookahead + 1 == slots

@@ -86,3 +86,61 @@ def test_fused_float_path_holds_no_fp32_block_buffer(tmp_path):
         for _ in range(3):
             engine.step(tiny_batch())
         assert engine._work_buf is None
+
+
+def _run_host(tmp_path, place_on: str, storage: str, steps: int = 6, **kw):
+    model = tiny_model("opt")
+    cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3)
+    place = {b: place_on for b in zo2tier.ZOEngine.block_names(model)}
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, device="cuda", config=cfg, placement=place,
+                          storage={"device": storage, "host": storage}, **kw) as e:
+        results = [e.step(tiny_batch()) for _ in range(steps)]
+        return results, e.evaluate(tiny_batch()), e.state_dict()
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_host_write_back_in_place_matches_all_on_device(storage, lookahead, tmp_path):
+    """Every host block is updated in its upload slot and copied down from it at every step: a slot refilled
+    before its D2H landed, or a block uploaded before its own D2H landed, would break equality here."""
+    ref = _run_host(tmp_path / "a", "device", storage, write_back_every=1)
+    got = _run_host(tmp_path / "b", "host", storage, write_back_every=1, lookahead_blocks=lookahead)
+    assert [(r.loss_plus, r.loss_minus) for r in ref[0]] == [(r.loss_plus, r.loss_minus) for r in got[0]]
+    assert ref[1] == got[1]
+    for key in ref[2]:
+        assert torch.equal(ref[2][key], got[2][key]), key
+
+
+def test_fp16_host_tier_peak_holds_only_slots_scratch_and_resident(tmp_path):
+    """Fused fp16 host blocks are written back from their upload slot: no D2H out buffers, no encode buffer,
+    no second resident copy. The step's peak stays below slots + θ±εz scratch + the resident's stored copy
+    and one fp32 work copy, plus an allowance smaller than any one of the removed buffers (each ≥ 4 MB here)."""
+    import transformers as tf
+
+    cfg = tf.OPTConfig(vocab_size=4096, hidden_size=512, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=8,
+                       max_position_embeddings=64, word_embed_proj_dim=512)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    place = {b: "host" for b in zo2tier.ZOEngine.block_names(model)}
+    x = torch.ones(16, 16, dtype=torch.float16, device="cuda")  # cuBLAS(Lt) workspaces come from the caching
+    torch.nn.functional.linear(x, x, x[0]), x @ x, torch.bmm(x[None], x[None])  # allocator: not in the peak
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    with zo2tier.ZOEngine(model, budget={"device": "1GiB", "host": "1GiB"}, device="cuda", placement=place,
+                          write_back_every=1, lookahead_blocks=2,
+                          config=zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, seed=0)) as engine:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            engine.step(tiny_batch())
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        records = list(engine.table)
+        resident = records[-1]
+        assert engine._raw_out_buf is None and engine._work_buf is None
+        assert engine.tiers._cuda.n_slots == 3
+        bound = (3 * max(r.stored_bytes for r in records[:-1])  # upload slots
+                 + 2 * 2 * max(r.numel for r in records)  # θ+εz and θ−εz scratch, fp16
+                 + resident.stored_bytes + 4 * resident.numel  # resident stored copy, one fp32 work copy
+                 + (3 << 20))  # activations, logits, loss, log arrays, allocator rounding
+        assert peak < bound, (peak, bound)

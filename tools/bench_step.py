@@ -292,7 +292,8 @@ def main() -> None:
     p.add_argument("--budget", default="device=8GiB,host=200GiB,disk=0")
     p.add_argument("--storage", default="")
     p.add_argument("--write-back-every", type=int, default=1)
-    p.add_argument("--lookahead", type=int, default=2, help="blocks prefetched ahead of the one computing")
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="blocks prefetched ahead of the one computing (default: the engine's, see ZOEngine)")
     p.add_argument("--disk-dir", default="runs/bench-disk")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--phase", default="train", choices=["train", "eval"])

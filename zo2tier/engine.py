@@ -41,6 +41,7 @@ from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import LogEntry, causal_lm_loss
 
 RESIDENT = "<resident>"
+_DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
 _log = logging.getLogger(__name__)
 
 
@@ -73,6 +74,13 @@ class ZOEngine:
                           disk_dir="runs/disk", device="cuda:0", config=MeZOConfig(lr=1e-6))
         r = engine.step({"input_ids": ids, "attention_mask": mask, "labels": ids})
         engine.close()
+
+    ``lookahead_blocks``: blocks fetched ahead of the one computing. The disk tier keeps that many reads in
+    flight (default 2). On CUDA, host-tier blocks are uploaded into ``lookahead_blocks + 1`` device slots of
+    the largest host block's stored size, never more than there are host blocks; a block written back is
+    updated in its slot and copied down from there. The default (None) is 3 slots when host blocks are
+    written back every step (one computing, one uploading, one copying down) and 2 otherwise: the host tier
+    is bound by the bus, so deeper look-ahead only holds GPU memory.
     """
 
     def __init__(
@@ -88,7 +96,7 @@ class ZOEngine:
         write_back_every: int | Mapping[str, int] | None = None,
         max_log: int | None = None,
         compress: str | Zstd | Mapping[str, str | Zstd | None] | None = None,
-        lookahead_blocks: int = 2,
+        lookahead_blocks: int | None = None,
         data_parallel: DataParallel | bool | None = None,
         _source: StateSource | None = None,
     ) -> None:
@@ -112,7 +120,8 @@ class ZOEngine:
         # disk-tier blocks as zstd frames: "zstd", {"disk": "zstd"} or Zstd(level=, frame_bytes=); default
         # off (zo2tier.store.zstd.DEFAULT_DISK_COMPRESS; docs/io.md "zstd on the disk tier")
         self.compress = parse_compress(compress)
-        self.plan = self._make_plan(placement, lookahead_blocks)
+        self._host_lookahead = self._resolve_host_lookahead(lookahead_blocks)
+        self.plan = self._make_plan(placement, self._host_lookahead)
         self.blocks: list[str] = list(self.layout.block_names)
         self.placement: dict[str, str] = dict(self.plan.placement)
         needs_disk = any(t == "disk" for t in self.placement.values())
@@ -220,6 +229,12 @@ class ZOEngine:
         """The movable blocks of ``model`` in execution order, without building an engine."""
         return list(describe(model).block_names)
 
+    def _resolve_host_lookahead(self, lookahead: int | None) -> int:
+        """Host-tier uploads ahead of the block computing (slots = this + 1); see the class docstring."""
+        if lookahead is not None:
+            return max(0, lookahead)
+        return 2 if self._log_limit("host") == 1 else 1
+
     def _make_plan(self, placement: Mapping[str, str] | None, lookahead: int) -> Plan:
         sizes = []
         for name in self.layout.block_names:
@@ -229,7 +244,7 @@ class ZOEngine:
         inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead)
         return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
 
-    def _build(self, model: nn.Module, source: StateSource, lookahead: int) -> None:
+    def _build(self, model: nn.Module, source: StateSource, lookahead: int | None) -> None:
         layout, modules = self.layout, dict(model.named_modules())
         alias_of: dict[str, list[str]] = {}
         for alias, canonical in layout.aliases.items():
@@ -241,8 +256,9 @@ class ZOEngine:
         resident_params = [p for p in layout.params if p.param_id not in in_blocks]
         records.append(self._record(len(records), RESIDENT, "device", resident_params))
         self.table = BlockTable(records)
-        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir, lookahead_blocks=lookahead,
-                                 compress=self.compress)
+        self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir,
+                                 lookahead_blocks=_DISK_LOOKAHEAD if lookahead is None else lookahead,
+                                 upload_slots=self._host_lookahead + 1, compress=self.compress)
         # the disk_dir is a store; a shared-disk follower only reads the owner's (by path, see below)
         self.store = None if self._disk_follower else _store_glue.open_engine_store(self, records, source)
         self.tiers.store = self.store
@@ -289,8 +305,8 @@ class ZOEngine:
             torch.empty(largest, dtype=self.compute_dtype, device=self.device) if self._fused_blocks else None
         )
         self._log_cache: tuple[int, int, fused.PendingLog] | None = None
-        self._raw_out = torch.empty(max(r.stored_bytes for r in records), dtype=torch.uint8, device=self.device)
-        self._resident_scratch = torch.empty(records[-1].numel, dtype=self.compute_dtype, device=self.device)
+        self._raw_out_buf: torch.Tensor | None = None  # encoded write-back buffer, allocated on first use
+        self._raw_out_busy: torch.cuda.Event | None = None  # a host write-back's D2H still reads it until then
         self._resident_work: torch.Tensor | None = None
         self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
         self._prev_scales_of = -1
@@ -371,7 +387,8 @@ class ZOEngine:
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     def _prepare_resident(self) -> None:
-        self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=None)
+        # the last step's buffer is rebuilt in place (stream-ordered after its last use): one fp32 copy, not two
+        self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=self._resident_work)
 
     @property
     def _work(self) -> torch.Tensor:
@@ -381,6 +398,18 @@ class ZOEngine:
         if self._work_buf is None:
             self._work_buf = torch.empty(self._scratch.numel(), dtype=torch.float32, device=self.device)
         return self._work_buf
+
+    def _raw_out(self, n_bytes: int) -> torch.Tensor:
+        """The first ``n_bytes`` of the encoded write-back buffer (the largest block's stored bytes). int8 and
+        the generic path encode into it; the fused float path writes back in place and never allocates it.
+        A D2H copy of the last host write-back still reading it is waited for (on the compute stream)."""
+        if self._raw_out_buf is None:
+            size = max(r.stored_bytes for r in self.table)
+            self._raw_out_buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        if self._raw_out_busy is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._raw_out_busy)
+            self._raw_out_busy = None
+        return self._raw_out_buf[:n_bytes]
 
     def _run(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self._timeline is None:
@@ -395,7 +424,9 @@ class ZOEngine:
         if not resident and self._is_fused(record):
             return self._run_fused(binding, record, inner, args, kwargs)
         work = self._resident_work if resident else self._arrive(record, scratch=self._work)
-        scratch = self._resident_scratch if resident else self._scratch
+        # resident views too are built in _scratch: a module's views live only inside its own run_dual, and
+        # resident modules never contain blocks (describe() refuses that), so no other use of _scratch overlaps
+        scratch = self._scratch
         kind, seed, eps = self._mode
         if kind == "eval":
             return run_dual_eval(inner, self._views(binding, work, scratch, 0.0, seed), args, kwargs)
@@ -441,23 +472,29 @@ class ZOEngine:
         write = self._write_due(record, pending)
         log = self._pending_log(record.applied_steps)
         sr_seed = step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log))
+        encoded = None
         if dtype == torch.int8:
             scales = int8_scales(raw, record.numel)
             if write:  # the codec writes int8 (its groups span parameters): replay into fp32 first
                 work = self._work[: record.numel]
                 self._fused_pass(record, stored, scales, log, 0, 0.0, work, None, None, sr_seed)
-                encode(work, "int8", self._raw_out[: record.stored_bytes], sr_seed=sr_seed, sr_key=record.index,
+                encoded = self._raw_out(record.stored_bytes)
+                encode(work, "int8", encoded, sr_seed=sr_seed, sr_key=record.index,
                        prev_scales=scales)  # groups that still fit keep their scale: no re-quantization noise
                 stored, scales, log = work, None, self._no_log()
-        out = None
-        if write and dtype != torch.int8:
-            out = stored if record.tier == "device" else self._raw_out[: record.stored_bytes].view(dtype)
+        # float storage is written back in place: into the device copy, the upload slot or the disk block's copy
+        out = stored if write and dtype != torch.int8 else None
         self._fused_pass(record, stored, scales, log, seed, eps, plus, minus, out, sr_seed)
-        self.tiers.release(staging)
+        fresh = raw if encoded is None else encoded
+        landed = None
+        if write and record.tier == "host":  # before the release: the D2H reads fresh until `landed`
+            landed = self.tiers.write_back(record, fresh, n_steps=len(self.log))
+            if encoded is not None:
+                self._raw_out_busy = landed
+        self.tiers.release(staging, after=landed if encoded is None else None)  # refilled once the D2H landed
         if record.index < len(self.table) - 1:
             self.tiers.prefetch_after(record.index)
-        if write:
-            fresh = raw if record.tier == "device" and dtype != torch.int8 else self._raw_out[: record.stored_bytes]
+        if write and record.tier != "host":  # after the prefetch: a disk write may wait for a staging buffer
             self.tiers.write_back(record, fresh, n_steps=len(self.log))
 
     def _fused_pass(self, record, stored, scales, log, seed, eps, plus, minus, out, sr_seed) -> None:
@@ -561,13 +598,14 @@ class ZOEngine:
         if record.tier == "device" and record.storage == "fp32":  # work is the stored copy itself
             self.table.mark_applied(record, len(self.log))
             return
-        raw = self._raw_out[: record.stored_bytes]
+        raw = self._raw_out(record.stored_bytes)
         prev = None
         if record.storage == "int8" and self._prev_scales_of == record.index:
             prev = self._prev_scales[: int8_scales(raw, record.numel).numel()]
         encode(work, record.storage, raw, sr_seed=step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log)),
                sr_key=record.index, prev_scales=prev)
-        self.tiers.write_back(record, raw, n_steps=len(self.log))  # applied once stored (disk: once written)
+        # applied once stored (disk: once written); a host D2H reads raw until the event
+        self._raw_out_busy = self.tiers.write_back(record, raw, n_steps=len(self.log))
 
     # ---- weights out ------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 Uploads of the next blocks run on their own stream while the compute stream works on the current one;
 write-backs (GPU -> pinned host) run on a third stream, so reads and writes overlap. Device slots are
-allocated once in :meth:`CudaTransfers.open`; nothing is allocated per step.
+allocated once in :meth:`CudaTransfers.open`; nothing is allocated per step. A block written back is updated
+in place in its slot and copied down from there: the slot is refilled only once that copy has landed.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from zo2tier.tiers.records import BlockRecord
 class CudaTransfers:
     """Schedule-driven uploads of host-tier blocks and asynchronous write-backs, on CUDA only."""
 
-    def __init__(self, device: torch.device, slot_bytes: int, n_slots: int, n_out: int = 2) -> None:
+    def __init__(self, device: torch.device, slot_bytes: int, n_slots: int) -> None:
         self.device = device
         self.slot_bytes = slot_bytes
         self.n_slots = max(1, n_slots)
-        self.n_out = n_out
         self.h2d_bytes = 0
         self.d2h_bytes = 0
         self.timeline = None  # a zo2tier.trace.Timeline while ZOEngine.trace() records
@@ -33,9 +33,6 @@ class CudaTransfers:
         self._back = torch.cuda.Stream(self.device)
         self._free: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque(
             (torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device), None) for _ in range(self.n_slots)
-        )
-        self._outs: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque(
-            (torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device), None) for _ in range(self.n_out)
         )
         self._ready: deque[tuple[int, torch.Tensor, torch.cuda.Event]] = deque()
         self._write_events: dict[int, torch.cuda.Event] = {}
@@ -78,30 +75,32 @@ class CudaTransfers:
         self._taken = slot
         return slot[: record.stored_bytes]
 
-    def give_back(self, slot_view: torch.Tensor) -> None:
-        """The compute stream has enqueued its last use of the slot; it can be refilled after that."""
-        freed = torch.cuda.Event()
-        freed.record(torch.cuda.current_stream(self.device))
+    def give_back(self, slot_view: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
+        """The compute stream has enqueued its last use of the slot; it can be refilled after that, and after
+        ``after`` too (the event :meth:`write_back` returned when it copies down from the slot)."""
+        freed = after
+        if freed is None:
+            freed = torch.cuda.Event()
+            freed.record(torch.cuda.current_stream(self.device))
         self._free.append((self._taken, freed))
 
-    def write_back(self, record: BlockRecord, raw: torch.Tensor) -> None:
-        """Copy encoded bytes ``raw`` (on the GPU) into the block's pinned host copy, asynchronously."""
-        out, used = self._outs.popleft()
-        compute = torch.cuda.current_stream(self.device)
-        if used is not None:
-            compute.wait_event(used)  # the previous D2H from this buffer has finished
-        out[: raw.numel()].copy_(raw)
+    def write_back(self, record: BlockRecord, raw: torch.Tensor) -> torch.cuda.Event:
+        """Copy encoded bytes ``raw`` (on the GPU) into the block's pinned host copy, asynchronously.
+
+        Returns the event of the copy having landed. ``raw`` (the block's slot, or an encode buffer) is read
+        on the write-back stream until then: the caller must not change it before that event.
+        """
         encoded = torch.cuda.Event()
-        encoded.record(compute)
+        encoded.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._back):
-            self._back.wait_event(encoded)
+            self._back.wait_event(encoded)  # the compute stream has finished writing raw
             with self._span("D2H copy", record.name, self._back):
-                record.data.copy_(out[: raw.numel()], non_blocking=True)
+                record.data.copy_(raw, non_blocking=True)
             landed = torch.cuda.Event()
             landed.record(self._back)
         self._write_events[record.index] = landed
-        self._outs.append((out, landed))
         self.d2h_bytes += raw.numel()
+        return landed
 
     def _span(self, lane: str, name: str, stream: torch.cuda.Stream):
         tl = self.timeline

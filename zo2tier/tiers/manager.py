@@ -42,6 +42,7 @@ class TierManager:
         device: torch.device,
         disk_dir: str | None,
         lookahead_blocks: int = 2,
+        upload_slots: int | None = None,
         n_readers: int = 4,
         n_writers: int = 2,
         direct_io: bool = True,
@@ -50,7 +51,9 @@ class TierManager:
         self.table = table
         self.device = device
         self.disk_dir = disk_dir
-        self.lookahead_blocks = max(0, lookahead_blocks)
+        self.lookahead_blocks = max(0, lookahead_blocks)  # disk reads in flight ahead of the block computing
+        # device slots for host-tier uploads (CUDA); None: lookahead_blocks + 1. Never more than the host blocks.
+        self.upload_slots = self.lookahead_blocks + 1 if upload_slots is None else max(1, upload_slots)
         self._n_readers, self._n_writers = n_readers, n_writers
         self._direct = direct_io
         self.compress = compress  # disk blocks are written as zstd frames (needs a store)
@@ -91,7 +94,7 @@ class TierManager:
         host = self.table.by_tier("host")
         if host and self.device.type == "cuda":
             largest_host = max(r.stored_bytes for r in host)
-            self._cuda = CudaTransfers(self.device, largest_host, self.lookahead_blocks + 1).open()
+            self._cuda = CudaTransfers(self.device, largest_host, min(self.upload_slots, len(host))).open()
         return self
 
     @property
@@ -176,12 +179,13 @@ class TierManager:
         except Exception:  # _read_task gave the buffer back; the block's next fetch retries the read
             pass
 
-    def release(self, staging: torch.Tensor | None) -> None:
-        """Hand back what :meth:`fetch` lent, once the caller has enqueued its last use."""
+    def release(self, staging: torch.Tensor | None, after: torch.cuda.Event | None = None) -> None:
+        """Hand back what :meth:`fetch` lent, once the caller has enqueued its last use (and, for an upload
+        slot, once ``after`` has completed: the :meth:`write_back` event of a copy down from the slot)."""
         if staging is None:
             return
         if staging.device.type == "cuda":
-            self._cuda.give_back(staging)
+            self._cuda.give_back(staging, after)
         else:
             self._read_pool.put(staging)
 
@@ -251,8 +255,11 @@ class TierManager:
         self.bytes_read += record.stored_bytes
 
     # ---- writes -----------------------------------------------------------------------------------
-    def write_back(self, record: BlockRecord, raw: torch.Tensor, *, n_steps: int) -> None:
+    def write_back(self, record: BlockRecord, raw: torch.Tensor, *, n_steps: int) -> torch.cuda.Event | None:
         """Store ``raw`` (encoded uint8 bytes, any device) as the block's new copy in its tier.
+
+        A host block on CUDA is copied down asynchronously: the returned event marks the copy having landed,
+        and ``raw`` must not change before it (every other tier copies ``raw`` before returning None).
 
         ``n_steps`` is the number of logged updates ``raw`` holds. The record's ``applied_steps`` moves to it
         only once the copy is stored: for the disk tier, when the write is seen to succeed (at the block's
@@ -263,18 +270,20 @@ class TierManager:
             if raw.data_ptr() != record.data.data_ptr():
                 record.data.copy_(raw)
             self.table.mark_applied(record, n_steps)
-            return
+            return None
         if record.tier == "host":
+            landed = None
             if self._cuda is not None:
-                self._cuda.write_back(record, raw)
+                landed = self._cuda.write_back(record, raw)
             else:
                 record.data.copy_(raw)
             self.table.mark_applied(record, n_steps)
-            return
+            return landed
         self._settle_write(record)
         staging = self._write_pool.get()
         staging[: record.stored_bytes].copy_(raw)
         record.write_future = self._writers.submit(self._write_file, record, staging, True, n_steps)
+        return None
 
     def _settle_write(self, record: BlockRecord) -> None:
         """Wait for the block's write-back and mark its steps applied; raise its error if it failed."""
