@@ -241,7 +241,8 @@ class ZOEngine:
             sizes.append(BlockSize(name, sum(p.numel for p in self.layout.params_under(name))))
         in_blocks = sum(s.numel for s in sizes)
         resident = sum(p.numel for p in self.layout.params) - in_blocks
-        inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead)
+        inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead,
+                        fused=fused.available(self.device, self.compute_dtype))
         return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
 
     def _build(self, model: nn.Module, source: StateSource, lookahead: int | None) -> None:
@@ -400,11 +401,12 @@ class ZOEngine:
         return self._work_buf
 
     def _raw_out(self, n_bytes: int) -> torch.Tensor:
-        """The first ``n_bytes`` of the encoded write-back buffer (the largest block's stored bytes). int8 and
+        """The first ``n_bytes`` of the encoded write-back buffer (the largest user's stored bytes). int8 and
         the generic path encode into it; the fused float path writes back in place and never allocates it.
         A D2H copy of the last host write-back still reading it is waited for (on the compute stream)."""
         if self._raw_out_buf is None:
-            size = max(r.stored_bytes for r in self.table)
+            users = [r for r in self.table if not self._is_fused(r) or r.storage == "int8"]  # the others: in place
+            size = max(r.stored_bytes for r in users or self.table)
             self._raw_out_buf = torch.empty(size, dtype=torch.uint8, device=self.device)
         if self._raw_out_busy is not None:
             torch.cuda.current_stream(self.device).wait_event(self._raw_out_busy)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from zo2tier.budget import TIERS, TierBudget, format_size
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
-WORKING_BYTES_PER_NUMEL = 4  # the clean fp32 working copy of a visiting block
+WORKING_BYTES_PER_NUMEL = 4  # an fp32 working copy
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class PlanInput:
     resident_numel: int
     compute_bytes: int  # bytes per element of the compute dtype
     storage: dict[str, str] = field(default_factory=lambda: {t: "fp32" for t in TIERS})
-    lookahead_blocks: int = 2  # device working slots beyond the one being computed
+    lookahead_blocks: int = 2  # host upload slots beyond the one being computed
+    fused: bool = True  # the fused CUDA kernel serves float storage (False: CPU, or no Triton)
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,29 @@ def block_bytes(numel: int, dtype: str) -> int:
     return numel * DTYPE_BYTES[dtype] + extra
 
 
-def working_bytes(inp: PlanInput, n_offloaded: int) -> int:
-    """Device bytes the engine allocates besides the blocks: θ+εz and θ−εz scratch, one fp32 working copy,
-    one encoded write-back buffer, and, when some blocks live off the device, the upload slots."""
-    largest = max((b.numel for b in inp.blocks), default=0)
-    widest = max(block_bytes(largest, d) for d in inp.storage.values()) if largest else 0
-    scratch = 2 * largest * inp.compute_bytes + largest * WORKING_BYTES_PER_NUMEL + widest
-    slots = (1 + inp.lookahead_blocks) * block_bytes(largest, inp.storage["host"]) if n_offloaded else 0
-    return scratch + slots
+def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
+    """Device bytes the engine allocates besides the stored blocks, as it allocates them:
+
+    - θ+εz and θ−εz scratch of the largest record (blocks and the resident set);
+    - the clean fp32 copy of the resident set, rebuilt in place each step;
+    - with int8 storage, or off the fused CUDA path: an fp32 replay buffer of the largest block and one
+      encoded write-back buffer;
+    - host blocks: ``lookahead_blocks + 1`` upload slots (never more than the host blocks), written back in
+      place; disk blocks: the one block being computed, copied up from pinned staging.
+
+    Activations, logits and the CUDA context are not counted: leave room for them (about 1.5 GiB at batch 1 ×
+    2048 tokens on a 50k vocabulary, plus ~0.5 GiB of context)."""
+    largest_block = max((b.numel for b in inp.blocks), default=0)
+    largest = max(largest_block, inp.resident_numel)
+    total = 2 * largest * inp.compute_bytes + inp.resident_numel * WORKING_BYTES_PER_NUMEL
+    if not inp.fused or "int8" in inp.storage.values():
+        encoded = ("int8",) if inp.fused else inp.storage.values()  # fused float storage writes in place
+        total += largest * WORKING_BYTES_PER_NUMEL + max(block_bytes(largest, d) for d in encoded)
+    if n_host:
+        total += min(1 + inp.lookahead_blocks, n_host) * block_bytes(largest_block, inp.storage["host"])
+    if n_disk:
+        total += block_bytes(largest_block, inp.storage["disk"])
+    return total
 
 
 def plan_placement(
@@ -89,7 +105,7 @@ def plan_placement(
     else:
         placement = _fill(inp, budget)
     used = _usage(inp, placement)
-    work = working_bytes(inp, sum(1 for t in placement.values() if t != "device"))
+    work = working_bytes(inp, *_offloaded(placement))
     for tier in TIERS:
         if used[tier] > budget.of(tier):
             short = used[tier] - budget.of(tier)
@@ -102,13 +118,18 @@ def plan_placement(
 
 
 def _usage(inp: PlanInput, placement: dict[str, str]) -> dict[str, int]:
-    n_off = sum(1 for t in placement.values() if t != "device")
     used = {t: 0 for t in TIERS}
-    used["device"] = block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, n_off)
+    used["device"] = block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, *_offloaded(placement))
     for b in inp.blocks:
         tier = placement[b.name]
         used[tier] += block_bytes(b.numel, inp.storage[tier])
     return used
+
+
+def _offloaded(placement: dict[str, str]) -> tuple[int, int]:
+    """(host blocks, disk blocks)."""
+    tiers = list(placement.values())
+    return tiers.count("host"), tiers.count("disk")
 
 
 def _fill(inp: PlanInput, budget: TierBudget) -> dict[str, str]:
@@ -117,7 +138,7 @@ def _fill(inp: PlanInput, budget: TierBudget) -> dict[str, str]:
     all_on_device = resident + working_bytes(inp, 0) + sum(block_bytes(b.numel, dev) for b in inp.blocks)
     if all_on_device <= budget.device_bytes:  # needs no working slots
         return {b.name: "device" for b in inp.blocks}
-    device_used = resident + working_bytes(inp, len(inp.blocks))
+    device_used = resident + working_bytes(inp, len(inp.blocks), len(inp.blocks))  # before the split: both
     host_left = budget.host_bytes
     placement: dict[str, str] = {}
     tier = "device"
