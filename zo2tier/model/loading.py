@@ -105,12 +105,15 @@ class _Checkpoint(StateSource):
 
 @contextlib.contextmanager
 def params_on_meta() -> Iterator[None]:
-    """Inside, new parameters are created on the meta device; buffers stay real (rotary tables, masks)."""
+    """Inside, new parameters are created on the meta device; buffers stay real (rotary tables, masks).
+
+    A parameter that is already on meta is registered as it is: tying (``lm_head.weight =
+    embed_tokens.weight``) assigns the embedding's meta parameter, and a fresh copy would untie the two."""
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None:
+        if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
     nn.Module.register_parameter = register
