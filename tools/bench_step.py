@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -250,36 +251,34 @@ class Baseline:
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).item()
 
     @torch.no_grad()
-    def run(self, args) -> float:
-        """Median seconds per steady step over ``args.steps`` steps."""
+    def _median_s(self, args, body: Callable[[torch.Tensor, int], None]) -> float:
+        """Median seconds of ``body(ids, step)`` over the steady steps of ``args.steps``."""
         ids = torch.randint(0, 32000, (args.batch, args.seq), device=self.device)
         times = []
         for step in range(args.steps):
             sync(self.device)
             t = time.perf_counter()
-            self._perturb(1e-3, step)
-            lp = self._loss(ids)
-            self._perturb(-2e-3, step)
-            lm = self._loss(ids)
-            self._perturb(1e-3, step)
-            self._perturb(-1e-7 * (lp - lm) / 2e-3, step)
+            body(ids, step)
             sync(self.device)
             times.append(time.perf_counter() - t)
         return statistics.median(times[args.warmup:] or times)
 
-    @torch.no_grad()
+    def run(self, args) -> float:
+        """Median seconds per steady MeZO step."""
+
+        def step(ids: torch.Tensor, seed: int) -> None:
+            self._perturb(1e-3, seed)
+            lp = self._loss(ids)
+            self._perturb(-2e-3, seed)
+            lm = self._loss(ids)
+            self._perturb(1e-3, seed)
+            self._perturb(-1e-7 * (lp - lm) / 2e-3, seed)
+
+        return self._median_s(args, step)
+
     def forwards(self, args) -> float:
         """Median seconds of the two forwards alone: the compute floor of any MeZO step of this shape."""
-        ids = torch.randint(0, 32000, (args.batch, args.seq), device=self.device)
-        times = []
-        for _ in range(args.steps):
-            sync(self.device)
-            t = time.perf_counter()
-            self._loss(ids)
-            self._loss(ids)
-            sync(self.device)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[args.warmup:] or times)
+        return self._median_s(args, lambda ids, _: (self._loss(ids), self._loss(ids)))
 
 
 def main() -> None:

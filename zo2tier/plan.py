@@ -119,7 +119,8 @@ def plan_placement(
 
 def _usage(inp: PlanInput, placement: dict[str, str]) -> dict[str, int]:
     used = {t: 0 for t in TIERS}
-    used["device"] = block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, *_offloaded(placement))
+    resident = block_bytes(inp.resident_numel, inp.storage["device"])
+    used["device"] = resident + working_bytes(inp, *_offloaded(placement))
     for b in inp.blocks:
         tier = placement[b.name]
         used[tier] += block_bytes(b.numel, inp.storage[tier])
