@@ -34,6 +34,7 @@ PARALLEL = 6
 TIMEOUT_S = 540
 OUT = "runs/gpu"
 RECORDS = ""  # also append the records to this file
+RUNS = ""  # explicit "placement:lr:seed,..." list instead of the full grid (e.g. 14/10/6:1e-5:0,device:1e-5:0)
 EXTRA = "--objective=classification --eval-every=250 --n-train=4000 --n-dev=500 --n-test=1000 --eval-test"
 THREADS_PER_RUN = 2
 
@@ -61,14 +62,20 @@ def _git_rev() -> str:
 
 def main() -> None:
     cfg = parse_overrides(dict(device=DEVICE, steps=STEPS, lrs=LRS, seeds=SEEDS, placements=PLACEMENTS,
-                               parallel=PARALLEL, timeout_s=TIMEOUT_S, out=OUT, records=RECORDS, extra=EXTRA),
+                               parallel=PARALLEL, timeout_s=TIMEOUT_S, out=OUT, records=RECORDS, runs=RUNS,
+                               extra=EXTRA),
                           sys.argv[1:])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(THREADS_PER_RUN), PYTHONUNBUFFERED="1")
     os.makedirs(cfg["out"], exist_ok=True)
     # convert once (and warm every cache) before the runs start side by side
     subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
                    stdout=open(os.path.join(cfg["out"], "convert.txt"), "w"), stderr=subprocess.STDOUT)
-    grid = list(itertools.product(cfg["placements"].split(","), cfg["lrs"].split(","), cfg["seeds"].split(",")))
+    if cfg["runs"]:
+        grid = [tuple(item.split(":")) for item in cfg["runs"].split(",")]
+        if any(len(key) != 3 for key in grid):
+            raise SystemExit(f"--runs takes placement:lr:seed items separated by commas, got {cfg['runs']!r}")
+    else:
+        grid = list(itertools.product(cfg["placements"].split(","), cfg["lrs"].split(","), cfg["seeds"].split(",")))
     pending, running, done = list(grid), [], []
     card, rev, date = _card(cfg["device"]), _git_rev(), datetime.date.today().isoformat()
     while pending or running:
