@@ -66,16 +66,16 @@ def main() -> None:
                                extra=EXTRA),
                           sys.argv[1:])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(THREADS_PER_RUN), PYTHONUNBUFFERED="1")
-    os.makedirs(cfg["out"], exist_ok=True)
-    # convert once (and warm every cache) before the runs start side by side
-    subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
-                   stdout=open(os.path.join(cfg["out"], "convert.txt"), "w"), stderr=subprocess.STDOUT)
     if cfg["runs"]:
         grid = [tuple(item.split(":")) for item in cfg["runs"].split(",")]
         if any(len(key) != 3 for key in grid):
             raise SystemExit(f"--runs takes placement:lr:seed items separated by commas, got {cfg['runs']!r}")
     else:
         grid = list(itertools.product(cfg["placements"].split(","), cfg["lrs"].split(","), cfg["seeds"].split(",")))
+    os.makedirs(cfg["out"], exist_ok=True)
+    # convert once (and warm every cache) before the runs start side by side
+    subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
+                   stdout=open(os.path.join(cfg["out"], "convert.txt"), "w"), stderr=subprocess.STDOUT)
     pending, running, done = list(grid), [], []
     card, rev, date = _card(cfg["device"]), _git_rev(), datetime.date.today().isoformat()
     while pending or running:
