@@ -144,3 +144,61 @@ def test_fp16_host_tier_peak_holds_only_slots_scratch_and_resident(tmp_path):
                  + resident.stored_bytes + 4 * resident.numel  # resident stored copy, one fp32 work copy
                  + (3 << 20))  # activations, logits, loss, log arrays, allocator rounding
         assert peak < bound, (peak, bound)
+
+
+def test_fused_kernel_pieces_equal_one_pass():
+    """A parameter cut into pieces (z_offset: the piece's start in the parameter, sr_offset: in the block) gives
+    the bytes of one pass: plus, minus and the stochastically rounded write-back. int8 write-backs rely on it."""
+    from zo2tier.zo import fused
+    from zo2tier.zo.update import LogEntry
+
+    n, dev = 4096 + 3, torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    stored = torch.randn(n, device="cuda", generator=g)
+    log = fused.PendingLog.build([LogEntry(4, 11, 0.5, 1e-2, 0.1), LogEntry(5, 12, -0.25, 1e-2, 0.1)], dev)
+    kw = dict(param_id=3, decay=True, log=log, new_seed=99, eps=1e-2, sr_seed=5, sr_key=2)
+
+    def run(cuts):
+        plus, minus = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
+        out = torch.empty(n, dtype=torch.float16, device="cuda")
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            fused.arrive(stored[a:b], plus=plus[a:b], minus=minus[a:b], write_to=out[a:b], sr_offset=10 + a,
+                         z_offset=a, **kw)
+        return plus, minus, out
+
+    whole = run([0, n])
+    pieces = run([0, 4, 1028, 2048, 4000, n])
+    for w, p in zip(whole, pieces):
+        assert torch.equal(w, p)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        fused.arrive(stored[2:], plus=stored[2:].clone(), minus=None, write_to=None, sr_offset=2, z_offset=2, **kw)
+
+
+def _run_int8(tmp_path, monkeypatch, range_numel):
+    import transformers as tf
+
+    import zo2tier.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "WRITE_BACK_RANGE_NUMEL", range_numel)
+    torch.manual_seed(0)  # n_embd 30: biases and LayerNorms of 30 and 90 put parameters at offsets ≡ 2 (mod 4)
+    model = tf.AutoModelForCausalLM.from_config(
+        tf.GPT2Config(vocab_size=96, n_embd=30, n_layer=3, n_head=3, n_positions=64), dtype=torch.float32).eval()
+    names = zo2tier.ZOEngine.block_names(model)
+    place = {b: ("host", "disk", "device")[i % 3] for i, b in enumerate(names)}
+    cfg = zo2tier.MeZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=3)
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, device="cuda", config=cfg, placement=place,
+                          storage={"device": "int8", "host": "int8", "disk": "int8"}, write_back_every=2) as e:
+        results = [e.step(tiny_batch()) for _ in range(5)]
+        return results, e.evaluate(tiny_batch()), e.state_dict(), e._work_buf
+
+
+def test_int8_write_back_range_by_range_equals_one_range(tmp_path, monkeypatch):
+    """int8 write-backs replay and encode 256 elements at a time (ranges that cut parameters at offsets that
+    are not multiples of 4) and give the bytes of one range over the whole block; no fp32 block is held."""
+    ref = _run_int8(tmp_path / "a", monkeypatch, 1 << 22)
+    got = _run_int8(tmp_path / "b", monkeypatch, 256)
+    assert [(r.loss_plus, r.loss_minus) for r in ref[0]] == [(r.loss_plus, r.loss_minus) for r in got[0]]
+    assert ref[1] == got[1]
+    for key in ref[2]:
+        assert torch.equal(ref[2][key], got[2][key]), key
+    assert ref[3] is None and got[3] is None

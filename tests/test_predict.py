@@ -67,8 +67,12 @@ def test_zstd_on_disk_scales_disk_bytes_by_the_ratio_and_adds_codec_time():
 @pytest.mark.parametrize("fused", [True, False])
 def test_device_working_bytes_count_what_the_engine_allocates(fused):
     """Scratch ±, the fp32 resident copy, upload slots for host blocks, one disk block in flight; the fp32
-    replay buffer and the encoded buffer only off the fused path or with int8 storage."""
-    from zo2tier.plan import working_bytes
+    replay buffer and the encoded buffer only off the fused path; on it, int8 storage adds the encoded
+    buffer and one write-back range."""
+    from zo2tier.engine import WRITE_BACK_RANGE_NUMEL
+    from zo2tier.plan import WRITE_BACK_RANGE_BYTES, working_bytes
+
+    assert WRITE_BACK_RANGE_BYTES == WRITE_BACK_RANGE_NUMEL * 32  # the planner counts the range the engine uses
 
     n, r = 1000, 600  # block and resident numel
     inp = PlanInput(tuple(BlockSize(f"b{i}", n) for i in range(5)), resident_numel=r, compute_bytes=2,
@@ -79,5 +83,8 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     assert working_bytes(inp, 2) == base + 2 * 2 * n  # never more slots than host blocks
     assert working_bytes(inp, 0, 3) == base + 2 * n  # the one disk block being computed
     int8 = PlanInput(inp.blocks, r, 2, {"device": "fp16", "host": "fp16", "disk": "int8"}, 2, fused=fused)
-    encoded = n + 4 * ((n + 127) // 128) + 3 if fused else 2 * n  # the widest encoded block
-    assert working_bytes(int8, 0, 1) == 2 * n * 2 + 4 * r + 4 * n + encoded + (n + 4 * 8 + 3)
+    int8_block = n + 4 * ((n + 127) // 128) + 3
+    # fused: the encoded int8 block and one write-back range (WRITE_BACK_RANGE_BYTES), never an fp32 block;
+    # generic: an fp32 block and the widest encoded block
+    extra = WRITE_BACK_RANGE_BYTES + int8_block if fused else 4 * n + 2 * n
+    assert working_bytes(int8, 0, 1) == 2 * n * 2 + 4 * r + extra + int8_block

@@ -146,12 +146,13 @@ def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
         moved.append([a - b for a, b in zip(after, before)])
     steady = times[args.warmup:] or times
     step_s = statistics.median(steady)
+    step_s_mean = statistics.mean(steady)  # with write-backs every K steps, the mean carries their cost
     steady_moved = moved[args.warmup:] or moved
     last = [sum(m[i] for m in steady_moved) / len(steady_moved) for i in range(4)]  # mean bytes per step
     n_params = sum(p.numel for p in engine.layout.params)
     counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
     return dict(
-        step_s=step_s, tok_per_s=args.batch * args.seq / step_s, step_times=times,
+        step_s=step_s, step_s_mean=step_s_mean, tok_per_s=args.batch * args.seq / step_s, step_times=times,
         blocks_per_tier=counts, storage=engine.storage,
         disk_read_bytes_per_step=last[0], disk_write_bytes_per_step=last[1],
         h2d_bytes_per_step=last[2], d2h_bytes_per_step=last[3],
@@ -182,6 +183,66 @@ def raw_read_gbps(engine, threads: int = 8) -> float:
     with ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(read, range(len(records))))
     return total / (time.perf_counter() - t) / 1e9
+
+
+def raw_write_gbps(engine, threads: int = 4, total: int = 4 * 2**30) -> float:
+    """Raw O_DIRECT write bandwidth into the engine's disk folder, measured now: ``total`` bytes of scratch
+    files (written, fsynced, removed), in blocks the size of the largest disk block."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zo2tier.store.io import BlockFile, aligned_empty
+
+    engine.tiers.drain()
+    size = max(r.stored_bytes for r in engine.table if r.tier == "disk")
+    n = max(threads, total // size)
+    bufs = [aligned_empty(size) for _ in range(threads)]
+    for b in bufs:
+        b.random_(0, 256)
+    folder = os.path.dirname(next(r.path for r in engine.table if r.tier == "disk"))
+    paths = [os.path.join(folder, f"bench-write-{i}.tmp") for i in range(n)]
+
+    def write(i: int) -> int:
+        with BlockFile.open(paths[i], write=True, direct=True) as f:
+            f.write_from(bufs[i % threads], size)
+            f.sync(n_bytes=size)
+        return size
+
+    t = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            done = sum(pool.map(write, range(n)))
+        return done / (time.perf_counter() - t) / 1e9
+    finally:
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def disk_bound(record: dict) -> dict:
+    """The step time the disk allows at the rates measured in this run: every disk byte read and written
+    per step (the means over the steady steps) at the raw O_DIRECT rates, reads and writes one after the other."""
+    read_s = record["disk_read_bytes_per_step"] / (record["raw_disk_read_gbps"] * 1e9)
+    write_s = record["disk_write_bytes_per_step"] / (record["raw_disk_write_gbps"] * 1e9)
+    return dict(disk_bound_step_s=read_s + write_s, step_over_disk_bound=record["step_s_mean"] / (read_s + write_s))
+
+
+def prediction(plan_input, plan, args, record: dict) -> dict:
+    """What the planner predicts for this run (zo2tier.predict), calibrated with the rates this run measured."""
+    from zo2tier.predict import Calibration, predict_step
+
+    rates = {}
+    if record.get("raw_disk_read_gbps"):
+        rates.update(disk_read_gbps=record["raw_disk_read_gbps"], disk_write_gbps=record["raw_disk_write_gbps"])
+    if record.get("bus_h2d_gbps"):
+        rates.update(h2d_gbps=record["bus_h2d_gbps"], d2h_gbps=record["bus_d2h_gbps"],
+                     bus_both_gbps=record["bus_duplex_gbps"])
+    p = predict_step(plan_input, plan, Calibration(**rates), tokens=args.batch * args.seq,
+                     write_back_every=args.write_back_every)
+    return dict(predicted_step_s=p.step_s, predicted_bound=p.bound,
+                predicted_parts_s={"compute": p.compute_s, "bus": p.bus_s, "disk": p.disk_s},
+                predicted_over_measured=p.step_s / record["step_s_mean"],
+                predicted_note="zo2tier.predict on the engine's plan; disk and bus rates measured in this run, "
+                               "compute rates DESIGN.md's; compared with the mean step (write-backs included)")
 
 
 def bus_gbps(device: torch.device, nbytes: int = 2**30, reps: int = 5) -> dict:
@@ -331,7 +392,10 @@ def main() -> None:
                     base_runs.append(base.run(args))
         if base is not None:  # what bounds any ratio: the forwards alone, and the bytes over the bus
             record["baseline_forwards_s"] = base.forwards(args)
-        record["raw_disk_read_gbps"] = raw_read_gbps(engine) if runs[0]["blocks_per_tier"]["disk"] else None
+        on_disk = runs[0]["blocks_per_tier"]["disk"] > 0
+        record["raw_disk_read_gbps"] = raw_read_gbps(engine) if on_disk else None
+        record["raw_disk_write_gbps"] = raw_write_gbps(engine) if on_disk else None
+        planned = (engine.plan_input, engine.plan)  # for the prediction, after the engine is gone
         del base
         gc.collect()
         engine.close()
@@ -343,9 +407,13 @@ def main() -> None:
     record["step_s_runs"] = [r["step_s"] for r in runs]
     record["step_s"] = statistics.median(record["step_s_runs"])
     record["tok_per_s"] = args.batch * args.seq / record["step_s"]
+    record["step_s_mean"] = statistics.mean(r["step_s_mean"] for r in runs)
     if cuda:
         record.update(bus_gbps(device))
         record["bus_bound_step_s"] = bus_bound_s(record)
+    if record["raw_disk_read_gbps"]:
+        record.update(disk_bound(record))
+    record.update(prediction(*planned, args, record))
     if base_runs:
         record["baseline_step_s_runs"] = base_runs
         record["baseline_step_s"] = statistics.median(base_runs)

@@ -29,7 +29,8 @@ from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
 from zo2tier import shared_disk as _shared_disk
 from zo2tier.store.zstd import Zstd, parse_compress
-from zo2tier.tiers.codec import check_storage, decode, dtype_name, encode, int8_scales, encoded_bytes
+from zo2tier.tiers.codec import (check_storage, decode, dtype_name, encode, encode_int8_range, encoded_bytes,
+                                 int8_scales)
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
 from zo2tier.trace import Timeline
@@ -42,6 +43,7 @@ from zo2tier.zo.update import LogEntry, causal_lm_loss
 
 RESIDENT = "<resident>"
 _DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
+WRITE_BACK_RANGE_NUMEL = 1 << 22  # elements of an int8 write-back replayed and encoded at a time (whole groups)
 _log = logging.getLogger(__name__)
 
 
@@ -243,6 +245,7 @@ class ZOEngine:
         resident = sum(p.numel for p in self.layout.params) - in_blocks
         inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead,
                         fused=fused.available(self.device, self.compute_dtype))
+        self.plan_input = inp  # what the planner saw: zo2tier.predict.predict_step(engine.plan_input, engine.plan, ...)
         return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
 
     def _build(self, model: nn.Module, source: StateSource, lookahead: int | None) -> None:
@@ -309,6 +312,7 @@ class ZOEngine:
         self._raw_out_buf: torch.Tensor | None = None  # encoded write-back buffer, allocated on first use
         self._raw_out_busy: torch.cuda.Event | None = None  # a host write-back's D2H still reads it until then
         self._resident_work: torch.Tensor | None = None
+        self._range_buf: torch.Tensor | None = None  # fp32 room for one range of an int8 write-back
         self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
         self._prev_scales_of = -1
 
@@ -463,30 +467,24 @@ class ZOEngine:
         return self._log_cache[2]
 
     def _arrive_fused(self, record: BlockRecord, plus: torch.Tensor, minus: torch.Tensor | None,
-                      eps: float, seed: int) -> None:
-        """Fetch, replay pending updates, write back if due, and fill ``plus``/``minus``, in one pass."""
+                      eps: float, seed: int, force_write: bool = False) -> None:
+        """Fetch, replay pending updates, write back if due (or ``force_write``), and fill ``plus``/``minus``,
+        in one pass."""
         raw, staging = self.tiers.fetch(record)
         raw = raw.to(self.device)
         dtype = _TORCH_DTYPES[record.storage]
         stored = raw[: record.numel].view(dtype) if dtype == torch.int8 else raw.view(dtype)[: record.numel]
-        scales = None
+        scales = int8_scales(raw, record.numel) if dtype == torch.int8 else None
         pending = len(self.log) - record.applied_steps
-        write = self._write_due(record, pending)
+        write = pending > 0 and (force_write or self._write_due(record, pending))
         log = self._pending_log(record.applied_steps)
         sr_seed = step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log))
         encoded = None
-        if dtype == torch.int8:
-            scales = int8_scales(raw, record.numel)
-            if write:  # the codec writes int8 (its groups span parameters): replay into fp32 first
-                work = self._work[: record.numel]
-                self._fused_pass(record, stored, scales, log, 0, 0.0, work, None, None, sr_seed)
-                encoded = self._raw_out(record.stored_bytes)
-                encode(work, "int8", encoded, sr_seed=sr_seed, sr_key=record.index,
-                       prev_scales=scales)  # groups that still fit keep their scale: no re-quantization noise
-                stored, scales, log = work, None, self._no_log()
-        # float storage is written back in place: into the device copy, the upload slot or the disk block's copy
-        out = stored if write and dtype != torch.int8 else None
-        self._fused_pass(record, stored, scales, log, seed, eps, plus, minus, out, sr_seed)
+        if write and dtype == torch.int8:  # the codec writes int8 (its groups span parameters), range by range
+            encoded = self._raw_out(record.stored_bytes)
+            self._int8_write_pass(record, stored, scales, log, seed, eps, plus, minus, encoded, sr_seed)
+        else:  # float storage is written back in place: into the device copy, the upload slot or the disk copy
+            self._fused_pass(record, stored, scales, log, seed, eps, plus, minus, stored if write else None, sr_seed)
         fresh = raw if encoded is None else encoded
         landed = None
         if write and record.tier == "host":  # before the release: the D2H reads fresh until `landed`
@@ -508,6 +506,31 @@ class ZOEngine:
                          minus=None if minus is None else minus[o : o + n],
                          write_to=None if out is None else out[o : o + n], sr_seed=sr_seed,
                          sr_key=record.index, sr_offset=o, kind=self.config.perturbation, scales=scales)
+
+    def _int8_write_pass(self, record, stored, scales, log, seed, eps, plus, minus, encoded, sr_seed) -> None:
+        """:meth:`_fused_pass` for an int8 block that is written back: each range of
+        :data:`WRITE_BACK_RANGE_NUMEL` elements is replayed into an fp32 buffer (and perturbed into
+        ``plus``/``minus`` in the same pass), then encoded into ``encoded``, keeping every group's stored scale
+        that still fits. fp32 room for one range, not the block: 16 MiB instead of 2.5 GB at OPT-30B."""
+        if self._range_buf is None:  # a piece may start up to 3 elements before its range (Philox groups of 4)
+            self._range_buf = torch.empty(WRITE_BACK_RANGE_NUMEL + 4, dtype=torch.float32, device=self.device)
+        for lo in range(0, record.numel, WRITE_BACK_RANGE_NUMEL):
+            hi = min(lo + WRITE_BACK_RANGE_NUMEL, record.numel)
+            for slot in record.slots:
+                o, n = slot.offset, slot.spec.numel
+                a, b = max(lo, o) - o, min(hi, o + n) - o
+                if a >= b:
+                    continue
+                a -= a % 4  # the elements before lo are recomputed to the same values
+                first, last = o + a, o + b
+                fused.arrive(stored[first:last], param_id=slot.spec.param_id, decay=slot.spec.decay, log=log,
+                             new_seed=seed, eps=eps, plus=plus[first:last],
+                             minus=None if minus is None else minus[first:last],
+                             write_to=self._range_buf[first - lo + 4 : last - lo + 4], sr_seed=sr_seed,
+                             sr_key=record.index, sr_offset=first, kind=self.config.perturbation, scales=scales,
+                             z_offset=a)
+            encode_int8_range(self._range_buf[4 : 4 + hi - lo], encoded, record.numel, lo, sr_seed=sr_seed,
+                              sr_key=record.index, prev_scales=scales)
 
     def _views(self, binding: _Binding, work, scratch, scale: float, seed: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -664,15 +687,12 @@ class ZOEngine:
         """Write every block with pending updates back to its tier (shared_disk: a collective, every rank calls it)."""
         self._check_open()
         self.tiers.drain()  # settle the write-backs in flight first (raises a failed one's error)
-        spare: torch.Tensor | None = None  # one fp32 block for every record, not a fresh one each
         for record in self.table:
             if record.applied_steps < len(self.log) and not (self._shared_disk and record.tier == "disk"):
-                scratch = self._work
-                if self._is_fused(record) and record.storage == "int8":  # its write-back replays in _work
-                    if spare is None:
-                        spare = torch.empty(self._scratch.numel(), dtype=torch.float32, device=self.device)
-                    scratch = spare
-                work = self._arrive(record, scratch=scratch)
+                if self._is_fused(record):  # the kernel pass writes it back; its plus output lands in _scratch
+                    self._arrive_fused(record, self._scratch[: record.numel], None, 0.0, 0, force_write=True)
+                    continue
+                work = self._arrive(record, scratch=self._work)
                 if record.applied_steps < len(self.log) and record.write_future is None:
                     self._write_back(record, work)
         self.tiers.drain()

@@ -13,6 +13,8 @@ from zo2tier.budget import TIERS, TierBudget, format_size
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 WORKING_BYTES_PER_NUMEL = 4  # an fp32 working copy
+# a fused int8 write-back's range: fp32 buffer plus the encoder's temporaries (engine.WRITE_BACK_RANGE_NUMEL)
+WRITE_BACK_RANGE_BYTES = (1 << 22) * 32
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
 
     - θ+εz and θ−εz scratch of the largest record (blocks and the resident set);
     - the clean fp32 copy of the resident set, rebuilt in place each step;
-    - with int8 storage, or off the fused CUDA path: an fp32 replay buffer of the largest block and one
-      encoded write-back buffer;
+    - off the fused CUDA path: an fp32 replay buffer of the largest block and one encoded write-back buffer;
+      on it, with int8 storage: the encoded buffer and one write-back range (fp32 and encoder temporaries);
     - host blocks: ``lookahead_blocks + 1`` upload slots (never more than the host blocks), written back in
       place; disk blocks: the one block being computed, copied up from pinned staging.
 
@@ -85,9 +87,10 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
     largest_block = max((b.numel for b in inp.blocks), default=0)
     largest = max(largest_block, inp.resident_numel)
     total = 2 * largest * inp.compute_bytes + inp.resident_numel * WORKING_BYTES_PER_NUMEL
-    if not inp.fused or "int8" in inp.storage.values():
-        encoded = ("int8",) if inp.fused else inp.storage.values()  # fused float storage writes in place
-        total += largest * WORKING_BYTES_PER_NUMEL + max(block_bytes(largest, d) for d in encoded)
+    if not inp.fused:  # the generic path decodes every block into fp32 and encodes write-backs from it
+        total += largest * WORKING_BYTES_PER_NUMEL + max(block_bytes(largest, d) for d in inp.storage.values())
+    elif "int8" in inp.storage.values():  # fused float storage writes in place; int8 range by range
+        total += WRITE_BACK_RANGE_BYTES + block_bytes(largest, "int8")
     if n_host:
         total += min(1 + inp.lookahead_blocks, n_host) * block_bytes(largest_block, inp.storage["host"])
     if n_disk:

@@ -136,3 +136,28 @@ def test_chunked_encoding_equals_one_pass(dtype, stochastic, keep_scales, numel,
         outs.append(encode(x, dtype, raw, sr_seed=9, sr_key=4, stochastic=stochastic, prev_scales=prev))
     for out in outs[1:]:
         assert torch.equal(out, outs[0]), int((out != outs[0]).sum())
+
+
+@pytest.mark.parametrize("keep_scales", [False, True])
+@pytest.mark.parametrize("numel", [40 * INT8_GROUP, 37 * INT8_GROUP + 13])
+def test_int8_range_by_range_equals_one_encode(keep_scales, numel):
+    """encode_int8_range over group-aligned ranges (what an int8 write-back does on the GPU) gives the bytes of
+    one encode; a range that starts or ends inside a group is refused."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(numel, generator=g) * 0.02
+    prev = None
+    if keep_scales:
+        raw = torch.empty(encoded_bytes(numel, "int8"), dtype=torch.uint8)
+        encode(x, "int8", raw, sr_seed=0, sr_key=4, stochastic=False)
+        prev = int8_scales(raw, numel).clone()
+        x = decode(raw, "int8", numel, torch.empty(numel)) * 0.97 + 1e-4 * torch.randn(numel, generator=g)
+    want = encode(x, "int8", torch.empty(encoded_bytes(numel, "int8"), dtype=torch.uint8), sr_seed=9, sr_key=4,
+                  prev_scales=prev)
+    got = torch.full((encoded_bytes(numel, "int8"),), 0xAB, dtype=torch.uint8)  # garbage must not survive
+    cuts = [0, 3 * INT8_GROUP, 4 * INT8_GROUP, 20 * INT8_GROUP, numel]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        codec.encode_int8_range(x[lo:hi], got, numel, lo, sr_seed=9, sr_key=4, prev_scales=prev)
+    assert torch.equal(got, want)
+    for lo, n in [(5, INT8_GROUP), (0, INT8_GROUP + 1)]:
+        with pytest.raises(ValueError, match="groups"):
+            codec.encode_int8_range(x[lo : lo + n], got, numel, lo, sr_seed=9, sr_key=4)

@@ -120,17 +120,43 @@ def encode(
     chunk = max(INT8_GROUP, ENCODE_CHUNK_NUMEL // INT8_GROUP * INT8_GROUP)
     for lo in range(0, numel, chunk):
         hi = min(lo + chunk, numel)
-        part = src[lo:hi]
         noise = sr_uniform(sr_seed, sr_key, hi - lo, offset=lo, device=src.device) if stochastic else None
         if dtype == "int8":
             g0, g1 = lo // INT8_GROUP, _n_groups(hi)
             prev = None if prev_scales is None else prev_scales[g0:g1]
-            _encode_int8(part, q[lo:hi], scales[g0:g1], noise, prev)
+            _encode_int8(src[lo:hi], q[lo:hi], scales[g0:g1], noise, prev)
         elif noise is None:
-            target[lo:hi].copy_(part)
+            target[lo:hi].copy_(src[lo:hi])
         else:
-            target[lo:hi].copy_(_round_float_stochastic(part, _TORCH[dtype], noise))
+            target[lo:hi].copy_(_round_float_stochastic(src[lo:hi], _TORCH[dtype], noise))
     return raw
+
+
+def encode_int8_range(
+    part: torch.Tensor,
+    raw: torch.Tensor,
+    numel: int,
+    lo: int,
+    *,
+    sr_seed: int,
+    sr_key: int,
+    prev_scales: torch.Tensor | None = None,
+) -> None:
+    """Encode elements ``[lo, lo + part.numel())`` of an int8 block of ``numel`` elements into its bytes ``raw``.
+
+    ``lo`` is a group boundary and the range ends on one or at ``numel``. Encoding a block range by range
+    gives the bytes of one :func:`encode` (same uniforms, same scales), so a write-back needs fp32 room for
+    one range, not the block. ``prev_scales`` are the whole block's stored scales."""
+    hi = lo + part.numel()
+    if lo % INT8_GROUP or (hi % INT8_GROUP and hi != numel) or hi > numel:
+        raise ValueError(f"range [{lo}, {hi}) of a {numel}-element block must start and end on "
+                         f"{INT8_GROUP}-element groups (or end at the block's end)")
+    q, scales = raw[:numel].view(torch.int8), int8_scales(raw, numel)
+    if hi == numel:
+        raw[numel : _scale_offset(numel)].zero_()
+    g0, g1 = lo // INT8_GROUP, _n_groups(hi)
+    noise = sr_uniform(sr_seed, sr_key, hi - lo, offset=lo, device=part.device)
+    _encode_int8(part, q[lo:hi], scales[g0:g1], noise, None if prev_scales is None else prev_scales[g0:g1])
 
 
 def _round_float_stochastic(src: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> torch.Tensor:

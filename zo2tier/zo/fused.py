@@ -69,12 +69,19 @@ def arrive(
     kind: str = "gaussian",
     scales: torch.Tensor | None = None,
     group: int = 128,
+    z_offset: int = 0,
 ) -> None:
     """Replay ``log`` on ``stored`` (flat), write back into ``write_to`` (may alias ``stored``) and fill
-    ``plus`` = θ+εz and ``minus`` = θ−εz (``minus=None``: only ``plus``, e.g. ``eps=0`` for evaluation)."""
+    ``plus`` = θ+εz and ``minus`` = θ−εz (``minus=None``: only ``plus``, e.g. ``eps=0`` for evaluation).
+
+    ``stored`` may be a piece of a parameter that starts ``z_offset`` elements into it (a multiple of 4, the
+    Philox group): z is drawn for the parameter's own element indices, so pieces give the values of one pass.
+    ``sr_offset`` is the piece's first element in the flat block (rounding uniforms and int8 scales)."""
     n = stored.numel()
     if n == 0:
         return
+    if z_offset % 4:
+        raise ValueError(f"z_offset={z_offset} must be a multiple of 4 (one Philox group draws 4 values)")
     if (write_to is not None and write_to.dtype == torch.int8) or (stored.dtype == torch.int8 and scales is None):
         raise ValueError("int8 storage is decoded by the kernel (pass scales) but written back by the codec")
     grid = (triton.cdiv(n, 4 * _GROUPS),)
@@ -83,7 +90,7 @@ def arrive(
         n, (param_id << 32) | new_seed, float(eps),
         log.seeds, log.grads, log.lrs, log.wds, log.n, param_id << 32,
         ((sr_key | _SR_DOMAIN) << 32) | sr_seed, sr_offset, scales if scales is not None else stored, group,
-        DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
+        z_offset // 4, DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
         STORE_KIND=_FLOAT_STORAGE[stored.dtype],
         OUT_KIND=_FLOAT_STORAGE[write_to.dtype] if write_to is not None else 0, RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
     )
@@ -141,15 +148,15 @@ if triton is not None:
         up = (u < frac) & (tl.abs(hi32) < float("inf"))
         return tl.where(up, hi32, lo32)
 
-    @triton.jit(do_not_specialize=["n", "new_seed", "n_log", "key_hi", "sr_seed", "sr_offset", "group"])
+    @triton.jit(do_not_specialize=["n", "new_seed", "n_log", "key_hi", "sr_seed", "sr_offset", "group", "z_group0"])
     def _arrive_kernel(
         stored_ptr, out_ptr, plus_ptr, minus_ptr, n, new_seed, eps,
-        seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset, scales_ptr, group,
+        seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset, scales_ptr, group, z_group0,
         DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
         RADEMACHER: tl.constexpr, GROUPS: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        groups = pid * GROUPS + tl.arange(0, GROUPS)  # (G,)
+        groups = z_group0 + pid.to(tl.int64) * GROUPS + tl.arange(0, GROUPS)  # (G,) Philox groups of the parameter
         idx = pid.to(tl.int64) * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)  # (4G,) element indices
         mask = idx < n
         theta = tl.load(stored_ptr + idx, mask=mask, other=0).to(tl.float32)
