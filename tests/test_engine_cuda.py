@@ -199,16 +199,18 @@ def _run_int8(tmp_path, monkeypatch, range_numel):
 
 def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch):
     """int8 write-backs replay and encode 256 elements at a time (ranges that cut parameters at offsets that
-    are not multiples of 4) and match one range over the whole block: losses to float rounding, weights but
-    for the rare element whose stochastic rounding a last-bit difference flips (see the pieces test above);
-    no fp32 block buffer is ever allocated."""
+    are not multiples of 4) and match one range over the whole block, and no fp32 block buffer is ever
+    allocated. Not bit for bit: a last-bit difference (see the pieces test above) can flip one stochastic
+    rounding, which moves the next losses and so every later update by a hair, and the next write-backs
+    round a little differently everywhere. So: losses to 1e-5, and every weight within one int8 quantum
+    of the model's widest group. A piece drawing the wrong z would move weights by lr·g·z, far more."""
     ref = _run_int8(tmp_path / "a", monkeypatch, 1 << 22)
     got = _run_int8(tmp_path / "b", monkeypatch, 256)
     for r, q in zip(ref[0], got[0]):
         assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
         assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)
-    assert got[1] == pytest.approx(ref[1], rel=1e-5)
-    differ = sum(int((ref[2][k] != got[2][k]).sum()) for k in ref[2])
-    total = sum(t.numel() for t in ref[2].values())
-    assert differ <= total // 1000, (differ, total)
+    assert got[1] == pytest.approx(ref[1], rel=1e-3)
+    quantum = max(float(t.abs().max()) for t in ref[2].values()) / 127
+    worst = max(float((ref[2][k].float() - got[2][k].float()).abs().max()) for k in ref[2])
+    assert worst <= 1.5 * quantum, (worst, quantum)
     assert ref[3] is None and got[3] is None
