@@ -41,6 +41,23 @@ def test_compute_bound_when_everything_is_on_the_device():
     assert pred.compute_s == pytest.approx(4 * 4e9 * 2048 / 100e12 + 4e9 * 6 / 1000e9)
 
 
+def test_int8_write_backs_cost_encode_compute():
+    """Every int8 block written back is re-encoded on the GPU: 1/K of the offloaded int8 blocks per step, all
+    device-tier int8 (and the int8 resident set) every step; float storage adds nothing."""
+    cal = Calibration(h2d_gbps=1e6, d2h_gbps=1e6, bus_both_gbps=1e6, forward_tflops=1e9, fused_pass_gbps=1e9,
+                      int8_encode_gnps=2.0)
+    base = dict(tokens=1, write_back_every=4)
+    fp16 = _inp()
+    host = {f"b{i}": "host" for i in range(4)}
+    assert predict_step(fp16, plan_placement(fp16, TierBudget(10**11, 10**11, 0), host), cal, **base).compute_s < 1e-3
+    int8 = _inp("int8")  # 4 host blocks of 1e9 in int8, each written every 4 steps; no resident set
+    pred = predict_step(int8, plan_placement(int8, TierBudget(10**11, 10**11, 0), host), cal, **base)
+    assert pred.compute_s == pytest.approx(4e9 / 4 / 2e9, rel=1e-3) and pred.bound == "compute"
+    dev = PlanInput(int8.blocks, int8.resident_numel, 2, {"device": "int8", "host": "int8", "disk": "int8"})
+    on_device = predict_step(dev, plan_placement(dev, TierBudget(10**11, 0, 0)), cal, **base)
+    assert on_device.compute_s == pytest.approx((4e9 + dev.resident_numel) / 2e9, rel=1e-3)
+
+
 def test_bad_calibration_file_is_refused(tmp_path):
     path = tmp_path / "cal.json"
     path.write_text("[1, 2]")
