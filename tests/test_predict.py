@@ -105,3 +105,24 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     # generic: an fp32 block and the widest encoded block
     extra = WRITE_BACK_RANGE_BYTES + int8_block if fused else 4 * n + 2 * n
     assert working_bytes(int8, 0, 1) == 2 * n * 2 + 4 * r + extra + int8_block
+
+
+@pytest.mark.parametrize("k", [1, 16])
+def test_plan_from_config_counts_the_upload_slots_the_engine_opens(tmp_path, k):
+    """`zo2tier plan` and the engine agree on the host upload lookahead for a given write-back interval
+    (3 slots when every step writes back, 2 otherwise), so the CLI's device figure is the engine's."""
+    import transformers as tf
+
+    import zo2tier
+    from zo2tier.planning import plan_from_config
+    from tiny_models import tiny_model
+
+    cfg = tf.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    cfg.to_json_file(str(tmp_path / "config.json"))
+    _, inp = plan_from_config(str(tmp_path / "config.json"), TierBudget.parse("device=1GiB,host=1GiB"),
+                              write_back_every=k)
+    place = {b: "host" for b in zo2tier.ZOEngine.block_names(tiny_model("opt"))}
+    with zo2tier.ZOEngine(tiny_model("opt"), budget={"device": "1GiB", "host": "1GiB"}, placement=place,
+                          write_back_every=k) as engine:
+        assert inp.lookahead_blocks == engine.plan_input.lookahead_blocks == (2 if k == 1 else 1)

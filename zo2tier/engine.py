@@ -26,7 +26,7 @@ from zo2tier.distributed import DataParallel, attach as _attach_data_parallel
 from zo2tier.model.blocks import describe
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
-from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
+from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement
 from zo2tier import shared_disk as _shared_disk
 from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import (check_storage, decode, dtype_name, encode, encode_int8_range, encoded_bytes,
@@ -235,7 +235,7 @@ class ZOEngine:
         """Host-tier uploads ahead of the block computing (slots = this + 1); see the class docstring."""
         if lookahead is not None:
             return max(0, lookahead)
-        return 2 if self._log_limit("host") == 1 else 1
+        return default_host_lookahead(self._log_limit("host"))
 
     def _make_plan(self, placement: Mapping[str, str] | None, lookahead: int) -> Plan:
         sizes = []

@@ -64,6 +64,12 @@ class Plan:
         return "\n".join(lines)
 
 
+def default_host_lookahead(host_log_limit: int) -> int:
+    """Host uploads ahead of the block computing when the caller does not choose: 2 (three slots) when host
+    blocks are written back every step, so that a slot's D2H can land while the next two upload; else 1."""
+    return 2 if host_log_limit == 1 else 1
+
+
 def block_bytes(numel: int, dtype: str) -> int:
     """Stored bytes of ``numel`` elements in ``dtype`` (int8 adds one fp32 scale per 128-element group)."""
     if dtype not in DTYPE_BYTES:

@@ -8,7 +8,7 @@ import torch
 
 from zo2tier.budget import TierBudget
 from zo2tier.model.blocks import describe
-from zo2tier.plan import BlockSize, Plan, PlanInput, plan_placement
+from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement
 from zo2tier.predict import Calibration, predict_step
 from zo2tier.store.zstd import parse_compress
 from zo2tier.tiers.codec import check_storage
@@ -17,9 +17,11 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def plan_from_config(
-    model: str, budget: TierBudget, *, storage: dict[str, str] | None = None, dtype: str | None = None
+    model: str, budget: TierBudget, *, storage: dict[str, str] | None = None, dtype: str | None = None,
+    write_back_every: int = 1,
 ) -> tuple[Plan, PlanInput]:
-    """Placement for the model at ``model`` (directory or config.json) under ``budget``."""
+    """Placement for the model at ``model`` (directory or config.json) under ``budget``, with the device
+    buffers the engine allocates for ``write_back_every`` (its default upload lookahead depends on it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not os.path.exists(model):
@@ -37,7 +39,7 @@ def plan_from_config(
     tiers = {t: check_storage((storage or {}).get(t, default)) for t in ("device", "host", "disk")}
     sizes = tuple(BlockSize(n, sum(p.numel for p in layout.params_under(n))) for n in layout.block_names)
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
-    inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers)
+    inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers, default_host_lookahead(write_back_every))
     return plan_placement(inp, budget), inp
 
 
@@ -48,7 +50,7 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
     ``compress``: zstd on the disk tier (anything ``zo2tier.store.zstd.parse_compress`` takes).
     """
     zstd = parse_compress(compress) is not None
-    plan, inp = plan_from_config(model, budget, storage=storage, dtype=dtype)
+    plan, inp = plan_from_config(model, budget, storage=storage, dtype=dtype, write_back_every=write_back_every)
     n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
     head = (f"{model}: {n_params / 1e9:.2f}B parameters, {len(inp.blocks)} blocks, "
             f"storage {inp.storage}" + (", disk tier zstd-compressed" if zstd else ""))
