@@ -10,6 +10,12 @@ Blocks are generated straight into their tiers (never the whole model on the hos
 GPU peaks (NVML and torch) cover the first tiered run's steps only, not the build and not the baseline;
 ``gpu_build_peak_nvml_gib`` reports the build. ``--mem-snapshot=F`` dumps the allocator's history over the
 last step of that run (open it at pytorch.org/memory_viz).
+
+With disk blocks it also measures the raw O_DIRECT read and write rates of the disk folder after the steps,
+and reports ``disk_bound_step_s`` (the disk's bytes per step at those rates) and ``step_over_disk_bound``.
+Every run reports ``predicted_step_s``: zo2tier.predict on the engine's own plan with the rates measured in
+the run. ``--calibration-out=PATH`` merges those rates (and, with ``--baseline``, the forward TFLOP/s of
+plain MeZO's two forwards) into a calibration JSON for ``zo2tier plan --calibration=PATH``.
 """
 
 from __future__ import annotations
@@ -245,6 +251,30 @@ def prediction(plan_input, plan, args, record: dict) -> dict:
                                "compute rates DESIGN.md's; compared with the mean step (write-backs included)")
 
 
+def write_calibration(path: str, record: dict, args) -> dict:
+    """Merge the rates this run measured into the calibration JSON at ``path`` (keys of
+    zo2tier.predict.Calibration; what the file already holds, e.g. from tools/bench_io.py, is kept unless
+    measured again here). Returns what was written."""
+    rates = {}
+    if record.get("raw_disk_read_gbps"):
+        rates.update(disk_read_gbps=record["raw_disk_read_gbps"], disk_write_gbps=record["raw_disk_write_gbps"])
+    if record.get("bus_h2d_gbps"):
+        rates.update(h2d_gbps=record["bus_h2d_gbps"], d2h_gbps=record["bus_d2h_gbps"],
+                     bus_both_gbps=record["bus_duplex_gbps"])
+    if record.get("baseline_forwards_s"):  # two forwards of the doubled batch: 4 flops per weight per token
+        flops = 4 * record["n_params"] * args.batch * args.seq
+        rates["forward_tflops"] = flops / record["baseline_forwards_s"] / 1e12
+    data = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    data.update(rates)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    return rates
+
+
 def bus_gbps(device: torch.device, nbytes: int = 2**30, reps: int = 5) -> dict:
     """Pinned host<->GPU copy rates now, one way each and both at once (two streams): the bus bound."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -362,6 +392,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="alternate tiered and baseline runs this many times; ratios are medians over the pairs")
     p.add_argument("--mem-snapshot", default="", help="dump a torch.cuda memory snapshot of the last step here")
+    p.add_argument("--calibration-out", default="",
+                   help="merge the rates this run measured into this calibration JSON (zo2tier plan --calibration)")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -426,6 +458,8 @@ def main() -> None:
             record["bound_ratio"] = min(record["bus_bound_ratio"], record["compute_bound_ratio"])
     else:
         record.update(baseline_step_s=None, baseline_tok_per_s=None)
+    if args.calibration_out:
+        record["calibration_out"] = write_calibration(args.calibration_out, record, args)
     print(json.dumps(record))
 
 
