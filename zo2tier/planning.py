@@ -52,7 +52,9 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
     zstd = parse_compress(compress) is not None
     plan, inp = plan_from_config(model, budget, storage=storage, dtype=dtype, write_back_every=write_back_every)
     n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
-    head = (f"{model}: {n_params / 1e9:.2f}B parameters, {len(inp.blocks)} blocks, "
+    compute = {4: "fp32", 2: "fp16/bf16"}.get(inp.compute_bytes, f"{inp.compute_bytes} bytes")
+    why = "" if dtype else " (the config's dtype, fp32 if it names none; --dtype to choose)"
+    head = (f"{model}: {n_params / 1e9:.2f}B parameters, {len(inp.blocks)} blocks, compute {compute}{why}, "
             f"storage {inp.storage}" + (", disk tier zstd-compressed" if zstd else ""))
     cal = Calibration.load(calibration)
     pred = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=write_back_every, compress=zstd)
