@@ -179,12 +179,13 @@ def test_fused_kernel_pieces_match_one_pass():
         fused.arrive(stored[2:], plus=stored[2:].clone(), minus=None, write_to=None, sr_offset=2, z_offset=2, **kw)
 
 
-def _run_int8(tmp_path, monkeypatch, range_numel):
+def _run_int8(tmp_path, monkeypatch, range_numel, fused_encode=False):
     import transformers as tf
 
     import zo2tier.engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "WRITE_BACK_RANGE_NUMEL", range_numel)
+    monkeypatch.setattr(engine_mod, "FUSED_INT8_ENCODE", fused_encode)
     torch.manual_seed(0)  # n_embd 30: biases and LayerNorms of 30 and 90 put parameters at offsets ≡ 2 (mod 4)
     model = tf.AutoModelForCausalLM.from_config(
         tf.GPT2Config(vocab_size=96, n_embd=30, n_layer=3, n_head=3, n_positions=64), dtype=torch.float32).eval()
@@ -197,7 +198,8 @@ def _run_int8(tmp_path, monkeypatch, range_numel):
         return results, e.evaluate(tiny_batch()), e.state_dict(), e._work_buf
 
 
-def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused_encode", [False, True])
+def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch, fused_encode):
     """int8 write-backs replay and encode 256 elements at a time (ranges that cut parameters at offsets that
     are not multiples of 4) and match one range over the whole block, and no fp32 block buffer is ever
     allocated. Not bit for bit: a last-bit difference (see the pieces test above) can flip one stochastic
@@ -205,7 +207,7 @@ def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch)
     round a little differently everywhere. So: losses to 1e-5, and every weight within one int8 quantum
     of the model's widest group. A piece drawing the wrong z would move weights by lr·g·z, far more."""
     ref = _run_int8(tmp_path / "a", monkeypatch, 1 << 22)
-    got = _run_int8(tmp_path / "b", monkeypatch, 256)
+    got = _run_int8(tmp_path / "b", monkeypatch, 256, fused_encode)  # and with the Triton int8 encoder
     for r, q in zip(ref[0], got[0]):
         assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
         assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)

@@ -44,6 +44,9 @@ from zo2tier.zo.update import LogEntry, causal_lm_loss
 RESIDENT = "<resident>"
 _DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
 WRITE_BACK_RANGE_NUMEL = 1 << 22  # elements of an int8 write-back replayed and encoded at a time (whole groups)
+# encode int8 write-back ranges with the Triton encoder (zo2tier.zo.fused.encode_int8) instead of torch ops.
+# Off until it is measured on a GPU: it gives the torch codec's bytes in the Triton interpreter (CPU).
+FUSED_INT8_ENCODE = os.environ.get("ZO2TIER_FUSED_INT8_ENCODE") == "1"
 _log = logging.getLogger(__name__)
 
 
@@ -530,7 +533,7 @@ class ZOEngine:
                              sr_key=record.index, sr_offset=first, kind=self.config.perturbation, scales=scales,
                              z_offset=a)
             encode_int8_range(self._range_buf[4 : 4 + hi - lo], encoded, record.numel, lo, sr_seed=sr_seed,
-                              sr_key=record.index, prev_scales=scales)
+                              sr_key=record.index, prev_scales=scales, fused_kernel=FUSED_INT8_ENCODE)
 
     def _views(self, binding: _Binding, work, scratch, scale: float, seed: int) -> dict[str, torch.Tensor]:
         out = {}

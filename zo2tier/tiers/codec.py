@@ -141,12 +141,15 @@ def encode_int8_range(
     sr_seed: int,
     sr_key: int,
     prev_scales: torch.Tensor | None = None,
+    fused_kernel: bool = False,
 ) -> None:
     """Encode elements ``[lo, lo + part.numel())`` of an int8 block of ``numel`` elements into its bytes ``raw``.
 
     ``lo`` is a group boundary and the range ends on one or at ``numel``. Encoding a block range by range
     gives the bytes of one :func:`encode` (same uniforms, same scales), so a write-back needs fp32 room for
-    one range, not the block. ``prev_scales`` are the whole block's stored scales."""
+    one range, not the block. ``prev_scales`` are the whole block's stored scales. ``fused_kernel``: encode
+    with :func:`zo2tier.zo.fused.encode_int8` (one Triton kernel, the same bytes in the Triton interpreter)
+    instead of torch ops."""
     hi = lo + part.numel()
     if lo % INT8_GROUP or (hi % INT8_GROUP and hi != numel) or hi > numel:
         raise ValueError(f"range [{lo}, {hi}) of a {numel}-element block must start and end on "
@@ -155,8 +158,15 @@ def encode_int8_range(
     if hi == numel:
         raw[numel : _scale_offset(numel)].zero_()
     g0, g1 = lo // INT8_GROUP, _n_groups(hi)
+    prev = None if prev_scales is None else prev_scales[g0:g1]
+    if fused_kernel:
+        from zo2tier.zo import fused
+
+        fused.encode_int8(part, q[lo:hi], scales[g0:g1], prev, sr_seed=sr_seed, sr_key=sr_key, offset=lo,
+                          group=INT8_GROUP)
+        return
     noise = sr_uniform(sr_seed, sr_key, hi - lo, offset=lo, device=part.device)
-    _encode_int8(part, q[lo:hi], scales[g0:g1], noise, None if prev_scales is None else prev_scales[g0:g1])
+    _encode_int8(part, q[lo:hi], scales[g0:g1], noise, prev)
 
 
 def _round_float_stochastic(src: torch.Tensor, dtype: torch.dtype, u: torch.Tensor) -> torch.Tensor:

@@ -178,3 +178,70 @@ if triton is not None:
         tl.store(plus_ptr + idx, (theta + eps * z).to(plus_ptr.dtype.element_ty), mask=mask)
         if MINUS:
             tl.store(minus_ptr + idx, (theta - eps * z).to(minus_ptr.dtype.element_ty), mask=mask)
+
+
+_ENCODE_GROUPS = 8  # int8 groups (of `group` elements) per program of the encoder
+
+
+def encode_int8(
+    src: torch.Tensor,
+    q_out: torch.Tensor,
+    scales_out: torch.Tensor,
+    prev_scales: torch.Tensor | None,
+    *,
+    sr_seed: int,
+    sr_key: int,
+    offset: int,
+    group: int = 128,
+) -> None:
+    """int8-encode fp32 ``src`` (whole groups but the last) in one kernel: the bytes of
+    :func:`zo2tier.tiers.codec._encode_int8` with the stochastic-rounding uniforms of
+    ``sr_uniform(sr_seed, sr_key, n, offset=offset)`` (the same Philox words, drawn in registers).
+
+    Group scales: a fresh absmax / 127 rounded up to 17 significant bits, or with ``prev_scales`` the stored
+    scale while the group's absmax stays in [119, 127] × it, else one placing the absmax mid-band."""
+    n = src.numel()
+    if n == 0:
+        return
+    n_groups = (n + group - 1) // group
+    if q_out.numel() != n or scales_out.numel() != n_groups or group & (group - 1):
+        raise ValueError(f"encode_int8: {n} elements need {n} int8 outputs and {n_groups} scales "
+                         f"(got {q_out.numel()} and {scales_out.numel()}); group {group} must be a power of two")
+    grid = (triton.cdiv(n_groups, _ENCODE_GROUPS),)
+    _encode_int8_kernel[grid](
+        src, q_out, scales_out, prev_scales if prev_scales is not None else scales_out, n, n_groups,
+        ((sr_key | _SR_DOMAIN) << 32) | sr_seed, offset,
+        HAS_PREV=prev_scales is not None, GROUP=group, BG=_ENCODE_GROUPS, enable_fp_fusion=False,
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ceil_scale(x):
+        """Round positive fp32 up to 17 significant bits (exact products with 7-bit integers)."""
+        bits = x.to(tl.int32, bitcast=True)
+        return ((bits + 0x7F) & ~0x7F).to(tl.float32, bitcast=True)
+
+    @triton.jit(do_not_specialize=["n", "n_groups", "sr_seed", "offset"])
+    def _encode_int8_kernel(src_ptr, q_ptr, scales_ptr, prev_ptr, n, n_groups, sr_seed, offset,
+                            HAS_PREV: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr):
+        pid = tl.program_id(0)
+        g = pid.to(tl.int64) * BG + tl.arange(0, BG)  # (BG,) groups of this program
+        idx = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (BG, GROUP) element indices
+        mask = idx < n
+        x = tl.load(src_ptr + idx, mask=mask, other=0.0)  # padding is 0, as the torch codec pads
+        absmax = tl.max(tl.abs(x), axis=1)
+        scale = _ceil_scale(absmax / 127.0)
+        if HAS_PREV:
+            prev = tl.load(prev_ptr + g, mask=g < n_groups, other=0.0)
+            keep = (absmax <= prev * 127.0) & (absmax >= prev * 119.0) & (prev > 0)
+            scale = tl.where(keep, prev, _ceil_scale(absmax / 123.03125))  # 127 · (1 − 1/32): mid-band
+        scale = tl.where(scale > 0, scale, 1.0)
+        scaled = x / scale[:, None]
+        q = tl.floor(scaled)
+        u = _sr_uniform(sr_seed, idx + offset)
+        q = q + tl.where(u < scaled - q, 1.0, 0.0)
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        tl.store(q_ptr + idx, q.to(tl.int8), mask=mask)
+        tl.store(scales_ptr + g, scale, mask=g < n_groups)
