@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _rates import measured_rates  # noqa: E402
 from _shapes import SHAPES, drop_page_cache, model_config  # noqa: E402  (bench_dp imports these from here)
 
 
@@ -236,12 +237,7 @@ def prediction(plan_input, plan, args, record: dict) -> dict:
     """What the planner predicts for this run (zo2tier.predict), calibrated with the rates this run measured."""
     from zo2tier.predict import Calibration, predict_step
 
-    rates = {}
-    if record.get("raw_disk_read_gbps"):
-        rates.update(disk_read_gbps=record["raw_disk_read_gbps"], disk_write_gbps=record["raw_disk_write_gbps"])
-    if record.get("bus_h2d_gbps"):
-        rates.update(h2d_gbps=record["bus_h2d_gbps"], d2h_gbps=record["bus_d2h_gbps"],
-                     bus_both_gbps=record["bus_duplex_gbps"])
+    rates = measured_rates(record)
     p = predict_step(plan_input, plan, Calibration(**rates), tokens=args.batch * args.seq,
                      write_back_every=args.write_back_every)
     return dict(predicted_step_s=p.step_s, predicted_bound=p.bound,
@@ -255,12 +251,7 @@ def write_calibration(path: str, record: dict, args) -> dict:
     """Merge the rates this run measured into the calibration JSON at ``path`` (keys of
     zo2tier.predict.Calibration; what the file already holds, e.g. from tools/bench_io.py, is kept unless
     measured again here). Returns what was written."""
-    rates = {}
-    if record.get("raw_disk_read_gbps"):
-        rates.update(disk_read_gbps=record["raw_disk_read_gbps"], disk_write_gbps=record["raw_disk_write_gbps"])
-    if record.get("bus_h2d_gbps"):
-        rates.update(h2d_gbps=record["bus_h2d_gbps"], d2h_gbps=record["bus_d2h_gbps"],
-                     bus_both_gbps=record["bus_duplex_gbps"])
+    rates = measured_rates(record)
     if record.get("baseline_forwards_s"):  # two forwards of the doubled batch: 4 flops per weight per token
         flops = 4 * record["n_params"] * args.batch * args.seq
         rates["forward_tflops"] = flops / record["baseline_forwards_s"] / 1e12

@@ -30,6 +30,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 GB, GIB = 10**9, 2**30
 BATCH, SEQ = 1, 2048
@@ -174,6 +175,8 @@ def measured_checks():
     from zo2tier.plan import plan_placement
     from zo2tier.predict import Calibration, predict_step
 
+    from _rates import measured_rates
+
     shapes = {"opt-6.7b": _opt(4096, 32, 32), "opt-13b": _opt(5120, 40, 40), "opt-30b": _opt(7168, 48, 56)}
     rows = []
     for name in ("step_h100.jsonl", "capped_h100.jsonl"):
@@ -188,11 +191,7 @@ def measured_checks():
         inp = dataclasses.replace(cache[r["model"]], storage=dict(r["storage"]))
         plan = plan_placement(inp, TierBudget.parse(r["budget"]))
         k = r["write_back_every"] if r["phase"] == "train" else 10**12  # eval: read-only
-        rates = {}
-        if r.get("raw_disk_read_gbps") and r.get("raw_disk_write_gbps"):
-            rates.update(disk_read_gbps=r["raw_disk_read_gbps"], disk_write_gbps=r["raw_disk_write_gbps"])
-        if r.get("bus_h2d_gbps"):
-            rates.update(h2d_gbps=r["bus_h2d_gbps"], d2h_gbps=r["bus_d2h_gbps"], bus_both_gbps=r["bus_duplex_gbps"])
+        rates = measured_rates(r)
         p = predict_step(inp, plan, Calibration(**rates), tokens=TOKENS, write_back_every=k)
         measured = r.get("step_s_mean", r["step_s"])
         out.append({"model": r["model"], "phase": r["phase"], "budget": r["budget"], "write_back_every": k,

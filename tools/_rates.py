@@ -1,0 +1,16 @@
+"""The rates a benchmark record measured in its own run, under zo2tier.predict.Calibration's keys."""
+
+from __future__ import annotations
+
+
+def measured_rates(record: dict) -> dict:
+    """Calibration keyword arguments for what ``record`` (a tools/bench_step.py JSON line) measured: the raw
+    O_DIRECT disk read and write rates when it had disk blocks, the bus rates on CUDA. Missing: not included,
+    so Calibration keeps its default."""
+    rates = {}
+    if record.get("raw_disk_read_gbps") and record.get("raw_disk_write_gbps"):
+        rates.update(disk_read_gbps=record["raw_disk_read_gbps"], disk_write_gbps=record["raw_disk_write_gbps"])
+    if record.get("bus_h2d_gbps"):
+        rates.update(h2d_gbps=record["bus_h2d_gbps"], d2h_gbps=record["bus_d2h_gbps"],
+                     bus_both_gbps=record["bus_duplex_gbps"])
+    return rates
