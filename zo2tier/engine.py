@@ -29,8 +29,8 @@ from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement
 from zo2tier import shared_disk as _shared_disk
 from zo2tier.store.zstd import Zstd, parse_compress
-from zo2tier.tiers.codec import (check_storage, decode, dtype_name, encode, encode_int8_range, encoded_bytes,
-                                 int8_scales)
+from zo2tier.tiers.codec import (WRITE_BACK_RANGE_NUMEL, check_storage, decode, dtype_name, encode,
+                                 encode_int8_range, encoded_bytes, int8_scales)
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
 from zo2tier.trace import Timeline
@@ -43,7 +43,6 @@ from zo2tier.zo.update import LogEntry, causal_lm_loss
 
 RESIDENT = "<resident>"
 _DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
-WRITE_BACK_RANGE_NUMEL = 1 << 22  # elements of an int8 write-back replayed and encoded at a time (whole groups)
 # encode int8 write-back ranges with the Triton encoder (zo2tier.zo.fused.encode_int8) instead of torch ops.
 # Off until it is measured on a GPU: it gives the torch codec's bytes in the Triton interpreter (CPU).
 FUSED_INT8_ENCODE = os.environ.get("ZO2TIER_FUSED_INT8_ENCODE") == "1"

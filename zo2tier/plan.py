@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zo2tier.budget import TIERS, TierBudget, format_size
+from zo2tier.tiers.codec import WRITE_BACK_RANGE_NUMEL
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 WORKING_BYTES_PER_NUMEL = 4  # an fp32 working copy
-# a fused int8 write-back's range: fp32 buffer plus the encoder's temporaries (engine.WRITE_BACK_RANGE_NUMEL)
-WRITE_BACK_RANGE_BYTES = (1 << 22) * 32
+# a fused int8 write-back's range: fp32 buffer plus the encoder's temporaries
+WRITE_BACK_RANGE_BYTES = WRITE_BACK_RANGE_NUMEL * 32
 
 
 @dataclass(frozen=True)

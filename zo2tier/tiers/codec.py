@@ -32,6 +32,9 @@ _SCALE_LOW_BITS = 0x7F  # cleared (rounding up) so scales keep 17 significant bi
 # instead of a block. Chunks start on int8 group boundaries and the rounding uniforms are drawn at their
 # offsets, so the bytes equal a one-pass encode whatever the chunk size.
 ENCODE_CHUNK_NUMEL = 1 << 24
+# elements of an int8 write-back that the engine replays into fp32 and encodes at a time (whole groups); the
+# planner counts 32 bytes per element of it (the fp32 range and the encoder's temporaries)
+WRITE_BACK_RANGE_NUMEL = 1 << 22
 STORAGE_DTYPES = ("fp32", "bf16", "fp16", "int8")
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
