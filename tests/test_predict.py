@@ -36,16 +36,29 @@ def test_disk_tier_counts_reads_and_amortized_writes():
 def test_compute_bound_when_everything_is_on_the_device():
     inp = _inp()
     plan = plan_placement(inp, TierBudget(10**11, 0, 0))
-    pred = predict_step(inp, plan, Calibration(forward_tflops=100.0, fused_pass_gbps=1000.0), tokens=2048)
+    pred = predict_step(inp, plan, Calibration(forward_tflops=100.0, fused_pass_gbps=1000.0, rng_gnps=200.0),
+                        tokens=2048)
     assert pred.bound == "compute"
-    assert pred.compute_s == pytest.approx(4 * 4e9 * 2048 / 100e12 + 4e9 * 6 / 1000e9)
+    # forwards, the fused pass's bytes, and two RNG passes per weight: the step's z and last step's update
+    assert pred.compute_s == pytest.approx(4 * 4e9 * 2048 / 100e12 + 4e9 * 6 / 1000e9 + 2 * 4e9 / 200e9)
+
+
+def test_deferred_write_back_replays_pending_updates():
+    """A host block written back every K steps replays (K + 1) / 2 pending updates per visit on average."""
+    inp = _inp()
+    plan = plan_placement(inp, TierBudget(10**11, 10**11, 0), {f"b{i}": "host" for i in range(4)})
+    cal = Calibration(h2d_gbps=1e6, d2h_gbps=1e6, bus_both_gbps=1e6, forward_tflops=1e9, fused_pass_gbps=1e9,
+                      rng_gnps=1.0)
+    for k in (1, 8):
+        pred = predict_step(inp, plan, cal, tokens=1, write_back_every=k)
+        assert pred.compute_s == pytest.approx(4 * (1 + (k + 1) / 2), rel=1e-3)
 
 
 def test_int8_write_backs_cost_encode_compute():
     """Every int8 block written back is re-encoded on the GPU: 1/K of the offloaded int8 blocks per step, all
     device-tier int8 (and the int8 resident set) every step; float storage adds nothing."""
     cal = Calibration(h2d_gbps=1e6, d2h_gbps=1e6, bus_both_gbps=1e6, forward_tflops=1e9, fused_pass_gbps=1e9,
-                      int8_encode_gnps=2.0)
+                      int8_encode_gnps=2.0, rng_gnps=1e9)
     base = dict(tokens=1, write_back_every=4)
     fp16 = _inp()
     host = {f"b{i}": "host" for i in range(4)}

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# int8 write-backs re-encoded by the torch codec (records without "int8_encoder", before git 32befc6's
+# measurements made the Triton encoder the default): an OPT-13B layer (315M) took ~170 ms of compute on the
+# H100 (benchmarks/trace_opt13b_int8_host_h100.json).
+TORCH_INT8_ENCODE_GNPS = 1.85
+
 
 def measured_rates(record: dict) -> dict:
     """Calibration keyword arguments for what ``record`` (a tools/bench_step.py JSON line) measured: the raw
@@ -13,4 +18,6 @@ def measured_rates(record: dict) -> dict:
     if record.get("bus_h2d_gbps"):
         rates.update(h2d_gbps=record["bus_h2d_gbps"], d2h_gbps=record["bus_d2h_gbps"],
                      bus_both_gbps=record["bus_duplex_gbps"])
+    if "int8" in (record.get("storage") or {}).values() and record.get("int8_encoder", "torch") == "torch":
+        rates.update(int8_encode_gnps=TORCH_INT8_ENCODE_GNPS)  # records before the Triton encoder
     return rates

@@ -156,11 +156,15 @@ def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
     step_s_mean = statistics.mean(steady)  # with write-backs every K steps, the mean carries their cost
     steady_moved = moved[args.warmup:] or moved
     last = [sum(m[i] for m in steady_moved) / len(steady_moved) for i in range(4)]  # mean bytes per step
+    from zo2tier.engine import FUSED_INT8_ENCODE
+    from zo2tier.zo import fused
+
     n_params = sum(p.numel for p in engine.layout.params)
     counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
     return dict(
         step_s=step_s, step_s_mean=step_s_mean, tok_per_s=args.batch * args.seq / step_s, step_times=times,
         blocks_per_tier=counts, storage=engine.storage,
+        int8_encoder="triton" if FUSED_INT8_ENCODE and fused.available(engine.device, torch.int8) else "torch",
         disk_read_bytes_per_step=last[0], disk_write_bytes_per_step=last[1],
         h2d_bytes_per_step=last[2], d2h_bytes_per_step=last[3],
         disk_read_gbps=last[0] / step_s / 1e9, disk_write_gbps=last[1] / step_s / 1e9,
@@ -239,7 +243,7 @@ def prediction(plan_input, plan, args, record: dict) -> dict:
 
     rates = measured_rates(record)
     p = predict_step(plan_input, plan, Calibration(**rates), tokens=args.batch * args.seq,
-                     write_back_every=args.write_back_every)
+                     write_back_every=args.write_back_every, replays=0 if args.phase == "eval" else None)
     return dict(predicted_step_s=p.step_s, predicted_bound=p.bound,
                 predicted_parts_s={"compute": p.compute_s, "bus": p.bus_s, "disk": p.disk_s},
                 predicted_over_measured=p.step_s / record["step_s_mean"],

@@ -192,7 +192,8 @@ def measured_checks():
         plan = plan_placement(inp, TierBudget.parse(r["budget"]))
         k = r["write_back_every"] if r["phase"] == "train" else 10**12  # eval: read-only
         rates = measured_rates(r)
-        p = predict_step(inp, plan, Calibration(**rates), tokens=TOKENS, write_back_every=k)
+        p = predict_step(inp, plan, Calibration(**rates), tokens=TOKENS, write_back_every=k,
+                         replays=0 if r["phase"] == "eval" else None)
         measured = r.get("step_s_mean", r["step_s"])
         out.append({"model": r["model"], "phase": r["phase"], "budget": r["budget"], "write_back_every": k,
                     "storage": r["storage"], "git_rev": r["git_rev"], "rates": "same run" if rates else "DESIGN.md",

@@ -43,9 +43,10 @@ from zo2tier.zo.update import LogEntry, causal_lm_loss
 
 RESIDENT = "<resident>"
 _DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
-# encode int8 write-back ranges with the Triton encoder (zo2tier.zo.fused.encode_int8) instead of torch ops.
-# Off until it is measured on a GPU: it gives the torch codec's bytes in the Triton interpreter (CPU).
-FUSED_INT8_ENCODE = os.environ.get("ZO2TIER_FUSED_INT8_ENCODE") == "1"
+# encode int8 write-back ranges with the Triton encoder (zo2tier.zo.fused.encode_int8) instead of torch ops:
+# the torch codec's bytes, 0.71 -> 0.46 s per OPT-13B int8 host step on the H100 (docs/io.md).
+# ZO2TIER_FUSED_INT8_ENCODE=0 goes back to the torch codec.
+FUSED_INT8_ENCODE = os.environ.get("ZO2TIER_FUSED_INT8_ENCODE", "1") != "0"
 _log = logging.getLogger(__name__)
 
 

@@ -5,8 +5,10 @@ A step visits every block once. Per step it moves, for each block:
 - host tier: its stored bytes up the bus, and back down every ``write_back_every`` steps;
 - disk tier: its stored bytes read from disk and up the bus, and written back every ``write_back_every`` steps;
 
-and computes two forwards (the doubled batch) plus one fused pass over its weights, and re-encodes every
-int8 block it writes back (on the GPU, through the torch codec: ``int8_encode_gnps``). With zstd on the disk
+and computes two forwards (the doubled batch) plus one fused pass over its weights that draws the step's z
+and replays the block's pending updates (one RNG pass each: ``rng_gnps``; a host or disk block has
+(K + 1) / 2 pending on average, a device block one), and re-encodes every int8 block it writes back
+(``int8_encode_gnps``). With zstd on the disk
 tier (``compress=True``) the disk moves ``ratio`` times the bytes, and the CPU decompresses every disk
 block read and compresses every one written. Compute, bus, disk and zstd run on their own streams and
 threads, so the step takes as long as the slowest of them; that one is the bound (docs/io.md, "zstd on the
@@ -36,10 +38,12 @@ class Calibration:
     bus_both_gbps: float = 96.0  # both directions at once, in total
     forward_tflops: float = 650.0  # effective fp16 TFLOP/s of a decoder-layer forward at long sequences
     fused_pass_gbps: float = 2500.0  # device-memory rate of the fused perturbation kernel
-    # elements per second (1e9) that an int8 write-back replays and re-encodes on the GPU: its stochastic
-    # rounding runs through the torch codec. Measured: an OPT-13B layer (315M) took ~170 ms of compute on the
-    # H100 (benchmarks/trace_opt13b_int8_host_h100.json, the three write-back blocks of that step).
-    int8_encode_gnps: float = 1.85
+    # elements per second (1e9) of one Philox z pass inside the fused kernel (the step's z, or one replayed
+    # update), and that an int8 write-back re-encodes (the Triton encoder, zo.fused.encode_int8). Fitted to
+    # OPT-13B int8 host steps at K = 1, 4 and 8 on the H100 (benchmarks/step_h100.jsonl, git 32befc6,
+    # docs/io.md "Update log and write-back"): within 12% of each.
+    rng_gnps: float = 323.0
+    int8_encode_gnps: float = 53.0
     # zstd on the disk tier: GB/s of uncompressed bytes, measured on the GPU machine's 16 cores
     # (benchmarks/zstd_h100.json, bf16, 16 threads: decompress 6.7; compress best 1.9 at 4 threads).
     # `tools/bench_zstd.py --calibration_out=PATH` writes your machine's.
@@ -83,19 +87,25 @@ class Prediction:
 
 
 def predict_step(
-    inp: PlanInput, plan: Plan, cal: Calibration, *, tokens: int, write_back_every: int = 1, compress: bool = False
+    inp: PlanInput, plan: Plan, cal: Calibration, *, tokens: int, write_back_every: int = 1, compress: bool = False,
+    replays: float | None = None,
 ) -> Prediction:
     """Predict one training step of ``tokens`` tokens (batch × sequence) under ``plan``; ``compress``: the
-    disk tier stores zstd frames (ratio ``cal.zstd_ratio_<disk dtype>``)."""
+    disk tier stores zstd frames (ratio ``cal.zstd_ratio_<disk dtype>``); ``replays``: pending updates a host
+    or disk block replays per visit (default ``(write_back_every + 1) / 2``, the steady state; 0 for passes
+    with no updates, such as evaluation)."""
     if tokens <= 0 or write_back_every < 1:
         raise ValueError(f"tokens={tokens} and write_back_every={write_back_every} must be positive")
     up = down = read = write = encoded = 0.0
+    rng = sum(b.numel for b in inp.blocks) + inp.resident_numel  # the step's z, drawn once per weight
+    pending = (write_back_every + 1) / 2 if replays is None else replays
     if inp.storage["device"] == "int8":  # device-tier int8 (the resident set too) is re-encoded every step
         encoded += inp.resident_numel
     for b in inp.blocks:
         tier = plan.placement[b.name]
         if inp.storage[tier] == "int8":
             encoded += b.numel / (1 if tier == "device" else write_back_every)
+        rng += b.numel * (1 if tier == "device" else pending)  # pending updates replayed
         if tier == "device":
             continue
         stored = block_bytes(b.numel, inp.storage[tier])
@@ -108,7 +118,7 @@ def predict_step(
     flops = 2 * 2 * n_params * tokens  # two forwards (the doubled batch), 2 flops per weight per token
     fused = sum(b.numel for b in inp.blocks) * 3 * inp.compute_bytes  # read θ, write θ+εz and θ−εz
     compute = (flops / (cal.forward_tflops * 1e12) + fused / (cal.fused_pass_gbps * 1e9)
-               + encoded / (cal.int8_encode_gnps * 1e9))
+               + rng / (cal.rng_gnps * 1e9) + encoded / (cal.int8_encode_gnps * 1e9))
     bus = max(up / (cal.h2d_gbps * 1e9), down / (cal.d2h_gbps * 1e9), (up + down) / (cal.bus_both_gbps * 1e9))
     ratio = getattr(cal, f"zstd_ratio_{inp.storage['disk']}") if compress else 1.0
     disk = ratio * (read / (cal.disk_read_gbps * 1e9) + write / (cal.disk_write_gbps * 1e9))

@@ -104,7 +104,7 @@ def test_write_back_every_validation():
     cpu = torch.device("cpu")
     assert resolve_write_back(8, cpu) == {"host": 8, "disk": 8}
     assert resolve_write_back({"disk": 16}, torch.device("cuda"))["disk"] == 16
-    assert resolve_write_back(None, torch.device("cuda"), {"host": "int8", "disk": "int8"}) == {"host": 16, "disk": 16}
+    assert resolve_write_back(None, torch.device("cuda"), {"host": "int8", "disk": "int8"}) == {"host": 8, "disk": 16}
     assert resolve_write_back(None, torch.device("cuda"), {"host": "fp16"})["host"] == 4
     for bad in (0, True, 1.5, {"device": 2}, {"disk": 0}):
         with pytest.raises(ValueError, match="write_back_every"):

@@ -15,7 +15,7 @@ choice below are in ``docs/io.md`` ("Update log and write-back").
 >>> resolve_write_back({"disk": 16}, torch.device("cpu"))
 {'host': 1, 'disk': 16}
 >>> resolve_write_back(None, torch.device("cuda"), {"host": "int8"})
-{'host': 16, 'disk': 16}
+{'host': 8, 'disk': 16}
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import torch
 # On CUDA, measured on the H100 machine (benchmarks/writeback_h100.json, 201M-parameter block): a replayed
 # step costs 0.59 ms; a write-back 7.4 ms to pinned host and 122-129 ms to disk (fp16/bf16, whose
 # stochastic rounding runs inside the fused kernel), so K* = sqrt(2 t_write / t_replay) is about 5 for
-# the host tier and 20-25 for the disk tier. int8 write-backs also pay the torch encoder (~68 ms), which
-# moves the host tier's K* to about 16 (DEFAULT_INT8_HOST_EVERY).
+# the host tier and 20-25 for the disk tier. An int8 host tier was measured whole: OPT-13B steps on the H100
+# with the Triton int8 encoder took 0.50 / 0.45 / 0.41 / ~0.5 s at K = 1 / 4 / 8 / 16 (docs/io.md), so
+# DEFAULT_INT8_HOST_EVERY is 8.
 DEFAULT_WRITE_BACK_EVERY: dict[str, dict[str, int]] = {
     "cpu": {"host": 1, "disk": 1},
     "cuda": {"host": 4, "disk": 16},
 }
-DEFAULT_INT8_HOST_EVERY = 16  # CUDA, host tier stored as int8
+DEFAULT_INT8_HOST_EVERY = 8  # CUDA, host tier stored as int8
 _TIERS = ("host", "disk")
 
 
