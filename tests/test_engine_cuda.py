@@ -216,3 +216,41 @@ def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch,
     worst = max(float((ref[2][k].float() - got[2][k].float()).abs().max()) for k in ref[2])
     assert worst <= 1.5 * quantum, (worst, quantum)
     assert ref[3] is None and got[3] is None
+
+
+def test_exact_pinned_chunks_are_locked_at_their_size():
+    """On CUDA the host tier's chunks are locked in place (cudaHostRegister) at whole multiples of the
+    buffers asked for: no power-of-two rounding, and the copies up are asynchronous-capable pinned copies."""
+    from zo2tier.store.io import ALIGN_BYTES, PinnedPool
+
+    size = 3 * ALIGN_BYTES
+    pool = PinnedPool(pin=True, chunk_bytes=10 * ALIGN_BYTES, total_bytes=5 * size, exact=True)
+    bufs = [pool.take(size) for _ in range(5)]
+    assert all(b.is_pinned() and b.data_ptr() % ALIGN_BYTES == 0 for b in bufs)
+    assert pool.pinned_bytes == 5 * size  # 3 buffers in the first chunk, the 2 left in an exact second one
+    x = torch.arange(size, dtype=torch.int64).to(torch.uint8)
+    bufs[4].copy_(x)
+    on_gpu = bufs[4].to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), x)
+    pool.close()
+
+
+def test_layers_split_into_parts_match_whole_layers(monkeypatch, tmp_path):
+    """Binding each decoder layer part by part (its θ±εz built per part) gives the losses and weights of
+    whole-layer binding, with blocks on every tier."""
+    import zo2tier.engine as engine_mod
+
+    batch = tiny_batch()
+    out = {}
+    for split in (True, False):
+        monkeypatch.setattr(engine_mod, "SPLIT_LAYERS", split)
+        model = tiny_model("opt").half()
+        engine = zo2tier.ZOEngine(model, budget=BIG, placement=spread(zo2tier.ZOEngine.block_names(model)),
+                                  device="cuda", disk_dir=tmp_path / str(split), write_back_every=2,
+                                  config=zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, seed=0))
+        losses = [(r.loss_plus, r.loss_minus) for r in (engine.step(batch) for _ in range(4))]
+        out[split] = (losses, engine.evaluate(batch), engine.state_dict())
+        engine.close()
+    assert out[True][0] == out[False][0] and out[True][1] == out[False][1]
+    assert all(torch.equal(out[True][2][k], out[False][2][k]) for k in out[True][2])

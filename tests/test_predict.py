@@ -107,7 +107,9 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     n, r = 1000, 600  # block and resident numel
     inp = PlanInput(tuple(BlockSize(f"b{i}", n) for i in range(5)), resident_numel=r, compute_bytes=2,
                     storage={"device": "fp16", "host": "fp16", "disk": "fp16"}, lookahead_blocks=2, fused=fused)
-    base = 2 * n * 2 + 4 * r + (0 if fused else 4 * n + 2 * n)
+    # θ±εz scratch: both halves of a block (fused) or one, at least the resident set; the fp32 resident copy
+    # and the fp32 block off the fused path only
+    base = 2 * n * 2 if fused else n * 2 + 4 * r + 4 * n + 2 * n
     assert working_bytes(inp, 0) == base
     assert working_bytes(inp, 5) == base + 3 * 2 * n  # three slots
     assert working_bytes(inp, 2) == base + 2 * 2 * n  # never more slots than host blocks
@@ -117,7 +119,10 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     # fused: the encoded int8 block and one write-back range (WRITE_BACK_RANGE_BYTES), never an fp32 block;
     # generic: an fp32 block and the widest encoded block
     extra = WRITE_BACK_RANGE_BYTES + int8_block if fused else 4 * n + 2 * n
-    assert working_bytes(int8, 0, 1) == 2 * n * 2 + 4 * r + extra + int8_block
+    assert working_bytes(int8, 0, 1) == (2 * n * 2 if fused else n * 2 + 4 * r) + extra + int8_block
+    # layers bound part by part: the scratch holds the largest part (or the largest resident module)
+    parts = PlanInput(inp.blocks, r, 2, inp.storage, 2, fused=fused, largest_part=250, largest_resident_module=550)
+    assert working_bytes(parts, 0) == (550 * 2 if fused else 550 * 2 + 4 * r + 4 * n + 2 * n)
 
 
 @pytest.mark.parametrize("k", [1, 16])

@@ -423,6 +423,11 @@ def main() -> None:
         record["raw_disk_read_gbps"] = raw_read_gbps(engine) if on_disk else None
         record["raw_disk_write_gbps"] = raw_write_gbps(engine) if on_disk else None
         planned = (engine.plan_input, engine.plan)  # for the prediction, after the engine is gone
+        # what the host RSS bar compares against: the host tier's blocks, and every pinned byte (blocks and
+        # disk staging buffers, with whatever a chunk could not use)
+        record["host_tier_gib"] = sum(r.stored_bytes for r in engine.table if r.tier == "host") / 2**30
+        pinned = engine.tiers._pinned
+        record["pinned_gib"] = (pinned.pinned_bytes + pinned.pageable_bytes) / 2**30
         del base
         gc.collect()
         engine.close()
@@ -430,6 +435,7 @@ def main() -> None:
         gc.collect()
     record["host_rss_peak_gib"] = sampler.rss_peak_bytes / 2**30
     record["host_rss_peak_gib_getrusage"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    record["host_rss_over_pinned_gib"] = record["host_rss_peak_gib"] - record["pinned_gib"]
     record.update(runs[len(runs) // 2] if len(runs) % 2 else runs[0])  # byte counts of one run
     record["step_s_runs"] = [r["step_s"] for r in runs]
     record["step_s"] = statistics.median(record["step_s_runs"])

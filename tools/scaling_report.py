@@ -105,7 +105,7 @@ def plan_input(config, storage):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zo2tier.model.blocks import describe
+    from zo2tier.model.blocks import describe, scratch_spans
     from zo2tier.plan import BlockSize, PlanInput
 
     with torch.device("meta"):
@@ -113,7 +113,9 @@ def plan_input(config, storage):
     layout = describe(skeleton)
     sizes = tuple(BlockSize(n, sum(p.numel for p in layout.params_under(n))) for n in layout.block_names)
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
-    return PlanInput(sizes, resident, 2, {"device": "fp16", "host": storage, "disk": storage})
+    part, resident_module = scratch_spans(layout)
+    return PlanInput(sizes, resident, 2, {"device": "fp16", "host": storage, "disk": storage},
+                     largest_part=part, largest_resident_module=resident_module)
 
 
 MEASURED_PARAMS = {"opt-6.7b": 6.66e9, "opt-13b": 12.85e9, "opt-30b": 29.97e9}  # the benchmarked shapes, head tied

@@ -353,12 +353,13 @@ class _Replicas:
         ids, mask, labels = _unpack(batch, engine.device)
         cfg, q, t = engine.config, self.spec.n_perturbations, len(engine.log)
         seed = step_seed(cfg.seed, t + self.rank % q)
-        engine._mode, engine._rows = ("perturb", seed, cfg.eps), 2 * ids.shape[0]
+        engine._mode, engine._rows, engine._flat_rows = ("perturb", seed, cfg.eps), 2 * ids.shape[0], 2 * ids.numel()
         engine._prepare_resident()
         doubled_mask = None if mask is None else torch.cat([mask, mask])
         logits = engine.model(
             input_ids=torch.cat([ids, ids]), attention_mask=doubled_mask, use_cache=False
         ).logits
+        engine._close_open()
         n = ids.shape[0]  # (2n, T, V) logits: rows [:n] saw θ+εz, rows [n:] θ−εz
         if loss_fn is None:
             plus, count = per_sample_token_losses(logits[:n], labels)

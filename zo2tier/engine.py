@@ -23,7 +23,7 @@ from zo2tier.budget import BudgetLike, TierBudget
 from zo2tier import checkpoint as _store_glue
 from zo2tier.config import MeZOConfig
 from zo2tier.distributed import DataParallel, attach as _attach_data_parallel
-from zo2tier.model.blocks import describe
+from zo2tier.model.blocks import describe, scratch_spans
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement
@@ -47,6 +47,9 @@ _DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
 # the torch codec's bytes, 0.71 -> 0.46 s per OPT-13B int8 host step on the H100 (docs/io.md).
 # ZO2TIER_FUSED_INT8_ENCODE=0 goes back to the torch codec.
 FUSED_INT8_ENCODE = os.environ.get("ZO2TIER_FUSED_INT8_ENCODE", "1") != "0"
+# bind decoder layers part by part (ModelLayout.parts): θ±εz scratch the size of the largest part, not the
+# layer. ZO2TIER_SPLIT_LAYERS=0 binds whole layers (for comparison).
+SPLIT_LAYERS = os.environ.get("ZO2TIER_SPLIT_LAYERS", "1") != "0"
 _log = logging.getLogger(__name__)
 
 
@@ -64,10 +67,31 @@ class StepResult:
 
 @dataclass(frozen=True)
 class _Binding:
-    """A proxied module: the record holding its weights, and its (slot, local names) pairs."""
+    """A proxied module: the record holding its weights, and its (slot, local names) pairs. A decoder layer
+    is bound part by part (its attention, MLP, norms: ``ModelLayout.parts``); ``lo`` and ``numel`` are the
+    part's span in its record, and its θ±εz views start at 0 in the scratch."""
 
     record: int
     params: tuple[tuple[ParamSlot, tuple[str, ...]], ...]
+    lo: int = 0
+    numel: int = 0
+
+
+@dataclass
+class _Open:
+    """A block between its first and its last part in this forward: fetched, its write-back decided."""
+
+    record: BlockRecord
+    done: set  # binding indices run
+    work: torch.Tensor | None = None  # generic path: the block's clean fp32 weights
+    raw: torch.Tensor | None = None  # fused path: the stored bytes on the device
+    staging: torch.Tensor | None = None
+    stored: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    write: bool = False
+    log: Any = None
+    sr_seed: int = 0
+    encoded: torch.Tensor | None = None
 
 
 class ZOEngine:
@@ -246,8 +270,10 @@ class ZOEngine:
             sizes.append(BlockSize(name, sum(p.numel for p in self.layout.params_under(name))))
         in_blocks = sum(s.numel for s in sizes)
         resident = sum(p.numel for p in self.layout.params) - in_blocks
+        part, resident_module = scratch_spans(self.layout, SPLIT_LAYERS)
         inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead,
-                        fused=fused.available(self.device, self.compute_dtype))
+                        fused=fused.available(self.device, self.compute_dtype), largest_part=part,
+                        largest_resident_module=resident_module)
         self.plan_input = inp  # what the planner saw: zo2tier.predict.predict_step(engine.plan_input, engine.plan, ...)
         return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
 
@@ -292,8 +318,11 @@ class ZOEngine:
         names_by_id: dict[int, list[str]] = {}
         for p in layout.params:
             names_by_id[p.param_id] = [p.name, *alias_of.get(p.name, [])]
+        self._parts_of: dict[int, set[int]] = {}  # record index -> its bindings
         for i, name in enumerate(layout.block_names):
-            self._bind(model, modules[name], name, records[i], names_by_id)
+            for part in layout.parts.get(name, (name,)) if SPLIT_LAYERS else (name,):
+                self._bind(model, modules[part], part, records[i], names_by_id)
+                self._parts_of.setdefault(i, set()).add(len(self.bindings) - 1)
         for name in layout.resident_names:
             self._bind(model, modules[name], name, records[-1], names_by_id)
         for module in modules.values():  # the engine owns the weights now; buffers move to the device
@@ -304,13 +333,20 @@ class ZOEngine:
                 if b is not None:
                     module._buffers[key] = b.to(self.device)
         self._buffers_by_key = {k: v for k, v in source.buffer_keys().items()}
-        largest = max(r.numel for r in records)
+        self._largest = max(r.numel for r in records)
         self._work_buf: torch.Tensor | None = None  # fp32 block buffer, allocated on first use (see _work)
-        self._scratch = torch.empty(largest, dtype=self.compute_dtype, device=self.device)
+        # θ±εz scratch: a block part's θ+εz and θ−εz side by side (the fused path builds both in one pass), or
+        # one resident module's view (built per half); the generic path builds one half at a time
+        part = max(b.numel for b in self.bindings if b.record < len(records) - 1) if len(records) > 1 else 0
+        resident = max((b.numel for b in self.bindings if b.record == len(records) - 1), default=0)
         self._fused_blocks = any(self._is_fused(r) for r in records[:-1])
-        self._scratch_minus = (
-            torch.empty(largest, dtype=self.compute_dtype, device=self.device) if self._fused_blocks else None
-        )
+        self._part_numel = part
+        self._scratch_all = torch.empty(max(2 * part if self._fused_blocks else part, resident, 1),
+                                        dtype=self.compute_dtype, device=self.device)
+        self._scratch = self._scratch_all[: max(part, resident)] if not self._fused_blocks else self._scratch_all
+        self._scratch_minus = self._scratch_all[part : 2 * part] if self._fused_blocks else None
+        self._open: _Open | None = None
+        self._rows = self._flat_rows = 0
         self._log_cache: tuple[int, int, fused.PendingLog] | None = None
         self._raw_out_buf: torch.Tensor | None = None  # encoded write-back buffer, allocated on first use
         self._raw_out_busy: torch.cuda.Event | None = None  # a host write-back's D2H still reads it until then
@@ -332,7 +368,10 @@ class ZOEngine:
             local = tuple(n[len(prefix) + 1 :] for n in names_by_id[slot.spec.param_id] if n.startswith(prefix + "."))
             if local:
                 pairs.append((slot, local))
-        self.bindings.append(_Binding(record.index, tuple(pairs)))
+        # the span of the module's weights in its record: its views start at 0 in the scratch
+        lo = min((slot.offset for slot, _ in pairs), default=0)
+        numel = max((slot.offset + slot.spec.numel for slot, _ in pairs), default=0) - lo
+        self.bindings.append(_Binding(record.index, tuple(pairs), lo, numel))
         install(model, prefix, ModuleProxy(module, len(self.bindings) - 1, self._run))
 
     # ---- the step ---------------------------------------------------------------------------------
@@ -359,10 +398,11 @@ class ZOEngine:
         ids, mask, labels = _unpack(batch, self.device)
         t = len(self.log)
         seed = step_seed(self.config.seed, t)
-        self._mode, self._rows = ("perturb", seed, self.config.eps), 2 * ids.shape[0]
+        self._mode, self._rows, self._flat_rows = ("perturb", seed, self.config.eps), 2 * ids.shape[0], 2 * ids.numel()
         self._prepare_resident()
         doubled_mask = None if mask is None else torch.cat([mask, mask])
         logits = self.model(input_ids=torch.cat([ids, ids]), attention_mask=doubled_mask, use_cache=False).logits
+        self._close_open()
         if loss_fn is None:
             loss_plus = causal_lm_loss(logits[: ids.shape[0]], labels)
             loss_minus = causal_lm_loss(logits[ids.shape[0] :], labels)
@@ -390,21 +430,36 @@ class ZOEngine:
         """Unperturbed logits (B, T, V) on ``batch``, with every update applied."""
         self._check_open()
         ids, mask, _ = _unpack(batch, self.device)
-        self._mode, self._rows = ("eval", 0, 0.0), ids.shape[0]
+        self._mode, self._rows, self._flat_rows = ("eval", 0, 0.0), ids.shape[0], ids.numel()
         self._prepare_resident()
-        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        self._close_open()
+        return logits
 
     def _prepare_resident(self) -> None:
+        record = self.table[len(self.table) - 1]
+        if self._is_fused(record) and record.storage != "int8":
+            # the pending updates go into the stored copy in place; each module's θ±εz views are built from it
+            if record.applied_steps < len(self.log):
+                self._arrive_fused(record, None, None, 0.0, 0)
+            self._resident_work = record.data.view(_TORCH_DTYPES[record.storage])[: record.numel]
+            return
         # the last step's buffer is rebuilt in place (stream-ordered after its last use): one fp32 copy, not two
-        self._resident_work = self._arrive(self.table[len(self.table) - 1], scratch=self._resident_work)
+        self._resident_work = self._arrive(record, scratch=self._resident_work)
+
+    def _close_open(self) -> None:
+        """Close the block still open: before and after each forward (a part never called, or a forward that
+        raised, leaves one open; its owed in-place writes are completed)."""
+        if self._open is not None:
+            self._close(self._open)
 
     @property
     def _work(self) -> torch.Tensor:
-        """An fp32 buffer of the largest block (``_scratch``'s length). The generic path and int8 write-backs
-        use it; the fused CUDA path with float storage never does, so it is allocated on first use, not up
-        front (at OPT-13B that is 1.26 GB of GPU memory a fp16 run does not hold)."""
+        """An fp32 buffer of the largest block. The generic path and int8 write-backs use it; the fused CUDA
+        path with float storage never does, so it is allocated on first use, not up front (at OPT-13B that
+        is 1.26 GB of GPU memory a fp16 run does not hold)."""
         if self._work_buf is None:
-            self._work_buf = torch.empty(self._scratch.numel(), dtype=torch.float32, device=self.device)
+            self._work_buf = torch.empty(self._largest, dtype=torch.float32, device=self.device)
         return self._work_buf
 
     def _raw_out(self, n_bytes: int) -> torch.Tensor:
@@ -427,33 +482,33 @@ class ZOEngine:
             return self._run_block(binding_index, inner, args, kwargs)
 
     def _run_block(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Run one bound module (a resident module, or a part of a block) on both halves of the batch."""
         binding = self.bindings[binding_index]
         record = self.table[binding.record]
-        resident = record.name == RESIDENT
-        if not resident and self._is_fused(record):
-            return self._run_fused(binding, record, inner, args, kwargs)
-        work = self._resident_work if resident else self._arrive(record, scratch=self._work)
-        # resident views too are built in _scratch: a module's views live only inside its own run_dual, and
-        # resident modules never contain blocks (describe() refuses that), so no other use of _scratch overlaps
-        scratch = self._scratch
         kind, seed, eps = self._mode
+        if record.name == RESIDENT:  # views built per half in _scratch: resident modules never contain blocks
+            work = self._resident_work
+            views = lambda scale: self._views(binding, work, self._scratch, scale, seed)  # noqa: E731
+        else:
+            opened = self._open_for(record, binding_index)
+            if opened.work is not None:  # the generic path: views of the block's clean fp32 copy
+                work = opened.work
+                views = lambda scale: self._views(binding, work, self._scratch, scale, seed)  # noqa: E731
+            else:  # the fused path: one kernel pass builds the part's θ+εz and θ−εz from the stored copy
+                plus = self._scratch_all[: binding.numel]
+                minus = None if kind == "eval" else self._scratch_minus[: binding.numel]
+                self._part_pass(opened, binding, plus, minus, 0.0 if kind == "eval" else eps, seed)
+                views = lambda scale: _named(binding, plus if scale >= 0 else minus)  # noqa: E731
         if kind == "eval":
-            return run_dual_eval(inner, self._views(binding, work, scratch, 0.0, seed), args, kwargs)
-
-        def weights(half: int) -> dict[str, torch.Tensor]:
-            return self._views(binding, work, scratch, eps if half == 0 else -eps, seed)
-
-        return run_dual(inner, weights, args, kwargs, self._rows)
-
-    def _run_fused(self, binding: _Binding, record: BlockRecord, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """One kernel pass per parameter builds θ+εz and θ−εz straight from the stored copy."""
-        kind, seed, eps = self._mode
-        plus, minus = self._scratch, self._scratch_minus
-        if kind == "eval":
-            self._arrive_fused(record, plus, None, 0.0, seed)
-            return run_dual_eval(inner, _named(binding, plus), args, kwargs)
-        self._arrive_fused(record, plus, minus, eps, seed)
-        return run_dual(inner, lambda half: _named(binding, plus if half == 0 else minus), args, kwargs, self._rows)
+            out = run_dual_eval(inner, views(0.0), args, kwargs)
+        else:
+            out = run_dual(inner, lambda half: views(eps if half == 0 else -eps), args, kwargs, self._rows,
+                           self._flat_rows)
+        if record.name != RESIDENT:
+            opened.done.add(binding_index)
+            if opened.done >= self._parts_of[record.index]:
+                self._close(opened)
+        return out
 
     def _is_fused(self, record: BlockRecord) -> bool:
         return fused.available(self.device, _TORCH_DTYPES[record.storage])
@@ -469,52 +524,97 @@ class ZOEngine:
             self._log_cache = (start, end, fused.PendingLog.build(self.log[start:end], self.device))
         return self._log_cache[2]
 
-    def _arrive_fused(self, record: BlockRecord, plus: torch.Tensor, minus: torch.Tensor | None,
-                      eps: float, seed: int, force_write: bool = False) -> None:
-        """Fetch, replay pending updates, write back if due (or ``force_write``), and fill ``plus``/``minus``,
-        in one pass."""
+    # ---- a block's visit: open at its first part, close after its last --------------------------------
+    def _open_for(self, record: BlockRecord, binding_index: int) -> _Open:
+        """The open visit of ``record``; a part run twice, or another block's part, closes the one open."""
+        opened = self._open
+        if opened is not None and (opened.record.index != record.index or binding_index in opened.done):
+            self._close(opened)
+            opened = None
+        if opened is None:
+            opened = self._open = self._begin_block(record)
+        return opened
+
+    def _begin_block(self, record: BlockRecord, force_write: bool = False) -> _Open:
+        """Fetch ``record`` and decide its write-back (due, or ``force_write``). An int8 block written back is
+        replayed and re-encoded now, range by range; float blocks are written in place by each part's pass."""
+        if not self._is_fused(record):
+            return _Open(record, set(), work=self._arrive(record, scratch=self._work))
         raw, staging = self.tiers.fetch(record)
         raw = raw.to(self.device)
         dtype = _TORCH_DTYPES[record.storage]
         stored = raw[: record.numel].view(dtype) if dtype == torch.int8 else raw.view(dtype)[: record.numel]
-        scales = int8_scales(raw, record.numel) if dtype == torch.int8 else None
         pending = len(self.log) - record.applied_steps
-        write = pending > 0 and (force_write or self._write_due(record, pending))
-        log = self._pending_log(record.applied_steps)
-        sr_seed = step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log))
-        encoded = None
-        if write and dtype == torch.int8:  # the codec writes int8 (its groups span parameters), range by range
-            encoded = self._raw_out(record.stored_bytes)
-            self._int8_write_pass(record, stored, scales, log, seed, eps, plus, minus, encoded, sr_seed)
-        else:  # float storage is written back in place: into the device copy, the upload slot or the disk copy
-            self._fused_pass(record, stored, scales, log, seed, eps, plus, minus, stored if write else None, sr_seed)
-        fresh = raw if encoded is None else encoded
+        opened = _Open(record, set(), raw=raw, staging=staging, stored=stored,
+                       scales=int8_scales(raw, record.numel) if dtype == torch.int8 else None,
+                       write=pending > 0 and (force_write or self._write_due(record, pending)),
+                       log=self._pending_log(record.applied_steps),
+                       sr_seed=step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log)))
+        if opened.write and dtype == torch.int8:  # the codec writes int8 (its groups span parameters)
+            opened.encoded = self._raw_out(record.stored_bytes)
+            self._int8_write_pass(record, stored, opened.scales, opened.log, opened.encoded, opened.sr_seed)
+        return opened
+
+    def _part_pass(self, opened: _Open, binding: _Binding, plus: torch.Tensor, minus: torch.Tensor | None,
+                   eps: float, seed: int) -> None:
+        """One kernel launch per parameter of ``binding``: replay the pending updates, write back in place if
+        due (float storage), and fill ``plus``/``minus`` (the part's views, from 0) with θ±εz."""
+        record = opened.record
+        in_place = opened.write and opened.encoded is None
+        for slot, _ in binding.params:
+            o, n = slot.offset, slot.spec.numel
+            r = o - binding.lo
+            fused.arrive(opened.stored[o : o + n], param_id=slot.spec.param_id, decay=slot.spec.decay,
+                         log=opened.log, new_seed=seed, eps=eps, plus=plus[r : r + n],
+                         minus=None if minus is None else minus[r : r + n],
+                         write_to=opened.stored[o : o + n] if in_place else None, sr_seed=opened.sr_seed,
+                         sr_key=record.index, sr_offset=o, kind=self.config.perturbation, scales=opened.scales)
+
+    def _close(self, opened: _Open) -> None:
+        """Finish a block's visit: owed in-place writes of parts never run, the write-back, the slot, the
+        next prefetch."""
+        if self._open is opened:
+            self._open = None
+        if opened.work is not None:  # the generic path wrote back and released on arrival
+            return
+        record = opened.record
+        if opened.write and opened.encoded is None:
+            for b in sorted(self._parts_of.get(record.index, set()) - opened.done):
+                binding = self.bindings[b]
+                self._part_pass(opened, binding, self._scratch_all[: binding.numel], None, 0.0, 0)
+        fresh = opened.raw if opened.encoded is None else opened.encoded
         landed = None
-        if write and record.tier == "host":  # before the release: the D2H reads fresh until `landed`
+        if opened.write and record.tier == "host":  # before the release: the D2H reads fresh until `landed`
             landed = self.tiers.write_back(record, fresh, n_steps=len(self.log))
-            if encoded is not None:
+            if opened.encoded is not None:
                 self._raw_out_busy = landed
-        self.tiers.release(staging, after=landed if encoded is None else None)  # refilled once the D2H landed
+        self.tiers.release(opened.staging, after=landed if opened.encoded is None else None)
         if record.index < len(self.table) - 1:
             self.tiers.prefetch_after(record.index)
-        if write and record.tier != "host":  # after the prefetch: a disk write may wait for a staging buffer
+        if opened.write and record.tier != "host":  # after the prefetch: a disk write may wait for a staging buffer
             self.tiers.write_back(record, fresh, n_steps=len(self.log))
 
-    def _fused_pass(self, record, stored, scales, log, seed, eps, plus, minus, out, sr_seed) -> None:
-        """One kernel launch per parameter of ``record`` (see :func:`zo2tier.zo.fused.arrive`)."""
-        for slot in record.slots:
-            o, n = slot.offset, slot.spec.numel
-            fused.arrive(stored[o : o + n], param_id=slot.spec.param_id, decay=slot.spec.decay, log=log,
-                         new_seed=seed, eps=eps, plus=plus[o : o + n],
-                         minus=None if minus is None else minus[o : o + n],
-                         write_to=None if out is None else out[o : o + n], sr_seed=sr_seed,
-                         sr_key=record.index, sr_offset=o, kind=self.config.perturbation, scales=scales)
+    def _arrive_fused(self, record: BlockRecord, plus: torch.Tensor | None, minus: torch.Tensor | None,
+                      eps: float, seed: int, force_write: bool = False) -> None:
+        """A whole visit of ``record`` outside the forward: fetch, replay, write back if due (or
+        ``force_write``), and fill ``plus``/``minus`` (the whole block's θ±εz; ``plus=None``: not needed)."""
+        self._close_open()
+        opened = self._begin_block(record, force_write)
+        if plus is not None:
+            whole = _Binding(record.index, tuple((slot, ()) for slot in record.slots), 0, record.numel)
+            self._part_pass(opened, whole, plus, minus, eps, seed)
+        elif opened.write and opened.encoded is None:  # the in-place write needs a pass; its θ goes to scratch
+            for slot in record.slots:
+                one = _Binding(record.index, ((slot, ()),), slot.offset, slot.spec.numel)
+                self._part_pass(opened, one, self._scratch_all[: slot.spec.numel], None, 0.0, 0)
+        opened.done = set(self._parts_of.get(record.index, set()))
+        self._close(opened)
 
-    def _int8_write_pass(self, record, stored, scales, log, seed, eps, plus, minus, encoded, sr_seed) -> None:
-        """:meth:`_fused_pass` for an int8 block that is written back: each range of
-        :data:`WRITE_BACK_RANGE_NUMEL` elements is replayed into an fp32 buffer (and perturbed into
-        ``plus``/``minus`` in the same pass), then encoded into ``encoded``, keeping every group's stored scale
-        that still fits. fp32 room for one range, not the block: 16 MiB instead of 2.5 GB at OPT-30B."""
+    def _int8_write_pass(self, record, stored, scales, log, encoded, sr_seed) -> None:
+        """Replay an int8 block that is written back and re-encode it into ``encoded``, one range of
+        :data:`WRITE_BACK_RANGE_NUMEL` elements at a time: the fused kernel replays each range into an fp32
+        buffer, then the encoder keeps every group's stored scale that still fits. fp32 room for one range,
+        not the block: 16 MiB instead of 2.5 GB at OPT-30B. θ±εz are built afterwards, part by part."""
         if self._range_buf is None:  # a piece may start up to 3 elements before its range (Philox groups of 4)
             self._range_buf = torch.empty(WRITE_BACK_RANGE_NUMEL + 4, dtype=torch.float32, device=self.device)
         for lo in range(0, record.numel, WRITE_BACK_RANGE_NUMEL):
@@ -526,26 +626,30 @@ class ZOEngine:
                     continue
                 a -= a % 4  # the elements before lo are recomputed to the same values
                 first, last = o + a, o + b
+                piece = self._range_buf[first - lo + 4 : last - lo + 4]
+                # θ goes to the range buffer (write_to); plus (θ + 0·z, the same floats up to the sign of 0)
+                # is pointed at it too, as the kernel needs somewhere to write
                 fused.arrive(stored[first:last], param_id=slot.spec.param_id, decay=slot.spec.decay, log=log,
-                             new_seed=seed, eps=eps, plus=plus[first:last],
-                             minus=None if minus is None else minus[first:last],
-                             write_to=self._range_buf[first - lo + 4 : last - lo + 4], sr_seed=sr_seed,
+                             new_seed=0, eps=0.0, plus=piece, minus=None, write_to=piece, sr_seed=sr_seed,
                              sr_key=record.index, sr_offset=first, kind=self.config.perturbation, scales=scales,
                              z_offset=a)
             encode_int8_range(self._range_buf[4 : 4 + hi - lo], encoded, record.numel, lo, sr_seed=sr_seed,
                               sr_key=record.index, prev_scales=scales, fused_kernel=FUSED_INT8_ENCODE)
 
     def _views(self, binding: _Binding, work, scratch, scale: float, seed: int) -> dict[str, torch.Tensor]:
+        """The binding's θ + scale·z views: of ``work`` (its record's clean weights) where scale is 0 and the
+        dtypes match, else built into ``scratch`` from 0."""
         out = {}
         for slot, local in binding.params:
             n, o = slot.spec.numel, slot.offset
-            if scale == 0.0 and self.compute_dtype == torch.float32:
+            if scale == 0.0 and work.dtype == self.compute_dtype:
                 view = work[o : o + n]
             else:
-                view = scratch[o : o + n]
+                r = o - binding.lo
+                view = scratch[r : r + n]
                 if scale == 0.0:
                     view.copy_(work[o : o + n])
-                elif fused.available(self.device, torch.float32):
+                elif fused.available(self.device, work.dtype):
                     fused.arrive(work[o : o + n], param_id=slot.spec.param_id, decay=False,
                                  log=self._no_log(), new_seed=seed, eps=scale, plus=view,
                                  minus=None, write_to=None, sr_seed=0, sr_key=0, sr_offset=0,

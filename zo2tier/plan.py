@@ -36,6 +36,10 @@ class PlanInput:
     storage: dict[str, str] = field(default_factory=lambda: {t: "fp32" for t in TIERS})
     lookahead_blocks: int = 2  # host upload slots beyond the one being computed
     fused: bool = True  # the fused CUDA kernel serves float storage (False: CPU, or no Triton)
+    # the engine's θ±εz scratch holds one part of a layer (its attention, MLP, a norm), or one resident
+    # module: their largest sizes in parameters (0: unknown, counted as the largest block / resident set)
+    largest_part: int = 0
+    largest_resident_module: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,10 @@ def block_bytes(numel: int, dtype: str) -> int:
 def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
     """Device bytes the engine allocates besides the stored blocks, as it allocates them:
 
-    - θ+εz and θ−εz scratch of the largest record (blocks and the resident set);
-    - the clean fp32 copy of the resident set, rebuilt in place each step;
+    - θ±εz scratch: on the fused path both halves of the largest layer part, elsewhere one; at least the
+      largest resident module (its views are built one half at a time);
+    - off the fused path, or with an int8 resident set: the clean fp32 copy of the resident set, rebuilt in
+      place each step (the fused path updates the stored copy in place and builds views from it);
     - off the fused CUDA path: an fp32 replay buffer of the largest block and one encoded write-back buffer;
       on it, with int8 storage: the encoded buffer and one write-back range (fp32 and encoder temporaries);
     - host blocks: ``lookahead_blocks + 1`` upload slots (never more than the host blocks), written back in
@@ -93,7 +99,11 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
     2048 tokens on a 50k vocabulary, plus ~0.5 GiB of context)."""
     largest_block = max((b.numel for b in inp.blocks), default=0)
     largest = max(largest_block, inp.resident_numel)
-    total = 2 * largest * inp.compute_bytes + inp.resident_numel * WORKING_BYTES_PER_NUMEL
+    part = inp.largest_part or largest_block
+    resident_module = inp.largest_resident_module or inp.resident_numel
+    total = max((2 if inp.fused else 1) * part, resident_module) * inp.compute_bytes
+    if not inp.fused or inp.storage["device"] == "int8":
+        total += inp.resident_numel * WORKING_BYTES_PER_NUMEL
     if not inp.fused:  # the generic path decodes every block into fp32 and encodes write-backs from it
         total += largest * WORKING_BYTES_PER_NUMEL + max(block_bytes(largest, d) for d in inp.storage.values())
     elif "int8" in inp.storage.values():  # fused float storage writes in place; int8 range by range

@@ -7,7 +7,7 @@ import os
 import torch
 
 from zo2tier.budget import TierBudget
-from zo2tier.model.blocks import describe
+from zo2tier.model.blocks import describe, scratch_spans
 from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement
 from zo2tier.predict import Calibration, predict_step
 from zo2tier.store.zstd import parse_compress
@@ -39,7 +39,9 @@ def plan_from_config(
     tiers = {t: check_storage((storage or {}).get(t, default)) for t in ("device", "host", "disk")}
     sizes = tuple(BlockSize(n, sum(p.numel for p in layout.params_under(n))) for n in layout.block_names)
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
-    inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers, default_host_lookahead(write_back_every))
+    part, resident_module = scratch_spans(layout)
+    inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers, default_host_lookahead(write_back_every),
+                    largest_part=part, largest_resident_module=resident_module)
     return plan_placement(inp, budget), inp
 
 

@@ -8,7 +8,7 @@ OPT's ``project_in``/``project_out``) forms the resident set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,6 +45,8 @@ class ModelLayout:
     resident_names: tuple[str, ...]  # modules outside the layer list that own parameters directly
     params: tuple[ParamSpec, ...]  # every unique parameter, indexed by param_id
     aliases: dict[str, str]  # tied name -> canonical name (e.g. "lm_head.weight" -> "model.embed_tokens.weight")
+    # each block's parts: the modules the engine runs one at a time, each with its own θ±εz (see block_parts)
+    parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def params_under(self, prefix: str) -> list[ParamSpec]:
         """Unique parameters whose canonical name lies under module ``prefix``."""
@@ -130,4 +132,58 @@ def describe(model: nn.Module) -> ModelLayout:
                 "layer list; zo2tier cannot keep it resident without wrapping the layers twice"
             )
         resident.append(name)
-    return ModelLayout(layers_name, block_names, tuple(resident), tuple(params), aliases)
+    by_name = {p.name: p for p in params}
+    parts = {name: block_parts(modules[name], name, by_name) for name in block_names}
+    return ModelLayout(layers_name, block_names, tuple(resident), tuple(params), aliases, parts)
+
+
+def block_parts(layer: nn.Module, prefix: str, params_by_name: dict[str, ParamSpec]) -> tuple[str, ...]:
+    """The parts of decoder layer ``prefix``: its direct children that hold parameters (attention, MLP or
+    its projections, norms), in declaration order, or ``(prefix,)`` when the layer cannot be split.
+
+    The engine builds θ±εz one part at a time, so its scratch is as large as the largest part, not the
+    layer (OPT-13B: 105M instead of 315M parameters). A layer is split only when the layer itself owns no
+    parameter, no parameter is shared between two children, and each child's parameters are contiguous in
+    the layer's parameter order (they are in any module tree). Each part must then be called at most once
+    per forward; the engine copes with a part called twice or never, at the cost of another fetch.
+    """
+    if any(True for _ in layer.parameters(recurse=False)):
+        return (prefix,)
+    order = [n for n, _ in layer.named_parameters(remove_duplicate=False)]
+    owner: dict[int, str] = {}
+    parts: list[str] = []
+    for child_name, child in layer.named_children():
+        names = [f"{child_name}.{n}" for n, _ in child.named_parameters(remove_duplicate=False)]
+        if not names:
+            continue
+        for _, p in child.named_parameters(remove_duplicate=False):
+            if owner.setdefault(id(p), child_name) != child_name:
+                return (prefix,)  # a weight tied across children: run the layer whole
+        parts.append(child_name)
+    flat = [f"{prefix}.{n}" for n in order if f"{prefix}.{n}" in params_by_name]  # canonical, de-duplicated
+    seen: list[str] = []
+    for name in flat:
+        part = name[len(prefix) + 1 :].split(".", 1)[0]
+        if seen and seen[-1] != part and part in seen:
+            return (prefix,)  # a child's parameters are not contiguous
+        if not seen or seen[-1] != part:
+            seen.append(part)
+    if len(parts) < 2:
+        return (prefix,)
+    return tuple(f"{prefix}.{c}" for c in parts)
+
+
+def scratch_spans(layout: ModelLayout, split: bool = True) -> tuple[int, int]:
+    """(largest block part, largest resident module) in parameters: what the engine's θ±εz scratch holds.
+    ``split=False``: whole layers. A tied weight counts in each module that uses it (OPT's LM head)."""
+    numel = {p.name: p.numel for p in layout.params}
+    part = 0
+    for block in layout.block_names:
+        for name in layout.parts.get(block, (block,)) if split else (block,):
+            part = max(part, sum(p.numel for p in layout.params_under(name)))
+    resident = 0
+    for name in layout.resident_names:
+        own = sum(p.numel for p in layout.params_under(name))
+        tied = sum(numel[c] for a, c in layout.aliases.items() if a.startswith(name + ".") and c in numel)
+        resident = max(resident, own + tied)
+    return part, resident

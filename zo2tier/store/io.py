@@ -53,6 +53,24 @@ def _pin_alloc(n_bytes: int) -> torch.Tensor:
     return torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
 
 
+def _register_alloc(n_bytes: int) -> torch.Tensor:
+    """``n_bytes`` (a multiple of 4 KiB) of page-aligned host memory page-locked in place with
+    ``cudaHostRegister``: exactly that size, where torch's pinned allocator would round up to a power of two.
+    Raises RuntimeError when it cannot be locked. :func:`unregister` unlocks it."""
+    raw = torch.empty(n_bytes + ALIGN_BYTES, dtype=torch.uint8)
+    shift = (-raw.data_ptr()) % ALIGN_BYTES
+    buf = raw[shift : shift + n_bytes]
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), n_bytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {n_bytes} bytes failed (cudaError {int(err)})")
+    return buf
+
+
+def unregister(buf: torch.Tensor) -> None:
+    """Unlock memory locked by :func:`_register_alloc` (before it is freed)."""
+    torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+
 def _alloc(n_bytes: int, pin: bool) -> torch.Tensor:
     global _pin_warned
     if pin:
@@ -79,10 +97,15 @@ class PinnedPool:
         staging = [pool.take(block_bytes) for _ in range(6)]   # one pinned chunk if the limit allows
     """
 
-    def __init__(self, *, pin: bool, chunk_bytes: int = 2**30, total_bytes: int | None = None) -> None:
+    def __init__(self, *, pin: bool, chunk_bytes: int = 2**30, total_bytes: int | None = None,
+                 exact: bool = False) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes={chunk_bytes} must be > 0")
         self.pin = pin
+        # exact: chunks are whole multiples of the buffer asked for, locked in place with cudaHostRegister
+        # (no power-of-two rounding, no tail a chunk cannot use); close() unlocks them
+        self.exact = exact
+        self._registered: list[torch.Tensor] = []
         self.chunk_bytes = align_up(chunk_bytes)
         self.total_bytes = total_bytes  # what the caller will take in all: the last chunk is sized to it
         self.pinned_bytes = 0  # bytes of pinned chunks allocated
@@ -104,12 +127,20 @@ class PinnedPool:
 
     def _new_chunk(self, size: int) -> torch.Tensor | None:
         chunk = max(self.chunk_bytes, size)
-        if self.total_bytes is not None:  # the smallest power of two that covers what is still to come
+        if self.exact:  # as many whole buffers as fit, never more than is still to come
+            chunk = max(size, chunk // size * size)
+            if self.total_bytes is not None:
+                chunk = max(size, min(chunk, align_up(self.total_bytes - self.pinned_bytes)))
+        elif self.total_bytes is not None:  # the smallest power of two that covers what is still to come
             left = max(size, self.total_bytes - self.pinned_bytes)
             chunk = max(size, min(chunk, 1 << (left - 1).bit_length()))
         while True:
             try:
-                raw = _pin_alloc(chunk)  # pinned memory is page-aligned: no slack needed
+                if self.exact:
+                    raw = _register_alloc(chunk)
+                    self._registered.append(raw)
+                else:
+                    raw = _pin_alloc(chunk)  # pinned memory is page-aligned: no slack needed
             except RuntimeError as exc:  # pinned-memory limit reached: try half as much
                 if chunk > size:
                     chunk = max(size, align_up(chunk // 2))
@@ -125,6 +156,12 @@ class PinnedPool:
                 raw = raw[(-raw.data_ptr()) % ALIGN_BYTES :]
                 chunk = raw.numel() // ALIGN_BYTES * ALIGN_BYTES
             return raw[:chunk]
+
+
+    def close(self) -> None:
+        """Unlock the chunks locked with cudaHostRegister (the buffers taken must no longer be in use)."""
+        while self._registered:
+            unregister(self._registered.pop())
 
 
 def supports_direct_io(directory: str) -> bool:

@@ -82,8 +82,10 @@ class TierManager:
         # pinned chunks are powers of two (torch rounds pinned requests up to one): up to 8 GiB, so that
         # the tail a chunk cannot use stays a small fraction of it
         want = max(n_staging * largest, min(host_bytes, 2**33), 1)
+        # on CUDA, chunks are locked in place at their exact size (cudaHostRegister): the host tier takes no
+        # more RAM than its blocks (docs/io.md, "Pinned host memory")
         self._pinned = PinnedPool(pin=self._pin, chunk_bytes=1 << (want - 1).bit_length(),
-                                  total_bytes=n_staging * largest + host_bytes)
+                                  total_bytes=n_staging * largest + host_bytes, exact=self._pin)
         if disk:
             for _ in range(self.lookahead_blocks + 1):
                 self._read_pool.put(self._pinned.take(largest))
@@ -112,6 +114,10 @@ class TierManager:
             if pool is not None:
                 pool.shutdown(wait=True)
         self._readers = self._writers = None
+        if self._cuda is not None:
+            self._cuda.synchronize()
+        if getattr(self, "_pinned", None) is not None:
+            self._pinned.close()
 
     def drain(self) -> None:
         """Wait until all reads in flight and all write-backs have finished; raise the first write error.

@@ -32,8 +32,8 @@ class LogEntry:
 
 
 # Rows of logits cast to fp32 at a time by the loss: the fp32 copy and its log-softmax cost
-# 2 * LOSS_CHUNK_ROWS * V * 4 bytes (0.38 GiB at V = 50272) instead of two fp32 copies of all B*(T-1) rows.
-LOSS_CHUNK_ROWS = 1024
+# 2 * LOSS_CHUNK_ROWS * V * 4 bytes (0.1 GiB at V = 50272) instead of two fp32 copies of all B*(T-1) rows.
+LOSS_CHUNK_ROWS = 256
 
 
 def next_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
