@@ -836,10 +836,11 @@ _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfl
 
 
 def _named(binding: _Binding, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The binding's parameters as views of the flat buffer ``flat``."""
+    """The binding's parameters as views of the flat buffer ``flat`` (its span from 0)."""
     out = {}
     for slot, local in binding.params:
-        view = flat[slot.offset : slot.offset + slot.spec.numel].view(slot.spec.shape)
+        r = slot.offset - binding.lo
+        view = flat[r : r + slot.spec.numel].view(slot.spec.shape)
         for name in local:
             out[name] = view
     return out
