@@ -796,8 +796,8 @@ class ZOEngine:
         self.tiers.drain()  # settle the write-backs in flight first (raises a failed one's error)
         for record in self.table:
             if record.applied_steps < len(self.log) and not (self._shared_disk and record.tier == "disk"):
-                if self._is_fused(record):  # the kernel pass writes it back; its plus output lands in _scratch
-                    self._arrive_fused(record, self._scratch[: record.numel], None, 0.0, 0, force_write=True)
+                if self._is_fused(record):  # the kernel pass writes it back (its θ lands in the scratch)
+                    self._arrive_fused(record, None, None, 0.0, 0, force_write=True)
                     continue
                 work = self._arrive(record, scratch=self._work)
                 if record.applied_steps < len(self.log) and record.write_future is None:
