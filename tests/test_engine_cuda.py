@@ -226,8 +226,9 @@ def test_exact_pinned_chunks_are_locked_at_their_size():
     size = 3 * ALIGN_BYTES
     pool = PinnedPool(pin=True, chunk_bytes=10 * ALIGN_BYTES, total_bytes=5 * size, exact=True)
     bufs = [pool.take(size) for _ in range(5)]
-    assert all(b.is_pinned() and b.data_ptr() % ALIGN_BYTES == 0 for b in bufs)
-    assert pool.pinned_bytes == 5 * size  # 3 buffers in the first chunk, the 2 left in an exact second one
+    assert [b.data_ptr() % ALIGN_BYTES for b in bufs] == [0] * 5
+    assert pool.pinned_bytes == 5 * size, pool.pinned_bytes  # 3 buffers in one chunk, 2 in an exact second
+    assert [b.is_pinned() for b in bufs] == [True] * 5
     x = torch.arange(size, dtype=torch.int64).to(torch.uint8)
     bufs[4].copy_(x)
     on_gpu = bufs[4].to("cuda", non_blocking=True)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -92,6 +92,9 @@ class _Open:
     log: Any = None
     sr_seed: int = 0
     encoded: torch.Tensor | None = None
+    written: bool = False  # the int8 write-back has been handed to its tier already
+    sent: set = field(default_factory=set)  # bindings whose bytes went down to the host copy already
+    landed: Any = None  # the event of the last range sent down
 
 
 class ZOEngine:
@@ -498,6 +501,7 @@ class ZOEngine:
                 plus = self._scratch_all[: binding.numel]
                 minus = None if kind == "eval" else self._scratch_minus[: binding.numel]
                 self._part_pass(opened, binding, plus, minus, 0.0 if kind == "eval" else eps, seed)
+                self._send_part(opened, binding_index)
                 views = lambda scale: _named(binding, plus if scale >= 0 else minus)  # noqa: E731
         if kind == "eval":
             out = run_dual_eval(inner, views(0.0), args, kwargs)
@@ -553,7 +557,20 @@ class ZOEngine:
         if opened.write and dtype == torch.int8:  # the codec writes int8 (its groups span parameters)
             opened.encoded = self._raw_out(record.stored_bytes)
             self._int8_write_pass(record, stored, opened.scales, opened.log, opened.encoded, opened.sr_seed)
+            if record.tier == "host":  # down now, while the parts compute (the next block's encode waits for it)
+                self._raw_out_busy = self.tiers.write_back(record, opened.encoded, n_steps=len(self.log))
+                opened.written = True
         return opened
+
+    def _send_part(self, opened: _Open, binding_index: int) -> None:
+        """A host block written back in place goes down part by part, each as soon as its pass wrote it."""
+        record = opened.record
+        if not (opened.write and opened.encoded is None and record.tier == "host" and self.tiers.sends_ranges):
+            return
+        binding, size = self.bindings[binding_index], _TORCH_DTYPES[record.storage].itemsize
+        opened.landed = self.tiers.send_range(record, opened.raw, binding.lo * size,
+                                              (binding.lo + binding.numel) * size)
+        opened.sent.add(binding_index)
 
     def _part_pass(self, opened: _Open, binding: _Binding, plus: torch.Tensor, minus: torch.Tensor | None,
                    eps: float, seed: int) -> None:
@@ -582,10 +599,15 @@ class ZOEngine:
             for b in sorted(self._parts_of.get(record.index, set()) - opened.done):
                 binding = self.bindings[b]
                 self._part_pass(opened, binding, self._scratch_all[: binding.numel], None, 0.0, 0)
+                if opened.sent:
+                    self._send_part(opened, b)
         fresh = opened.raw if opened.encoded is None else opened.encoded
         landed = None
-        if opened.write and record.tier == "host":  # before the release: the D2H reads fresh until `landed`
-            landed = self.tiers.write_back(record, fresh, n_steps=len(self.log))
+        if opened.sent:  # sent down part by part: the host copy is whole once the last range lands
+            self.tiers.sent(record, len(self.log))
+            landed = opened.landed
+        elif opened.write and record.tier == "host" and not opened.written:  # before the release: the D2H
+            landed = self.tiers.write_back(record, fresh, n_steps=len(self.log))  # reads fresh until `landed`
             if opened.encoded is not None:
                 self._raw_out_busy = landed
         self.tiers.release(opened.staging, after=landed if opened.encoded is None else None)

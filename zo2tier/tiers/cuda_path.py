@@ -84,22 +84,26 @@ class CudaTransfers:
             freed.record(torch.cuda.current_stream(self.device))
         self._free.append((self._taken, freed))
 
-    def write_back(self, record: BlockRecord, raw: torch.Tensor) -> torch.cuda.Event:
-        """Copy encoded bytes ``raw`` (on the GPU) into the block's pinned host copy, asynchronously.
+    def write_back(self, record: BlockRecord, raw: torch.Tensor, lo: int = 0, hi: int | None = None
+                   ) -> torch.cuda.Event:
+        """Copy encoded bytes ``raw[lo:hi]`` (on the GPU) into the block's pinned host copy, asynchronously.
 
-        Returns the event of the copy having landed. ``raw`` (the block's slot, or an encode buffer) is read
-        on the write-back stream until then: the caller must not change it before that event.
+        Returns the event of the copy having landed (copies land in order, so it covers the earlier ones).
+        ``raw`` (the block's slot, or an encode buffer) is read on the write-back stream until then: the
+        caller must not change it before that event. A block can go down range by range (each part of a
+        layer as soon as its kernel pass has written it).
         """
+        hi = raw.numel() if hi is None else hi
         encoded = torch.cuda.Event()
         encoded.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._back):
             self._back.wait_event(encoded)  # the compute stream has finished writing raw
             with self._span("D2H copy", record.name, self._back):
-                record.data.copy_(raw, non_blocking=True)
+                record.data[lo:hi].copy_(raw[lo:hi], non_blocking=True)
             landed = torch.cuda.Event()
             landed.record(self._back)
         self._write_events[record.index] = landed
-        self.d2h_bytes += raw.numel()
+        self.d2h_bytes += hi - lo
         return landed
 
     def _span(self, lane: str, name: str, stream: torch.cuda.Stream):

@@ -261,6 +261,20 @@ class TierManager:
         self.bytes_read += record.stored_bytes
 
     # ---- writes -----------------------------------------------------------------------------------
+    @property
+    def sends_ranges(self) -> bool:
+        """Host blocks can go down range by range (:meth:`send_range`): the CUDA host tier."""
+        return self._cuda is not None
+
+    def send_range(self, record: BlockRecord, raw: torch.Tensor, lo: int, hi: int) -> torch.cuda.Event:
+        """Start copying bytes ``[lo, hi)`` of a host block's new copy ``raw`` down now, before the rest of it
+        is written (a layer part by part). The host copy is in flux until :meth:`sent` stores the block."""
+        return self._cuda.write_back(record, raw, lo, hi)
+
+    def sent(self, record: BlockRecord, n_steps: int) -> None:
+        """Every range of a host block's new copy has been sent: it now holds ``n_steps`` updates."""
+        self.table.mark_applied(record, n_steps)
+
     def write_back(self, record: BlockRecord, raw: torch.Tensor, *, n_steps: int) -> torch.cuda.Event | None:
         """Store ``raw`` (encoded uint8 bytes, any device) as the block's new copy in its tier.
 
