@@ -390,6 +390,9 @@ def main() -> None:
     p.add_argument("--calibration-out", default="",
                    help="merge the rates this run measured into this calibration JSON (zo2tier plan --calibration)")
     args = p.parse_args()
+    from zo2tier.config import set_cuda_allocator_default
+
+    set_cuda_allocator_default()  # as the zo2tier commands do (before CUDA is first used)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     record = dict(
@@ -398,6 +401,7 @@ def main() -> None:
         git_rev=os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         command=" ".join(sys.argv), model=args.model, batch=args.batch, seq=args.seq, phase=args.phase,
         torch=torch.__version__, budget=args.budget, write_back_every=args.write_back_every, repeat=args.repeat,
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     )
     runs, base_runs, base = [], [], None
     with Sampler() as sampler:

@@ -11,12 +11,12 @@ generated block of ``docs/scaling.md`` between the ``<!-- scaling_report:begin/e
 Everything is arithmetic over meta-device skeletons (``zo2tier.plan.plan_placement`` and
 ``zo2tier.predict.predict_step``): no weights, no GPU, a few seconds of CPU per model.
 
-The planner's device bytes are the blocks, the resident set and the working buffers it sizes. The engine
-also allocates things the planner does not count (the CUDA context and allocator cache, the fp32 copy and
-the perturbed copies of the resident set, the full-vocabulary logits of the doubled batch). Their sum is
-estimated here by ``unplanned_device_bytes`` and taken off the card before planning, so that the placement
-is one the card can hold; ``est_gpu_peak`` adds a further per-block term fitted to the two measured H100
-runs (see that function).
+The planner's device bytes are the blocks, the resident set and the working buffers it sizes (upload slots,
+θ±εz scratch of the largest layer part or resident module, write-back buffers). The engine also allocates
+things the planner does not count (the CUDA context and what the allocator keeps, the full-vocabulary logits
+of the doubled batch, the loss chunk, a layer part's activations). Their sum is estimated here by
+``unplanned_device_bytes`` and taken off the card before planning, so that the placement is one the card can
+hold; ``est_gpu_peak`` is the sum of both (see that function).
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ SEED_TOKS = {"OPT-1.3B": 3072, "OPT-2.7B": 1920, "OPT-6.7B": 768, "OPT-13B": 384
 # DESIGN.md §1: ZO2's own CPU-offload mode measured on the H100 (tok/s, GPU GiB).
 ZO2_MEASURED = {"OPT-6.7B": (5848, 4.70), "OPT-13B": (2890, 5.83), "OPT-30B": (1478, 7.72)}
 
-# Fit to the two measured H100 runs (benchmarks/step_h100.jsonl), see unplanned_device_bytes.
-CONTEXT_BYTES = int(4.9 * GIB)  # NVML peak minus torch peak at OPT-13B: CUDA context + allocator cache
-PER_BLOCK_UNPLANNED = 17  # bytes per parameter of the largest block the planner does not count (fitted)
+# From the H100 runs of git f75d9d6 (benchmarks/step_h100.jsonl), see unplanned_device_bytes.
+CONTEXT_BYTES = int(1.3 * GIB)  # NVML peak minus the allocator's reserved peak: CUDA context, libraries, kernels
+LOGIT_BYTES = 3  # per logit of the doubled batch: the joined fp16 logits and one half being produced
+LOSS_CHUNK_BYTES = 2 * 256 * 4  # per vocabulary entry: LOSS_CHUNK_ROWS rows in fp32 and their log-softmax
+PER_PART_UNPLANNED = 1  # bytes per parameter of the largest layer part: its activations (fitted at OPT-13B)
 
 
 def _opt(h, layers, heads, vocab=50272):
@@ -106,7 +108,7 @@ def plan_input(config, storage):
     from transformers import AutoModelForCausalLM
 
     from zo2tier.model.blocks import describe, scratch_spans
-    from zo2tier.plan import BlockSize, PlanInput
+    from zo2tier.plan import BlockSize, PlanInput, default_host_lookahead
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
@@ -115,27 +117,25 @@ def plan_input(config, storage):
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
     part, resident_module = scratch_spans(layout)
     return PlanInput(sizes, resident, 2, {"device": "fp16", "host": storage, "disk": storage},
-                     largest_part=part, largest_resident_module=resident_module)
+                     default_host_lookahead(1), largest_part=part, largest_resident_module=resident_module)
 
 
 MEASURED_PARAMS = {"opt-6.7b": 6.66e9, "opt-13b": 12.85e9, "opt-30b": 29.97e9}  # the benchmarked shapes, head tied
 
 
 def unplanned_device_bytes(inp, vocab):
-    """GPU bytes the planner does not count, the parts we can name: CUDA context and allocator cache
-    (measured 4.9 GiB at OPT-13B), the resident set's fp32 copy and two fp16 perturbed copies (6 B per
-    parameter beyond the stored fp16) and the full-vocabulary logits of the doubled batch (fp16, fp32 and
-    log-softmax: 10 B per logit)."""
-    return CONTEXT_BYTES + 6 * inp.resident_numel + 10 * 2 * TOKENS * vocab
+    """GPU bytes the planner does not count: the CUDA context and libraries (1.3 GiB on the H100, NVML peak
+    minus the allocator's reserved peak), the full-vocabulary logits of the doubled batch (3 B per logit),
+    the loss chunk, and a layer part's activations (1 B per parameter of the largest part, the rest of the
+    OPT-13B measurement: 4.23 GiB NVML with every block in host RAM, expandable segments)."""
+    part = inp.largest_part or max(b.numel for b in inp.blocks)
+    return (CONTEXT_BYTES + LOGIT_BYTES * 2 * TOKENS * vocab + LOSS_CHUNK_BYTES * vocab
+            + PER_PART_UNPLANNED * part)
 
 
 def est_gpu_peak(inp, plan_used_device, vocab):
-    """Planned device bytes + the named unplanned bytes + 17 B per parameter of the largest block, a term
-    fitted so that the sum reproduces the two measured NVML peaks (OPT-13B 19.4 GiB, OPT-6.7B 16.6 GiB,
-    within 5%); it stands for buffers the planner does not size yet (a second write-back buffer,
-    allocator fragmentation of block-sized tensors). An estimate, not a measurement."""
-    largest = max(b.numel for b in inp.blocks)
-    return plan_used_device + unplanned_device_bytes(inp, vocab) + PER_BLOCK_UNPLANNED * largest
+    """Planned device bytes + the unplanned bytes: an estimate of the NVML peak, not a measurement."""
+    return plan_used_device + unplanned_device_bytes(inp, vocab)
 
 
 def evaluate(name, config, bset, inp):
@@ -191,7 +191,10 @@ def measured_checks():
         if r["model"] not in cache:
             cache[r["model"]] = plan_input(shapes[r["model"]], "fp16")
         inp = dataclasses.replace(cache[r["model"]], storage=dict(r["storage"]))
-        plan = plan_placement(inp, TierBudget.parse(r["budget"]))
+        planned = plan_placement(inp, TierBudget.parse(r["budget"]))
+        counts = r["blocks_per_tier"]  # predict the placement the run had (the planner has changed since some)
+        tiers = ["device"] * counts["device"] + ["host"] * counts["host"] + ["disk"] * counts["disk"]
+        plan = plan_placement(inp, TierBudget(10**15, 10**15, 10**15), dict(zip((b.name for b in inp.blocks), tiers)))
         k = r["write_back_every"] if r["phase"] == "train" else 10**12  # eval: read-only
         rates = measured_rates(r)
         p = predict_step(inp, plan, Calibration(**rates), tokens=TOKENS, write_back_every=k,
@@ -200,11 +203,11 @@ def measured_checks():
         out.append({"model": r["model"], "phase": r["phase"], "budget": r["budget"], "write_back_every": k,
                     "storage": r["storage"], "git_rev": r["git_rev"], "rates": "same run" if rates else "DESIGN.md",
                     "ram_cap_gib": r.get("ram_cap_gib"),
-                    "blocks_planned": plan.counts(), "blocks_measured": r["blocks_per_tier"],
+                    "blocks_planned": planned.counts(), "blocks_measured": r["blocks_per_tier"],
                     "measured_step_s": measured, "measured_tok_per_s": TOKENS / measured,
                     "predicted_step_s": p.step_s, "predicted_bound": p.bound,
                     "predicted_over_measured": p.step_s / measured,
-                    "planned_device_bytes": plan.used_bytes["device"],
+                    "planned_device_bytes": planned.used_bytes["device"],
                     "est_gpu_peak_bytes": est_gpu_peak(inp, plan.used_bytes["device"], 50272),
                     "gpu_peak_nvml_gib": r.get("gpu_peak_nvml_gib"), "gpu_peak_torch_gib": r.get("gpu_peak_torch_gib")})
     return out
@@ -386,8 +389,9 @@ def main(argv=None):
     raw = {"batch": BATCH, "seq": SEQ, "write_back_every": list(WRITE_BACKS), "bytes_unit": "bytes",
            "budget_sets": {k: {"card_bytes": v[0], "host_bytes": v[1], "disk_bytes": v[2],
                                "calibration": vars(v[3]), "description": v[4]} for k, v in budgets.items()},
-           "unplanned_model": {"context_bytes": CONTEXT_BYTES, "resident_bytes_per_param": 6,
-                               "logit_bytes": 10, "per_block_bytes_per_param_in_est_peak": PER_BLOCK_UNPLANNED},
+           "unplanned_model": {"context_bytes": CONTEXT_BYTES, "logit_bytes": LOGIT_BYTES,
+                               "loss_chunk_bytes_per_vocab": LOSS_CHUNK_BYTES,
+                               "part_bytes_per_param": PER_PART_UNPLANNED},
            "seed_projection": {"gpu_gb": SEED_GPU_GB, "tok_per_s": SEED_TOKS},
            "results": results, "measured_checks": checks}
     with open(a.json, "w", encoding="utf-8") as f:

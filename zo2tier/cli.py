@@ -179,6 +179,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zo2tier.config import set_cuda_allocator_default
+
+    set_cuda_allocator_default()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zo2tier.config import set_cuda_allocator_default
+
+    set_cuda_allocator_default()
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -110,9 +110,14 @@ class ZOEngine:
     ``lookahead_blocks``: blocks fetched ahead of the one computing. The disk tier keeps that many reads in
     flight (default 2). On CUDA, host-tier blocks are uploaded into ``lookahead_blocks + 1`` device slots of
     the largest host block's stored size, never more than there are host blocks; a block written back is
-    updated in its slot and copied down from there. The default (None) is 3 slots when host blocks are
-    written back every step (one computing, one uploading, one copying down) and 2 otherwise: the host tier
-    is bound by the bus, so deeper look-ahead only holds GPU memory.
+    updated in its slot and copied down from there, part by part as each part's kernel pass writes it. The
+    default (None) is 2 slots (one computing and going down, one uploading): the host tier is bound by the
+    bus, and a third slot measured no faster (docs/io.md).
+
+    Each decoder layer is run part by part (attention, MLP or its projections, norms: ``ModelLayout.parts``),
+    with θ±εz built for one part at a time, so the GPU holds the largest part's perturbed copies rather than
+    the layer's. On CUDA, ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (the ``zo2tier`` CLI sets it
+    when unset) keeps the allocator's cache close to what is in use.
     """
 
     def __init__(

@@ -27,7 +27,16 @@ class FakePinning:
         self.asked.append(n_bytes)
         if self.limit_bytes is None or n_bytes > self.limit_bytes:
             raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
-        return torch.empty(n_bytes, dtype=torch.uint8)
+        return io.aligned_empty(n_bytes)  # page-aligned, as pinned and registered memory is
+
+
+def fake_pinning(monkeypatch, limit_bytes: int | None) -> FakePinning:
+    """Fake both ways of pinning: torch's pinned allocator and cudaHostRegister (exact chunks)."""
+    fake = FakePinning(limit_bytes)
+    monkeypatch.setattr(io, "_pin_alloc", fake)
+    monkeypatch.setattr(io, "_register_alloc", fake)
+    monkeypatch.setattr(io, "unregister", lambda buf: None)
+    return fake
 
 
 def _pin_warnings(caplog) -> int:
@@ -69,7 +78,7 @@ def test_falls_back_to_pageable_with_one_warning(monkeypatch, caplog):
 
 @pytest.mark.parametrize("limit_bytes", [None, 64 * 1024])
 def test_engine_runs_on_when_pinning_fails(monkeypatch, caplog, tmp_path, batch, limit_bytes):
-    monkeypatch.setattr(io, "_pin_alloc", FakePinning(limit_bytes))
+    fake_pinning(monkeypatch, limit_bytes)
     real_open = TierManager.open
 
     def open_pinned(self):
@@ -84,3 +93,17 @@ def test_engine_runs_on_when_pinning_fails(monkeypatch, caplog, tmp_path, batch,
     assert _pin_warnings(caplog) == (1 if limit_bytes is None else 0)
     assert_matches_reference(engine)
     engine.close()
+
+
+def test_exact_chunks_hold_whole_buffers_and_no_more(monkeypatch):
+    """exact=True (the CUDA host tier): chunks are whole multiples of the buffer size, the last one only
+    what is still to come, so the pinned bytes are the buffers' bytes."""
+    fake = fake_pinning(monkeypatch, limit_bytes=64 * MiB)
+    size = 3 * MiB + ALIGN_BYTES
+    pool = PinnedPool(pin=True, chunk_bytes=16 * MiB, total_bytes=7 * size, exact=True)
+    bufs = [pool.take(size) for _ in range(7)]
+    assert fake.asked == [5 * size, 2 * size]  # 5 fit in 16 MiB; the last chunk holds the 2 left
+    assert pool.pinned_bytes == 7 * size and pool.pageable_bytes == 0
+    ptrs = sorted(b.data_ptr() for b in bufs)
+    assert all(q - p >= size for p, q in zip(ptrs, ptrs[1:]))  # disjoint
+    pool.close()
