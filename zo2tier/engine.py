@@ -494,26 +494,29 @@ class ZOEngine:
         binding = self.bindings[binding_index]
         record = self.table[binding.record]
         kind, seed, eps = self._mode
-        if record.name == RESIDENT:  # views built per half in _scratch: resident modules never contain blocks
-            work = self._resident_work
-            views = lambda scale: self._views(binding, work, self._scratch, scale, seed)  # noqa: E731
-        else:
-            opened = self._open_for(record, binding_index)
-            if opened.work is not None:  # the generic path: views of the block's clean fp32 copy
-                work = opened.work
-                views = lambda scale: self._views(binding, work, self._scratch, scale, seed)  # noqa: E731
-            else:  # the fused path: one kernel pass builds the part's θ+εz and θ−εz from the stored copy
-                plus = self._scratch_all[: binding.numel]
-                minus = None if kind == "eval" else self._scratch_minus[: binding.numel]
-                self._part_pass(opened, binding, plus, minus, 0.0 if kind == "eval" else eps, seed)
-                self._send_part(opened, binding_index)
-                views = lambda scale: _named(binding, plus if scale >= 0 else minus)  # noqa: E731
+        opened = None if record.name == RESIDENT else self._open_for(record, binding_index)
+        if opened is None or opened.work is not None:
+            # views of clean weights, built per half in _scratch: the resident set's stored copy (its modules
+            # never contain blocks), or a block's fp32 copy on the generic path
+            work = self._resident_work if opened is None else opened.work
+
+            def views(scale: float) -> dict[str, torch.Tensor]:
+                return self._views(binding, work, self._scratch, scale, seed)
+        else:  # the fused path: one kernel pass builds the part's θ+εz and θ−εz from the stored copy
+            plus = self._scratch_all[: binding.numel]
+            minus = None if kind == "eval" else self._scratch_minus[: binding.numel]
+            self._part_pass(opened, binding, plus, minus, 0.0 if kind == "eval" else eps, seed)
+            self._send_part(opened, binding_index)
+
+            def views(scale: float) -> dict[str, torch.Tensor]:
+                return _named(binding, plus if scale >= 0 else minus)
+
         if kind == "eval":
             out = run_dual_eval(inner, views(0.0), args, kwargs)
         else:
             out = run_dual(inner, lambda half: views(eps if half == 0 else -eps), args, kwargs, self._rows,
                            self._flat_rows)
-        if record.name != RESIDENT:
+        if opened is not None:
             opened.done.add(binding_index)
             if opened.done >= self._parts_of[record.index]:
                 self._close(opened)
