@@ -144,3 +144,14 @@ def test_plan_from_config_counts_the_upload_slots_the_engine_opens(tmp_path, k):
     with zo2tier.ZOEngine(tiny_model("opt"), budget={"device": "1GiB", "host": "1GiB"}, placement=place,
                           write_back_every=k) as engine:
         assert inp.lookahead_blocks == engine.plan_input.lookahead_blocks == 1
+
+
+def test_unplanned_device_bytes_count_context_logits_loss_and_a_part():
+    """What the GPU holds besides the planned buffers: the CUDA context, the doubled batch's logits (3 B
+    each), the loss chunk (LOSS_CHUNK_ROWS rows in fp32, twice) and the largest part's activations."""
+    from zo2tier.plan import CUDA_CONTEXT_BYTES, LOSS_CHUNK_BYTES_PER_VOCAB, unplanned_device_bytes
+    from zo2tier.zo.update import LOSS_CHUNK_ROWS
+
+    assert LOSS_CHUNK_BYTES_PER_VOCAB == 2 * LOSS_CHUNK_ROWS * 4
+    inp = PlanInput((BlockSize("b0", 1000),), 10, 2, largest_part=400, vocab_size=100)
+    assert unplanned_device_bytes(inp, tokens=8) == CUDA_CONTEXT_BYTES + 3 * 2 * 8 * 100 + 2 * 256 * 4 * 100 + 400

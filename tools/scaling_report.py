@@ -46,11 +46,7 @@ SEED_TOKS = {"OPT-1.3B": 3072, "OPT-2.7B": 1920, "OPT-6.7B": 768, "OPT-13B": 384
 # DESIGN.md §1: ZO2's own CPU-offload mode measured on the H100 (tok/s, GPU GiB).
 ZO2_MEASURED = {"OPT-6.7B": (5848, 4.70), "OPT-13B": (2890, 5.83), "OPT-30B": (1478, 7.72)}
 
-# From the H100 runs of git f75d9d6 (benchmarks/step_h100.jsonl), see unplanned_device_bytes.
-CONTEXT_BYTES = int(1.3 * GIB)  # NVML peak minus the allocator's reserved peak: CUDA context, libraries, kernels
-LOGIT_BYTES = 3  # per logit of the doubled batch: the joined fp16 logits and one half being produced
-LOSS_CHUNK_BYTES = 2 * 256 * 4  # per vocabulary entry: LOSS_CHUNK_ROWS rows in fp32 and their log-softmax
-PER_PART_UNPLANNED = 1  # bytes per parameter of the largest layer part: its activations (fitted at OPT-13B)
+# The GPU bytes the planner does not count: zo2tier.plan.unplanned_device_bytes (measured on the H100).
 
 
 def _opt(h, layers, heads, vocab=50272):
@@ -124,13 +120,13 @@ MEASURED_PARAMS = {"opt-6.7b": 6.66e9, "opt-13b": 12.85e9, "opt-30b": 29.97e9}  
 
 
 def unplanned_device_bytes(inp, vocab):
-    """GPU bytes the planner does not count: the CUDA context and libraries (1.3 GiB on the H100, NVML peak
-    minus the allocator's reserved peak), the full-vocabulary logits of the doubled batch (3 B per logit),
-    the loss chunk, and a layer part's activations (1 B per parameter of the largest part, the rest of the
-    OPT-13B measurement: 4.23 GiB NVML with every block in host RAM, expandable segments)."""
-    part = inp.largest_part or max(b.numel for b in inp.blocks)
-    return (CONTEXT_BYTES + LOGIT_BYTES * 2 * TOKENS * vocab + LOSS_CHUNK_BYTES * vocab
-            + PER_PART_UNPLANNED * part)
+    """GPU bytes the planner does not count (``zo2tier.plan.unplanned_device_bytes``) for a batch-1 ×
+    2048-token step on a ``vocab``-entry vocabulary."""
+    import dataclasses
+
+    from zo2tier.plan import unplanned_device_bytes as unplanned
+
+    return unplanned(dataclasses.replace(inp, vocab_size=vocab), TOKENS)
 
 
 def est_gpu_peak(inp, plan_used_device, vocab):
@@ -381,6 +377,8 @@ def main(argv=None):
                 rec = evaluate(name, config, bset, inp)
                 rec["budget_set"] = bname
                 results.append(rec)
+    from zo2tier import plan as plan_mod
+
     checks = measured_checks()
     text = markdown(results, budgets, checks)
     print(text)
@@ -389,9 +387,9 @@ def main(argv=None):
     raw = {"batch": BATCH, "seq": SEQ, "write_back_every": list(WRITE_BACKS), "bytes_unit": "bytes",
            "budget_sets": {k: {"card_bytes": v[0], "host_bytes": v[1], "disk_bytes": v[2],
                                "calibration": vars(v[3]), "description": v[4]} for k, v in budgets.items()},
-           "unplanned_model": {"context_bytes": CONTEXT_BYTES, "logit_bytes": LOGIT_BYTES,
-                               "loss_chunk_bytes_per_vocab": LOSS_CHUNK_BYTES,
-                               "part_bytes_per_param": PER_PART_UNPLANNED},
+           "unplanned_model": {"context_bytes": plan_mod.CUDA_CONTEXT_BYTES, "logit_bytes": plan_mod.LOGIT_BYTES,
+                               "loss_chunk_bytes_per_vocab": plan_mod.LOSS_CHUNK_BYTES_PER_VOCAB,
+                               "part_bytes_per_param": plan_mod.PART_ACTIVATION_BYTES},
            "seed_projection": {"gpu_gb": SEED_GPU_GB, "tok_per_s": SEED_TOKS},
            "results": results, "measured_checks": checks}
     with open(a.json, "w", encoding="utf-8") as f:

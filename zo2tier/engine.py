@@ -145,6 +145,7 @@ class ZOEngine:
         self.device = torch.device(device)
         self.budget = TierBudget.parse(budget)
         self.layout = describe(model)
+        self._vocab_size = int(getattr(model.config, "vocab_size", 0) or 0)
         self.compute_dtype = self.layout.params[0].dtype
         default = dtype_name(self.compute_dtype)
         self.storage = {t: check_storage((storage or {}).get(t, default)) for t in ("device", "host", "disk")}
@@ -281,7 +282,7 @@ class ZOEngine:
         part, resident_module = scratch_spans(self.layout, SPLIT_LAYERS)
         inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead,
                         fused=fused.available(self.device, self.compute_dtype), largest_part=part,
-                        largest_resident_module=resident_module)
+                        largest_resident_module=resident_module, vocab_size=self._vocab_size)
         self.plan_input = inp  # what the planner saw: zo2tier.predict.predict_step(engine.plan_input, engine.plan, ...)
         return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
 

@@ -16,6 +16,12 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 WORKING_BYTES_PER_NUMEL = 4  # an fp32 working copy
 # a fused int8 write-back's range: fp32 buffer plus the encoder's temporaries
 WRITE_BACK_RANGE_BYTES = WRITE_BACK_RANGE_NUMEL * 32
+# GPU bytes besides the planner's (see unplanned_device_bytes), from the H100 runs of git f75d9d6
+# (benchmarks/step_h100.jsonl, docs/scaling.md "Where the seed's projections are wrong")
+CUDA_CONTEXT_BYTES = int(1.3 * 2**30)  # NVML peak minus the allocator's reserved peak: context, libraries
+LOGIT_BYTES = 3  # per logit of the doubled batch: the joined fp16 logits and one half being produced
+LOSS_CHUNK_BYTES_PER_VOCAB = 2 * 256 * 4  # zo.update.LOSS_CHUNK_ROWS rows in fp32 and their log-softmax
+PART_ACTIVATION_BYTES = 1  # per parameter of the largest layer part (fitted at OPT-13B)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class PlanInput:
     # module: their largest sizes in parameters (0: unknown, counted as the largest block / resident set)
     largest_part: int = 0
     largest_resident_module: int = 0
+    vocab_size: int = 0  # for the logits in unplanned_device_bytes (0: unknown, not counted)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,16 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
     if n_disk:
         total += block_bytes(largest_block, inp.storage["disk"])
     return total
+
+
+def unplanned_device_bytes(inp: PlanInput, tokens: int) -> int:
+    """GPU bytes a step of ``tokens`` tokens (batch × sequence) takes besides the planned ones: the CUDA
+    context and libraries, the full-vocabulary logits of the doubled batch, the loss chunk and a layer
+    part's activations. An estimate from measurements on the H100 (OPT-13B, every block in host RAM:
+    planned 2.15 GiB + this 2.07 GiB = 4.22 GiB against 4.23 GiB NVML measured)."""
+    part = inp.largest_part or max((b.numel for b in inp.blocks), default=0)
+    return (CUDA_CONTEXT_BYTES + LOGIT_BYTES * 2 * tokens * inp.vocab_size
+            + LOSS_CHUNK_BYTES_PER_VOCAB * inp.vocab_size + PART_ACTIVATION_BYTES * part)
 
 
 def plan_placement(

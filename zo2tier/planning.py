@@ -8,7 +8,8 @@ import torch
 
 from zo2tier.budget import TierBudget
 from zo2tier.model.blocks import describe, scratch_spans
-from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement
+from zo2tier.budget import format_size
+from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement, unplanned_device_bytes
 from zo2tier.predict import Calibration, predict_step
 from zo2tier.store.zstd import parse_compress
 from zo2tier.tiers.codec import check_storage
@@ -41,7 +42,8 @@ def plan_from_config(
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
     part, resident_module = scratch_spans(layout)
     inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers, default_host_lookahead(write_back_every),
-                    largest_part=part, largest_resident_module=resident_module)
+                    largest_part=part, largest_resident_module=resident_module,
+                    vocab_size=int(getattr(config, "vocab_size", 0) or 0))
     return plan_placement(inp, budget), inp
 
 
@@ -67,4 +69,8 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
             f"= {batch * seq / pred.step_s:,.0f} tok/s, bound by {pred.bound} "
             f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s{codec}; "
             f"rates from {calibration or 'DESIGN.md defaults (H100 machine)'})")
-    return head + "\n" + plan.table() + "\n" + tail
+    extra = unplanned_device_bytes(inp, batch * seq)
+    peak = (f"estimated GPU peak ({batch}x{seq} tokens): {format_size(plan.used_bytes['device'] + extra)} = "
+            f"device {format_size(plan.used_bytes['device'])} + CUDA context, logits, loss and activations "
+            f"{format_size(extra)} (measured on an H100; docs/scaling.md)")
+    return head + "\n" + plan.table() + "\n" + peak + "\n" + tail

@@ -164,6 +164,7 @@ def test_cli_compress_flag(tmp_path, capsys):
                      "--compress", "zstd"]) == 0
     out = capsys.readouterr().out
     assert "zstd-compressed" in out and "at ratio 0.780" in out and "zstd_h100.json" in out
+    assert "estimated GPU peak (1x2048 tokens): " in out  # planned bytes + context, logits, loss, activations
     with pytest.raises(SystemExit) as exit_:
         cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "s2"), "--compress", "lz4"])
     assert exit_.value.code == 2
