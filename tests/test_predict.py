@@ -138,8 +138,7 @@ def test_plan_from_config_counts_the_upload_slots_the_engine_opens(tmp_path, k):
     cfg = tf.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
                        max_position_embeddings=64, word_embed_proj_dim=32)
     cfg.to_json_file(str(tmp_path / "config.json"))
-    _, inp = plan_from_config(str(tmp_path / "config.json"), TierBudget.parse("device=1GiB,host=1GiB"),
-                              write_back_every=k)
+    _, inp = plan_from_config(str(tmp_path / "config.json"), TierBudget.parse("device=1GiB,host=1GiB"))
     place = {b: "host" for b in zo2tier.ZOEngine.block_names(tiny_model("opt"))}
     with zo2tier.ZOEngine(tiny_model("opt"), budget={"device": "1GiB", "host": "1GiB"}, placement=place,
                           write_back_every=k) as engine:

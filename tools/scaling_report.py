@@ -104,7 +104,7 @@ def plan_input(config, storage):
     from transformers import AutoModelForCausalLM
 
     from zo2tier.model.blocks import describe, scratch_spans
-    from zo2tier.plan import BlockSize, PlanInput, default_host_lookahead
+    from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, PlanInput
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
@@ -113,7 +113,7 @@ def plan_input(config, storage):
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
     part, resident_module = scratch_spans(layout)
     return PlanInput(sizes, resident, 2, {"device": "fp16", "host": storage, "disk": storage},
-                     default_host_lookahead(1), largest_part=part, largest_resident_module=resident_module)
+                     DEFAULT_HOST_LOOKAHEAD, largest_part=part, largest_resident_module=resident_module)
 
 
 MEASURED_PARAMS = {"opt-6.7b": 6.66e9, "opt-13b": 12.85e9, "opt-30b": 29.97e9}  # the benchmarked shapes, head tied

@@ -26,7 +26,7 @@ from zo2tier.distributed import DataParallel, attach as _attach_data_parallel
 from zo2tier.model.blocks import describe, scratch_spans
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
-from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement
+from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, Plan, PlanInput, plan_placement
 from zo2tier import shared_disk as _shared_disk
 from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import (WRITE_BACK_RANGE_NUMEL, check_storage, decode, dtype_name, encode,
@@ -271,7 +271,7 @@ class ZOEngine:
         """Host-tier uploads ahead of the block computing (slots = this + 1); see the class docstring."""
         if lookahead is not None:
             return max(0, lookahead)
-        return default_host_lookahead(self._log_limit("host"))
+        return DEFAULT_HOST_LOOKAHEAD
 
     def _make_plan(self, placement: Mapping[str, str] | None, lookahead: int) -> Plan:
         sizes = []
@@ -349,11 +349,9 @@ class ZOEngine:
         part = max(b.numel for b in self.bindings if b.record < len(records) - 1) if len(records) > 1 else 0
         resident = max((b.numel for b in self.bindings if b.record == len(records) - 1), default=0)
         self._fused_blocks = any(self._is_fused(r) for r in records[:-1])
-        self._part_numel = part
-        self._scratch_all = torch.empty(max(2 * part if self._fused_blocks else part, resident, 1),
-                                        dtype=self.compute_dtype, device=self.device)
-        self._scratch = self._scratch_all[: max(part, resident)] if not self._fused_blocks else self._scratch_all
-        self._scratch_minus = self._scratch_all[part : 2 * part] if self._fused_blocks else None
+        self._scratch = torch.empty(max(2 * part if self._fused_blocks else part, resident, 1),
+                                    dtype=self.compute_dtype, device=self.device)
+        self._scratch_minus = self._scratch[part : 2 * part] if self._fused_blocks else None
         self._open: _Open | None = None
         self._rows = self._flat_rows = 0
         self._log_cache: tuple[int, int, fused.PendingLog] | None = None
@@ -504,7 +502,7 @@ class ZOEngine:
             def views(scale: float) -> dict[str, torch.Tensor]:
                 return self._views(binding, work, self._scratch, scale, seed)
         else:  # the fused path: one kernel pass builds the part's θ+εz and θ−εz from the stored copy
-            plus = self._scratch_all[: binding.numel]
+            plus = self._scratch[: binding.numel]
             minus = None if kind == "eval" else self._scratch_minus[: binding.numel]
             self._part_pass(opened, binding, plus, minus, 0.0 if kind == "eval" else eps, seed)
             self._send_part(opened, binding_index)
@@ -607,7 +605,7 @@ class ZOEngine:
         if opened.write and opened.encoded is None:
             for b in sorted(self._parts_of.get(record.index, set()) - opened.done):
                 binding = self.bindings[b]
-                self._part_pass(opened, binding, self._scratch_all[: binding.numel], None, 0.0, 0)
+                self._part_pass(opened, binding, self._scratch[: binding.numel], None, 0.0, 0)
                 if opened.sent:
                     self._send_part(opened, b)
         fresh = opened.raw if opened.encoded is None else opened.encoded
@@ -637,7 +635,7 @@ class ZOEngine:
         elif opened.write and opened.encoded is None:  # the in-place write needs a pass; its θ goes to scratch
             for slot in record.slots:
                 one = _Binding(record.index, ((slot, ()),), slot.offset, slot.spec.numel)
-                self._part_pass(opened, one, self._scratch_all[: slot.spec.numel], None, 0.0, 0)
+                self._part_pass(opened, one, self._scratch[: slot.spec.numel], None, 0.0, 0)
         opened.done = set(self._parts_of.get(record.index, set()))
         self._close(opened)
 

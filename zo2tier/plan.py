@@ -11,16 +11,23 @@ from dataclasses import dataclass, field
 
 from zo2tier.budget import TIERS, TierBudget, format_size
 from zo2tier.tiers.codec import WRITE_BACK_RANGE_NUMEL
+from zo2tier.zo.update import LOSS_CHUNK_ROWS
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 WORKING_BYTES_PER_NUMEL = 4  # an fp32 working copy
+# Host uploads ahead of the block computing when the caller does not choose: 1 (two slots), whatever the
+# write-back interval. A block written back goes down part by part as its kernel passes write it, so its slot
+# is free about when the next block has come up. Measured on the H100 (OPT-13B fp16, every block in host RAM,
+# written back every step; benchmarks/step_h100.jsonl, git f75d9d6): 0.556 s per step with two slots against
+# 0.552 s with three, 0.59 GiB less GPU memory.
+DEFAULT_HOST_LOOKAHEAD = 1
 # a fused int8 write-back's range: fp32 buffer plus the encoder's temporaries
 WRITE_BACK_RANGE_BYTES = WRITE_BACK_RANGE_NUMEL * 32
 # GPU bytes besides the planner's (see unplanned_device_bytes), from the H100 runs of git f75d9d6
 # (benchmarks/step_h100.jsonl, docs/scaling.md "Where the seed's projections are wrong")
 CUDA_CONTEXT_BYTES = int(1.3 * 2**30)  # NVML peak minus the allocator's reserved peak: context, libraries
 LOGIT_BYTES = 3  # per logit of the doubled batch: the joined fp16 logits and one half being produced
-LOSS_CHUNK_BYTES_PER_VOCAB = 2 * 256 * 4  # zo.update.LOSS_CHUNK_ROWS rows in fp32 and their log-softmax
+LOSS_CHUNK_BYTES_PER_VOCAB = 2 * LOSS_CHUNK_ROWS * 4  # the loss's rows in fp32 and their log-softmax
 PART_ACTIVATION_BYTES = 1  # per parameter of the largest layer part (fitted at OPT-13B)
 
 
@@ -76,17 +83,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def default_host_lookahead(host_log_limit: int) -> int:
-    """Host uploads ahead of the block computing when the caller does not choose: 1 (two slots), whatever
-    the write-back interval. A block written back goes down part by part as its kernel passes write it, so
-    its slot is free about when the next block has come up. Measured on the H100 (OPT-13B fp16, every block
-    in host RAM, written back every step; benchmarks/step_h100.jsonl, git f75d9d6): 0.556 s per step with
-    two slots against 0.552 s with three, 0.59 GiB less GPU memory. ``host_log_limit`` is kept for callers
-    that passed it; it no longer changes the answer."""
-    del host_log_limit
-    return 1
-
-
 def block_bytes(numel: int, dtype: str) -> int:
     """Stored bytes of ``numel`` elements in ``dtype`` (int8 adds one fp32 scale per 128-element group)."""
     if dtype not in DTYPE_BYTES:
@@ -107,8 +103,8 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
     - host blocks: ``lookahead_blocks + 1`` upload slots (never more than the host blocks), written back in
       place; disk blocks: the one block being computed, copied up from pinned staging.
 
-    Activations, logits and the CUDA context are not counted: leave room for them (about 1.5 GiB at batch 1 ×
-    2048 tokens on a 50k vocabulary, plus ~0.5 GiB of context)."""
+    Activations, logits and the CUDA context are not counted here: :func:`unplanned_device_bytes` estimates
+    them."""
     largest_block = max((b.numel for b in inp.blocks), default=0)
     largest = max(largest_block, inp.resident_numel)
     part = inp.largest_part or largest_block

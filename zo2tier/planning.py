@@ -6,10 +6,9 @@ import os
 
 import torch
 
-from zo2tier.budget import TierBudget
+from zo2tier.budget import TierBudget, format_size
 from zo2tier.model.blocks import describe, scratch_spans
-from zo2tier.budget import format_size
-from zo2tier.plan import BlockSize, Plan, PlanInput, default_host_lookahead, plan_placement, unplanned_device_bytes
+from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, Plan, PlanInput, plan_placement, unplanned_device_bytes
 from zo2tier.predict import Calibration, predict_step
 from zo2tier.store.zstd import parse_compress
 from zo2tier.tiers.codec import check_storage
@@ -18,11 +17,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def plan_from_config(
-    model: str, budget: TierBudget, *, storage: dict[str, str] | None = None, dtype: str | None = None,
-    write_back_every: int = 1,
+    model: str, budget: TierBudget, *, storage: dict[str, str] | None = None, dtype: str | None = None
 ) -> tuple[Plan, PlanInput]:
     """Placement for the model at ``model`` (directory or config.json) under ``budget``, with the device
-    buffers the engine allocates for ``write_back_every`` (its default upload lookahead depends on it)."""
+    buffers the engine allocates by default."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not os.path.exists(model):
@@ -41,7 +39,7 @@ def plan_from_config(
     sizes = tuple(BlockSize(n, sum(p.numel for p in layout.params_under(n))) for n in layout.block_names)
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
     part, resident_module = scratch_spans(layout)
-    inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers, default_host_lookahead(write_back_every),
+    inp = PlanInput(sizes, resident, torch_dtype.itemsize, tiers, DEFAULT_HOST_LOOKAHEAD,
                     largest_part=part, largest_resident_module=resident_module,
                     vocab_size=int(getattr(config, "vocab_size", 0) or 0))
     return plan_placement(inp, budget), inp
@@ -54,7 +52,7 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
     ``compress``: zstd on the disk tier (anything ``zo2tier.store.zstd.parse_compress`` takes).
     """
     zstd = parse_compress(compress) is not None
-    plan, inp = plan_from_config(model, budget, storage=storage, dtype=dtype, write_back_every=write_back_every)
+    plan, inp = plan_from_config(model, budget, storage=storage, dtype=dtype)
     n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
     compute = {4: "fp32", 2: "fp16/bf16"}.get(inp.compute_bytes, f"{inp.compute_bytes} bytes")
     why = "" if dtype else " (the config's dtype, fp32 if it names none; --dtype to choose)"

@@ -153,10 +153,10 @@ def block_parts(layer: nn.Module, prefix: str, params_by_name: dict[str, ParamSp
     owner: dict[int, str] = {}
     parts: list[str] = []
     for child_name, child in layer.named_children():
-        names = [f"{child_name}.{n}" for n, _ in child.named_parameters(remove_duplicate=False)]
-        if not names:
+        weights = [p for _, p in child.named_parameters(remove_duplicate=False)]
+        if not weights:
             continue
-        for _, p in child.named_parameters(remove_duplicate=False):
+        for p in weights:
             if owner.setdefault(id(p), child_name) != child_name:
                 return (prefix,)  # a weight tied across children: run the layer whole
         parts.append(child_name)

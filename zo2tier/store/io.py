@@ -157,7 +157,6 @@ class PinnedPool:
                 chunk = raw.numel() // ALIGN_BYTES * ALIGN_BYTES
             return raw[:chunk]
 
-
     def close(self) -> None:
         """Unlock the chunks locked with cudaHostRegister (the buffers taken must no longer be in use)."""
         while self._registered:

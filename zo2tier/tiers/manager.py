@@ -113,9 +113,7 @@ class TierManager:
         for pool in (self._readers, self._writers):
             if pool is not None:
                 pool.shutdown(wait=True)
-        self._readers = self._writers = None
-        if self._cuda is not None:
-            self._cuda.synchronize()
+        self._readers = self._writers = None  # drain() above synchronized the copy streams
         if getattr(self, "_pinned", None) is not None:
             self._pinned.close()
 
