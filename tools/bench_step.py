@@ -7,7 +7,9 @@ Blocks are generated straight into their tiers (never the whole model on the hos
 ``--baseline`` the same process also runs plain MeZO with every weight on the GPU (in-place ``randn`` +
 ``add_``, 4 passes) on the same shape, and reports its tok/s beside ours. ``--repeat=3`` alternates the two
 (tiered, baseline, tiered, ...) and reports the median of the per-pair ratios: calls differ by ~4%.
-GPU peaks (NVML and torch) cover the first tiered run's steps only, not the build and not the baseline;
+``--out-of-place-baseline`` adds, on the same weights, MeZO's step written the way its published trainer
+writes it (``p = p + z * eps`` and the like, each expression allocating its result), to compare with the MeZO
+figure DESIGN.md quotes from the peers' table. GPU peaks (NVML and torch) cover the first tiered run's steps only, not the build and not the baseline;
 ``gpu_build_peak_nvml_gib`` reports the build. ``--mem-snapshot=F`` dumps the allocator's history over the
 last step of that run (open it at pytorch.org/memory_viz).
 
@@ -349,18 +351,48 @@ class Baseline:
             times.append(time.perf_counter() - t)
         return statistics.median(times[args.warmup:] or times)
 
-    def run(self, args) -> float:
-        """Median seconds per steady MeZO step."""
+    def _perturb_out_of_place(self, sign: float, seed: int, eps: float) -> None:
+        """One perturbation pass written the way MeZO's published trainer writes it: each expression
+        allocates its result (``p = p + (sign * z) * eps``), three kernels per tensor instead of one."""
+        gen = torch.Generator(self.device).manual_seed(seed)
+        for p in self.params:
+            z = torch.randn(p.shape, device=self.device, dtype=p.dtype, generator=gen)
+            p.data = p.data + sign * z * eps
 
-        def step(ids: torch.Tensor, seed: int) -> None:
-            self._perturb(1e-3, seed)
+    def _update_out_of_place(self, lr: float, grad: float, seed: int, decay: float = 0.0) -> None:
+        """The update pass in the same style: ``p = p - lr * (grad * z + decay * p)`` on matrices, no decay on
+        biases and norm weights."""
+        gen = torch.Generator(self.device).manual_seed(seed)
+        for p in self.params:
+            z = torch.randn(p.shape, device=self.device, dtype=p.dtype, generator=gen)
+            if p.dim() > 1:
+                p.data = p.data - lr * (grad * z + decay * p.data)
+            else:
+                p.data = p.data - lr * (grad * z)
+
+    def step(self, ids: torch.Tensor, seed: int, style: str = "inplace", eps: float = 1e-3,
+             lr: float = 1e-7) -> tuple[float, float]:
+        """One MeZO step; returns the two losses. ``style="inplace"`` is our reference (randn + add_);
+        ``"out-of-place"`` is the same arithmetic as MeZO's own trainer runs it."""
+        if style == "inplace":
+            self._perturb(eps, seed)
             lp = self._loss(ids)
-            self._perturb(-2e-3, seed)
+            self._perturb(-2 * eps, seed)
             lm = self._loss(ids)
-            self._perturb(1e-3, seed)
-            self._perturb(-1e-7 * (lp - lm) / 2e-3, seed)
+            self._perturb(eps, seed)
+            self._perturb(-lr * (lp - lm) / (2 * eps), seed)
+        else:
+            self._perturb_out_of_place(1.0, seed, eps)
+            lp = self._loss(ids)
+            self._perturb_out_of_place(-2.0, seed, eps)
+            lm = self._loss(ids)
+            self._perturb_out_of_place(1.0, seed, eps)
+            self._update_out_of_place(lr, (lp - lm) / (2 * eps), seed)
+        return lp, lm
 
-        return self._median_s(args, step)
+    def run(self, args, style: str = "inplace") -> float:
+        """Median seconds per steady MeZO step."""
+        return self._median_s(args, lambda ids, seed: self.step(ids, seed, style))
 
     def forwards(self, args) -> float:
         """Median seconds of the two forwards alone: the compute floor of any MeZO step of this shape."""
@@ -384,6 +416,9 @@ def main() -> None:
     p.add_argument("--phase", default="train", choices=["train", "eval"])
     p.add_argument("--trace", default="", help="write the last step's per-block timeline here (Chrome trace JSON)")
     p.add_argument("--baseline", action="store_true")
+    p.add_argument("--out-of-place-baseline", action="store_true",
+                   help="with --baseline, also time MeZO's steps written out of place, as its own trainer "
+                        "writes them (a second reference; the ratio the bars use stays the in-place one)")
     p.add_argument("--repeat", type=int, default=1,
                    help="alternate tiered and baseline runs this many times; ratios are medians over the pairs")
     p.add_argument("--mem-snapshot", default="", help="dump a torch.cuda memory snapshot of the last step here")
@@ -403,7 +438,7 @@ def main() -> None:
         torch=torch.__version__, budget=args.budget, write_back_every=args.write_back_every, repeat=args.repeat,
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     )
-    runs, base_runs, base = [], [], None
+    runs, base_runs, oop_runs, base = [], [], [], None
     with Sampler() as sampler:
         engine, model, record["build_s"] = build_tiered(args, device)
         if cuda:  # the peaks cover the steps, not the build (its cached blocks go back first)
@@ -421,6 +456,8 @@ def main() -> None:
                 base = base or Baseline.build(args, device)
                 if base is not None:
                     base_runs.append(base.run(args))
+                    if args.out_of_place_baseline:
+                        oop_runs.append(base.run(args, "out-of-place"))
         if base is not None:  # what bounds any ratio: the forwards alone, and the bytes over the bus
             record["baseline_forwards_s"] = base.forwards(args)
         on_disk = runs[0]["blocks_per_tier"]["disk"] > 0
@@ -463,6 +500,11 @@ def main() -> None:
             record["bound_ratio"] = min(record["bus_bound_ratio"], record["compute_bound_ratio"])
     else:
         record.update(baseline_step_s=None, baseline_tok_per_s=None)
+    if oop_runs:  # a second reference, not the ratio the bars use
+        record["out_of_place_baseline_step_s_runs"] = oop_runs
+        record["out_of_place_baseline_step_s"] = statistics.median(oop_runs)
+        record["ratio_runs_vs_out_of_place"] = [b / r["step_s"] for b, r in zip(oop_runs, runs)]
+        record["ratio_vs_out_of_place_baseline"] = statistics.median(record["ratio_runs_vs_out_of_place"])
     if args.calibration_out:
         record["calibration_out"] = write_calibration(args.calibration_out, record, args)
     print(json.dumps(record))
