@@ -48,6 +48,25 @@ def test_fused_kernel_z_matches_cpu_spec(kind, numel):
     torch.testing.assert_close(minus.cpu(), -ref, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_kernel_with_eps_zero_gives_the_replayed_weights():
+    """eps = 0 (evaluation, int8 write-backs, flushes) draws no z: plus and minus are θ itself, the same floats
+    the replay writes back, and the same as θ±εz's midpoint for a real eps (up to rounding)."""
+    from zo2tier.zo import fused
+    from zo2tier.zo.update import LogEntry
+
+    n = 4096 + 5
+    stored = torch.randn(n, device="cuda")
+    log = fused.PendingLog.build([LogEntry(t, 100 + t, 0.5 - t, 1e-2, 0.1) for t in range(3)], torch.device("cuda"))
+    kw = dict(param_id=4, decay=True, log=log, new_seed=9, sr_seed=0, sr_key=0, sr_offset=0)
+    plus, minus, out = (torch.full((n,), float("nan"), device="cuda") for _ in range(3))
+    fused.arrive(stored, eps=0.0, plus=plus, minus=minus, write_to=out, **kw)
+    assert torch.equal(plus, out) and torch.equal(minus, out)  # fp32 write-back: no rounding
+    p1, m1 = torch.empty(n, device="cuda"), torch.empty(n, device="cuda")
+    fused.arrive(stored, eps=1e-3, plus=p1, minus=m1, write_to=None, **kw)
+    torch.testing.assert_close((p1 + m1) / 2, out, rtol=0, atol=1e-6)
+    assert not torch.equal(p1, out)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_stochastic_rounding_is_unbiased(dtype):
     from zo2tier.engine import causal_lm_loss  # noqa: F401 - import check only

@@ -656,8 +656,8 @@ class ZOEngine:
                 a -= a % 4  # the elements before lo are recomputed to the same values
                 first, last = o + a, o + b
                 piece = self._range_buf[first - lo + 4 : last - lo + 4]
-                # θ goes to the range buffer (write_to); plus (θ + 0·z, the same floats up to the sign of 0)
-                # is pointed at it too, as the kernel needs somewhere to write
+                # θ goes to the range buffer (write_to); plus (θ itself at eps = 0, no z drawn) is pointed at
+                # it too, as the kernel needs somewhere to write
                 fused.arrive(stored[first:last], param_id=slot.spec.param_id, decay=slot.spec.decay, log=log,
                              new_seed=0, eps=0.0, plus=piece, minus=None, write_to=piece, sr_seed=sr_seed,
                              sr_key=record.index, sr_offset=first, kind=self.config.perturbation, scales=scales,

@@ -93,6 +93,7 @@ def arrive(
         z_offset // 4, DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
         STORE_KIND=_FLOAT_STORAGE[stored.dtype],
         OUT_KIND=_FLOAT_STORAGE[write_to.dtype] if write_to is not None else 0, RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
+        PERTURB=eps != 0.0,
     )
 
 
@@ -153,7 +154,7 @@ if triton is not None:
         stored_ptr, out_ptr, plus_ptr, minus_ptr, n, new_seed, eps,
         seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset, scales_ptr, group, z_group0,
         DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-        RADEMACHER: tl.constexpr, GROUPS: tl.constexpr,
+        RADEMACHER: tl.constexpr, GROUPS: tl.constexpr, PERTURB: tl.constexpr,
     ):
         pid = tl.program_id(0)
         groups = z_group0 + pid.to(tl.int64) * GROUPS + tl.arange(0, GROUPS)  # (G,) Philox groups of the parameter
@@ -174,10 +175,15 @@ if triton is not None:
         if WRITE:
             u = _sr_uniform(sr_seed, idx + sr_offset)
             tl.store(out_ptr + idx, _round_stochastic(theta, u, OUT_KIND).to(out_ptr.dtype.element_ty), mask=mask)
-        z = _z4(new_seed, groups.to(tl.uint32), RADEMACHER)
-        tl.store(plus_ptr + idx, (theta + eps * z).to(plus_ptr.dtype.element_ty), mask=mask)
-        if MINUS:
-            tl.store(minus_ptr + idx, (theta - eps * z).to(minus_ptr.dtype.element_ty), mask=mask)
+        if PERTURB:
+            z = _z4(new_seed, groups.to(tl.uint32), RADEMACHER)
+            tl.store(plus_ptr + idx, (theta + eps * z).to(plus_ptr.dtype.element_ty), mask=mask)
+            if MINUS:
+                tl.store(minus_ptr + idx, (theta - eps * z).to(minus_ptr.dtype.element_ty), mask=mask)
+        else:  # eps = 0 (evaluation, int8 write-backs, flushes): θ itself, no z drawn
+            tl.store(plus_ptr + idx, theta.to(plus_ptr.dtype.element_ty), mask=mask)
+            if MINUS:
+                tl.store(minus_ptr + idx, theta.to(minus_ptr.dtype.element_ty), mask=mask)
 
 
 _ENCODE_GROUPS = 8  # int8 groups (of `group` elements) per program of the encoder
