@@ -6,6 +6,9 @@ from __future__ import annotations
 # measurements made the Triton encoder the default): an OPT-13B layer (315M) took ~170 ms of compute on the
 # H100 (benchmarks/trace_opt13b_int8_host_h100.json).
 TORCH_INT8_ENCODE_GNPS = 1.85
+# z through libdevice's log/sin/cos (records without "z_math", before git 68fb501 made the fast functions the
+# default): the replay rate fitted to OPT-13B int8 host steps at git 32befc6.
+LIBDEVICE_RNG_GNPS = 323.0
 
 
 def measured_rates(record: dict) -> dict:
@@ -20,4 +23,6 @@ def measured_rates(record: dict) -> dict:
                      bus_both_gbps=record["bus_duplex_gbps"])
     if "int8" in (record.get("storage") or {}).values() and record.get("int8_encoder", "torch") == "torch":
         rates.update(int8_encode_gnps=TORCH_INT8_ENCODE_GNPS)  # records before the Triton encoder
+    if record.get("z_math", "libdevice") == "libdevice":
+        rates.update(rng_gnps=LIBDEVICE_RNG_GNPS)  # records before the fast special functions
     return rates

@@ -167,6 +167,7 @@ def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
         step_s=step_s, step_s_mean=step_s_mean, tok_per_s=args.batch * args.seq / step_s, step_times=times,
         blocks_per_tier=counts, storage=engine.storage,
         int8_encoder="triton" if FUSED_INT8_ENCODE and fused.available(engine.device, torch.int8) else "torch",
+        z_math="fast" if fused.FAST_Z and fused.available(engine.device, torch.float16) else "libdevice",
         disk_read_bytes_per_step=last[0], disk_write_bytes_per_step=last[1],
         h2d_bytes_per_step=last[2], d2h_bytes_per_step=last[3],
         disk_read_gbps=last[0] / step_s / 1e9, disk_write_gbps=last[1] / step_s / 1e9,

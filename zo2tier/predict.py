@@ -39,10 +39,11 @@ class Calibration:
     forward_tflops: float = 650.0  # effective fp16 TFLOP/s of a decoder-layer forward at long sequences
     fused_pass_gbps: float = 2500.0  # device-memory rate of the fused perturbation kernel
     # elements per second (1e9) of one Philox z pass inside the fused kernel (the step's z, or one replayed
-    # update), and that an int8 write-back re-encodes (the Triton encoder, zo.fused.encode_int8). Fitted to
-    # OPT-13B int8 host steps at K = 1, 4 and 8 on the H100 (benchmarks/step_h100.jsonl, git 32befc6,
-    # docs/io.md "Update log and write-back"): within 12% of each.
-    rng_gnps: float = 323.0
+    # update), and that an int8 write-back re-encodes (the Triton encoder, zo.fused.encode_int8). rng_gnps:
+    # fitted to OPT-13B host steps with fast z (fp16 K = 16, int8 K = 8 and 16; H100, git 68fb501,
+    # benchmarks/step_h100.jsonl), within 10% of each; it was 323 with libdevice's functions.
+    # int8_encode_gnps: fitted at K = 1, 4 and 8 (git 32befc6, docs/io.md "Update log and write-back").
+    rng_gnps: float = 420.0
     int8_encode_gnps: float = 53.0
     # zstd on the disk tier: GB/s of uncompressed bytes, measured on the GPU machine's 16 cores
     # (benchmarks/zstd_h100.json, bf16, 16 threads: decompress 6.7; compress best 1.9 at 4 threads).
