@@ -252,6 +252,55 @@ def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch,
     assert ref[3] is None and got[3] is None
 
 
+def _run_int8_parts(tmp_path, monkeypatch, by_part, write_back_every=4):
+    import transformers as tf
+
+    import zo2tier.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "INT8_WRITE_BY_PART", by_part)
+    monkeypatch.setattr(engine_mod, "WRITE_BACK_RANGE_NUMEL", 1 << 14)  # ranges that cut the MLP's matrices
+    taken = []
+    real = engine_mod.ZOEngine._begin_block
+
+    def spy(self, record, force_write=False, in_forward=False):
+        opened = real(self, record, force_write, in_forward)
+        taken.append(opened.by_part)
+        return opened
+
+    monkeypatch.setattr(engine_mod.ZOEngine, "_begin_block", spy)
+    torch.manual_seed(0)  # hidden 128: every part (attention, MLP, norms) starts on an int8 group
+    model = tf.AutoModelForCausalLM.from_config(
+        tf.OPTConfig(vocab_size=96, hidden_size=128, ffn_dim=256, num_hidden_layers=3, num_attention_heads=4,
+                     max_position_embeddings=64, word_embed_proj_dim=128), dtype=torch.float32).eval()
+    names = zo2tier.ZOEngine.block_names(model)
+    place = {b: ("host", "disk", "host")[i % 3] for i, b in enumerate(names)}
+    cfg = zo2tier.MeZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=3)
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, device="cuda", config=cfg, placement=place,
+                          storage={"device": "fp32", "host": "int8", "disk": "int8"},
+                          write_back_every=write_back_every) as e:
+        results = [e.step(tiny_batch()) for _ in range(9)]
+        return results, e.evaluate(tiny_batch()), e.state_dict(), any(taken)
+
+
+def test_int8_write_back_part_by_part_matches_one_pass_then_parts(tmp_path, monkeypatch):
+    """An int8 block written back in a forward is replayed once: each part's pass builds its θ±εz and
+    re-encodes its span, and the parts go down one by one. It matches replaying the whole block for the
+    encode and then each part again (the tolerance of the range test above: kernel variants may differ in a
+    last bit, which can flip a stochastic rounding)."""
+    ref = _run_int8_parts(tmp_path / "a", monkeypatch, False)
+    got = _run_int8_parts(tmp_path / "b", monkeypatch, True)
+    assert got[3] and not ref[3]  # the part-by-part path ran, and only where asked
+    for r, q in zip(ref[0], got[0]):
+        assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
+        assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)
+    assert got[1] == pytest.approx(ref[1], rel=1e-3)
+    quantum = max(float(t.abs().max()) for t in ref[2].values()) / 127
+    worst = max(float((ref[2][k].float() - got[2][k].float()).abs().max()) for k in ref[2])
+    assert worst <= 1.5 * quantum, (worst, quantum)
+    moved = _run_int8_parts(tmp_path / "c", monkeypatch, True, write_back_every=1)  # one pending: not by part
+    assert not moved[3]
+
+
 def test_exact_pinned_chunks_are_locked_at_their_size():
     """On CUDA the host tier's chunks are locked in place (cudaHostRegister) at whole multiples of the
     buffers asked for: no power-of-two rounding. (torch's is_pinned() says False for registered memory; the

@@ -29,7 +29,7 @@ from zo2tier.model.proxy import ModuleProxy, install, run_dual
 from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, Plan, PlanInput, plan_placement
 from zo2tier import shared_disk as _shared_disk
 from zo2tier.store.zstd import Zstd, parse_compress
-from zo2tier.tiers.codec import (WRITE_BACK_RANGE_NUMEL, check_storage, decode, dtype_name, encode,
+from zo2tier.tiers.codec import (INT8_GROUP, WRITE_BACK_RANGE_NUMEL, check_storage, decode, dtype_name, encode,
                                  encode_int8_range, encoded_bytes, int8_scales)
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
@@ -47,6 +47,10 @@ _DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
 # the torch codec's bytes, 0.71 -> 0.46 s per OPT-13B int8 host step on the H100 (docs/io.md).
 # ZO2TIER_FUSED_INT8_ENCODE=0 goes back to the torch codec.
 FUSED_INT8_ENCODE = os.environ.get("ZO2TIER_FUSED_INT8_ENCODE", "1") != "0"
+# An int8 block written back during a forward is replayed once, part by part: each part's pass builds its
+# θ±εz and re-encodes its span (parts on int8 group boundaries). 0: replay the whole block for the encode at
+# its first part, then again per part for θ±εz.
+INT8_WRITE_BY_PART = os.environ.get("ZO2TIER_INT8_WRITE_BY_PART", "1") != "0"
 # bind decoder layers part by part (ModelLayout.parts): θ±εz scratch the size of the largest part, not the
 # layer. ZO2TIER_SPLIT_LAYERS=0 binds whole layers (for comparison).
 SPLIT_LAYERS = os.environ.get("ZO2TIER_SPLIT_LAYERS", "1") != "0"
@@ -93,6 +97,7 @@ class _Open:
     sr_seed: int = 0
     encoded: torch.Tensor | None = None
     written: bool = False  # the int8 write-back has been handed to its tier already
+    by_part: bool = False  # int8 write-back: each part's pass re-encodes its span (see INT8_WRITE_BY_PART)
     sent: set = field(default_factory=set)  # bindings whose bytes went down to the host copy already
     landed: Any = None  # the event of the last range sent down
 
@@ -543,12 +548,14 @@ class ZOEngine:
             self._close(opened)
             opened = None
         if opened is None:
-            opened = self._open = self._begin_block(record)
+            opened = self._open = self._begin_block(record, in_forward=True)
         return opened
 
-    def _begin_block(self, record: BlockRecord, force_write: bool = False) -> _Open:
-        """Fetch ``record`` and decide its write-back (due, or ``force_write``). An int8 block written back is
-        replayed and re-encoded now, range by range; float blocks are written in place by each part's pass."""
+    def _begin_block(self, record: BlockRecord, force_write: bool = False, in_forward: bool = False) -> _Open:
+        """Fetch ``record`` and decide its write-back (due, or ``force_write``). Float blocks are written in
+        place by each part's pass. An int8 block written back in a forward with more than one pending update
+        is re-encoded by each part's pass too, where its parts sit on int8 groups; otherwise it is replayed
+        and re-encoded now, range by range."""
         if not self._is_fused(record):
             return _Open(record, set(), work=self._arrive(record, scratch=self._work))
         raw, staging = self.tiers.fetch(record)
@@ -563,27 +570,45 @@ class ZOEngine:
                        sr_seed=step_seed(self.config.seed ^ 0x5A5A5A5A, len(self.log)))
         if opened.write and dtype == torch.int8:  # the codec writes int8 (its groups span parameters)
             opened.encoded = self._raw_out(record.stored_bytes)
+            # one pending update: a second replay costs less than the D2H the next block might wait for
+            opened.by_part = in_forward and INT8_WRITE_BY_PART and pending > 1 and self._parts_on_groups(record)
+            if opened.by_part:
+                return opened
             self._int8_write_pass(record, stored, opened.scales, opened.log, opened.encoded, opened.sr_seed)
             if record.tier == "host":  # down now, while the parts compute (the next block's encode waits for it)
                 self._raw_out_busy = self.tiers.write_back(record, opened.encoded, n_steps=len(self.log))
                 opened.written = True
         return opened
 
+    def _parts_on_groups(self, record: BlockRecord) -> bool:
+        """True if ``record``'s parts tile it and each starts on an int8 group (so each encodes on its own)."""
+        spans = sorted((b.lo, b.lo + b.numel) for b in (self.bindings[i] for i in self._parts_of.get(record.index, ())))
+        return (bool(spans) and spans[0][0] == 0 and spans[-1][1] == record.numel
+                and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and all(lo % INT8_GROUP == 0 for lo, _ in spans))
+
     def _send_part(self, opened: _Open, binding_index: int) -> None:
-        """A host block written back in place goes down part by part, each as soon as its pass wrote it."""
+        """A host block written back part by part (in place, or int8 re-encoded per part) goes down part by
+        part, each as soon as its pass wrote it."""
         record = opened.record
-        if not (opened.write and opened.encoded is None and record.tier == "host" and self.tiers.sends_ranges):
+        per_part = opened.encoded is None or opened.by_part
+        if not (opened.write and per_part and record.tier == "host" and self.tiers.sends_ranges):
             return
         binding, size = self.bindings[binding_index], _TORCH_DTYPES[record.storage].itemsize
-        opened.landed = self.tiers.send_range(record, opened.raw, binding.lo * size,
-                                              (binding.lo + binding.numel) * size)
+        source = opened.raw if opened.encoded is None else opened.encoded
+        opened.landed = self.tiers.send_range(record, source, binding.lo * size, (binding.lo + binding.numel) * size)
         opened.sent.add(binding_index)
 
     def _part_pass(self, opened: _Open, binding: _Binding, plus: torch.Tensor, minus: torch.Tensor | None,
                    eps: float, seed: int) -> None:
         """One kernel launch per parameter of ``binding``: replay the pending updates, write back in place if
-        due (float storage), and fill ``plus``/``minus`` (the part's views, from 0) with θ±εz."""
+        due (float storage; int8 written by part: re-encoded), and fill ``plus``/``minus`` (the part's views,
+        from 0) with θ±εz."""
         record = opened.record
+        if opened.by_part:
+            self._int8_write_pass(record, opened.stored, opened.scales, opened.log, opened.encoded, opened.sr_seed,
+                                  span=(binding.lo, binding.lo + binding.numel), plus=plus, minus=minus, eps=eps,
+                                  seed=seed)
+            return
         in_place = opened.write and opened.encoded is None
         for slot, _ in binding.params:
             o, n = slot.offset, slot.spec.numel
@@ -602,17 +627,21 @@ class ZOEngine:
         if opened.work is not None:  # the generic path wrote back and released on arrival
             return
         record = opened.record
-        if opened.write and opened.encoded is None:
+        if opened.write and (opened.encoded is None or opened.by_part):
             for b in sorted(self._parts_of.get(record.index, set()) - opened.done):
                 binding = self.bindings[b]
                 self._part_pass(opened, binding, self._scratch[: binding.numel], None, 0.0, 0)
                 if opened.sent:
                     self._send_part(opened, b)
+        if opened.by_part and opened.sent:  # the int8 scales (and their padding) go down last
+            opened.landed = self.tiers.send_range(record, opened.encoded, record.numel, record.stored_bytes)
         fresh = opened.raw if opened.encoded is None else opened.encoded
         landed = None
         if opened.sent:  # sent down part by part: the host copy is whole once the last range lands
             self.tiers.sent(record, len(self.log))
             landed = opened.landed
+            if opened.encoded is not None:  # the next encode waits for the D2H reading the buffer
+                self._raw_out_busy = landed
         elif opened.write and record.tier == "host" and not opened.written:  # before the release: the D2H
             landed = self.tiers.write_back(record, fresh, n_steps=len(self.log))  # reads fresh until `landed`
             if opened.encoded is not None:
@@ -639,15 +668,19 @@ class ZOEngine:
         opened.done = set(self._parts_of.get(record.index, set()))
         self._close(opened)
 
-    def _int8_write_pass(self, record, stored, scales, log, encoded, sr_seed) -> None:
+    def _int8_write_pass(self, record, stored, scales, log, encoded, sr_seed, span=None, plus=None, minus=None,
+                         eps: float = 0.0, seed: int = 0) -> None:
         """Replay an int8 block that is written back and re-encode it into ``encoded``, one range of
         :data:`WRITE_BACK_RANGE_NUMEL` elements at a time: the fused kernel replays each range into an fp32
         buffer, then the encoder keeps every group's stored scale that still fits. fp32 room for one range,
-        not the block: 16 MiB instead of 2.5 GB at OPT-30B. θ±εz are built afterwards, part by part."""
+        not the block: 16 MiB instead of 2.5 GB at OPT-30B. ``span``: only elements ``[lo, hi)`` of the block
+        (a part on group boundaries); with ``plus`` (the part's views, from ``lo``) the same pass builds its
+        θ±εz, else they are built afterwards, part by part."""
         if self._range_buf is None:  # a piece may start up to 3 elements before its range (Philox groups of 4)
             self._range_buf = torch.empty(WRITE_BACK_RANGE_NUMEL + 4, dtype=torch.float32, device=self.device)
-        for lo in range(0, record.numel, WRITE_BACK_RANGE_NUMEL):
-            hi = min(lo + WRITE_BACK_RANGE_NUMEL, record.numel)
+        start, end = span or (0, record.numel)
+        for lo in range(start, end, WRITE_BACK_RANGE_NUMEL):
+            hi = min(lo + WRITE_BACK_RANGE_NUMEL, end)
             for slot in record.slots:
                 o, n = slot.offset, slot.spec.numel
                 a, b = max(lo, o) - o, min(hi, o + n) - o
@@ -656,12 +689,13 @@ class ZOEngine:
                 a -= a % 4  # the elements before lo are recomputed to the same values
                 first, last = o + a, o + b
                 piece = self._range_buf[first - lo + 4 : last - lo + 4]
-                # θ goes to the range buffer (write_to); plus (θ itself at eps = 0, no z drawn) is pointed at
-                # it too, as the kernel needs somewhere to write
+                # θ goes to the range buffer (write_to); without the part's views, plus (θ itself at eps = 0,
+                # no z drawn) is pointed at it too, as the kernel needs somewhere to write
                 fused.arrive(stored[first:last], param_id=slot.spec.param_id, decay=slot.spec.decay, log=log,
-                             new_seed=0, eps=0.0, plus=piece, minus=None, write_to=piece, sr_seed=sr_seed,
-                             sr_key=record.index, sr_offset=first, kind=self.config.perturbation, scales=scales,
-                             z_offset=a)
+                             new_seed=seed, eps=eps, write_to=piece, sr_seed=sr_seed, sr_key=record.index,
+                             plus=piece if plus is None else plus[first - start : last - start],
+                             minus=None if minus is None else minus[first - start : last - start],
+                             sr_offset=first, kind=self.config.perturbation, scales=scales, z_offset=a)
             encode_int8_range(self._range_buf[4 : 4 + hi - lo], encoded, record.numel, lo, sr_seed=sr_seed,
                               sr_key=record.index, prev_scales=scales, fused_kernel=FUSED_INT8_ENCODE)
 
