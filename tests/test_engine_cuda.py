@@ -232,6 +232,17 @@ def _run_int8(tmp_path, monkeypatch, range_numel, fused_encode=False):
         return results, e.evaluate(tiny_batch()), e.state_dict(), e._work_buf
 
 
+def _assert_int8_runs_agree(ref, got):
+    """Losses to 1e-5, the evaluation to 1e-3, every weight within 1.5 int8 quanta of the widest group."""
+    for r, q in zip(ref[0], got[0]):
+        assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
+        assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)
+    assert got[1] == pytest.approx(ref[1], rel=1e-3)
+    quantum = max(float(t.abs().max()) for t in ref[2].values()) / 127
+    worst = max(float((ref[2][k].float() - got[2][k].float()).abs().max()) for k in ref[2])
+    assert worst <= 1.5 * quantum, (worst, quantum)
+
+
 @pytest.mark.parametrize("fused_encode", [False, True])
 def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch, fused_encode):
     """int8 write-backs replay and encode 256 elements at a time (ranges that cut parameters at offsets that
@@ -242,13 +253,7 @@ def test_int8_write_back_range_by_range_matches_one_range(tmp_path, monkeypatch,
     of the model's widest group. A piece drawing the wrong z would move weights by lr·g·z, far more."""
     ref = _run_int8(tmp_path / "a", monkeypatch, 1 << 22)
     got = _run_int8(tmp_path / "b", monkeypatch, 256, fused_encode)  # and with the Triton int8 encoder
-    for r, q in zip(ref[0], got[0]):
-        assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
-        assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)
-    assert got[1] == pytest.approx(ref[1], rel=1e-3)
-    quantum = max(float(t.abs().max()) for t in ref[2].values()) / 127
-    worst = max(float((ref[2][k].float() - got[2][k].float()).abs().max()) for k in ref[2])
-    assert worst <= 1.5 * quantum, (worst, quantum)
+    _assert_int8_runs_agree(ref, got)
     assert ref[3] is None and got[3] is None
 
 
@@ -290,13 +295,7 @@ def test_int8_write_back_part_by_part_matches_one_pass_then_parts(tmp_path, monk
     ref = _run_int8_parts(tmp_path / "a", monkeypatch, False)
     got = _run_int8_parts(tmp_path / "b", monkeypatch, True)
     assert got[3] and not ref[3]  # the part-by-part path ran, and only where asked
-    for r, q in zip(ref[0], got[0]):
-        assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
-        assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)
-    assert got[1] == pytest.approx(ref[1], rel=1e-3)
-    quantum = max(float(t.abs().max()) for t in ref[2].values()) / 127
-    worst = max(float((ref[2][k].float() - got[2][k].float()).abs().max()) for k in ref[2])
-    assert worst <= 1.5 * quantum, (worst, quantum)
+    _assert_int8_runs_agree(ref, got)
     moved = _run_int8_parts(tmp_path / "c", monkeypatch, True, write_back_every=1)  # one pending: not by part
     assert not moved[3]
 
