@@ -232,11 +232,11 @@ def _run_int8(tmp_path, monkeypatch, range_numel, fused_encode=False):
         return results, e.evaluate(tiny_batch()), e.state_dict(), e._work_buf
 
 
-def _assert_int8_runs_agree(ref, got):
-    """Losses to 1e-5, the evaluation to 1e-3, every weight within 1.5 int8 quanta of the widest group."""
+def _assert_int8_runs_agree(ref, got, rel=1e-5):
+    """Losses to ``rel``, the evaluation to 1e-3, every weight within 1.5 int8 quanta of the widest group."""
     for r, q in zip(ref[0], got[0]):
-        assert q.loss_plus == pytest.approx(r.loss_plus, rel=1e-5)
-        assert q.loss_minus == pytest.approx(r.loss_minus, rel=1e-5)
+        assert q.loss_plus == pytest.approx(r.loss_plus, rel=rel), (q.step, q.loss_plus, r.loss_plus)
+        assert q.loss_minus == pytest.approx(r.loss_minus, rel=rel), (q.step, q.loss_minus, r.loss_minus)
     assert got[1] == pytest.approx(ref[1], rel=1e-3)
     quantum = max(float(t.abs().max()) for t in ref[2].values()) / 127
     worst = max(float((ref[2][k].float() - got[2][k].float()).abs().max()) for k in ref[2])
@@ -279,19 +279,21 @@ def _run_int8_parts(tmp_path, monkeypatch, by_part, write_back_every=4):
                      max_position_embeddings=64, word_embed_proj_dim=128), dtype=torch.float32).eval()
     names = zo2tier.ZOEngine.block_names(model)
     place = {b: ("host", "disk", "host")[i % 3] for i, b in enumerate(names)}
-    cfg = zo2tier.MeZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, seed=3)
+    cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3)
     with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path, device="cuda", config=cfg, placement=place,
                           storage={"device": "fp32", "host": "int8", "disk": "int8"},
                           write_back_every=write_back_every) as e:
-        results = [e.step(tiny_batch()) for _ in range(9)]
+        results = [e.step(tiny_batch()) for _ in range(6)]  # blocks 2, 1, 0 written at steps 2, 3, 4
         return results, e.evaluate(tiny_batch()), e.state_dict(), any(taken)
 
 
 def test_int8_write_back_part_by_part_matches_one_pass_then_parts(tmp_path, monkeypatch):
     """An int8 block written back in a forward is replayed once: each part's pass builds its θ±εz and
     re-encodes its span, and the parts go down one by one. It matches replaying the whole block for the
-    encode and then each part again (the tolerance of the range test above: kernel variants may differ in a
-    last bit, which can flip a stochastic rounding)."""
+    encode and then each part again. Not bit for bit, as in the range test above: the two paths run kernel
+    variants that may round θ's last bit differently, which can flip a stochastic rounding. (At lr 1e-2 the
+    run diverges, 4.6 to 8.5 in 8 steps, and the flips grew to 3e-4 of the loss; hence a small lr and few
+    steps here.) A piece with the wrong z, scales or bytes would move a loss by about eps·g, 1e-3."""
     ref = _run_int8_parts(tmp_path / "a", monkeypatch, False)
     got = _run_int8_parts(tmp_path / "b", monkeypatch, True)
     assert got[3] and not ref[3]  # the part-by-part path ran, and only where asked
