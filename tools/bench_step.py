@@ -9,7 +9,9 @@ Blocks are generated straight into their tiers (never the whole model on the hos
 (tiered, baseline, tiered, ...) and reports the median of the per-pair ratios: calls differ by ~4%.
 ``--out-of-place-baseline`` adds, on the same weights, MeZO's step written the way its published trainer
 writes it (``p = p + z * eps`` and the like, each expression allocating its result), to compare with the MeZO
-figure DESIGN.md quotes from the peers' table. GPU peaks (NVML and torch) cover the first tiered run's steps only, not the build and not the baseline;
+figure DESIGN.md quotes from the peers' table.
+
+GPU peaks (NVML and torch) cover the first tiered run's steps only, not the build and not the baseline;
 ``gpu_build_peak_nvml_gib`` reports the build. ``--mem-snapshot=F`` dumps the allocator's history over the
 last step of that run (open it at pytorch.org/memory_viz).
 

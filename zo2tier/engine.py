@@ -10,6 +10,7 @@ is never perturbed in place, so nothing drifts.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -79,6 +80,14 @@ class _Binding:
     params: tuple[tuple[ParamSlot, tuple[str, ...]], ...]
     lo: int = 0
     numel: int = 0
+
+
+def _tile_on_groups(parts: list[_Binding], numel: int) -> bool:
+    """True if ``parts`` tile a block of ``numel`` elements and each starts on an int8 group (so each part
+    encodes on its own)."""
+    spans = sorted((b.lo, b.lo + b.numel) for b in parts)
+    return (bool(spans) and spans[0][0] == 0 and spans[-1][1] == numel
+            and all(a[1] == b[0] for a, b in itertools.pairwise(spans)) and all(lo % INT8_GROUP == 0 for lo, _ in spans))
 
 
 @dataclass
@@ -337,6 +346,9 @@ class ZOEngine:
             for part in layout.parts.get(name, (name,)) if SPLIT_LAYERS else (name,):
                 self._bind(model, modules[part], part, records[i], names_by_id)
                 self._parts_of.setdefault(i, set()).add(len(self.bindings) - 1)
+        # blocks whose parts tile them on int8 groups: an int8 write-back can re-encode them part by part
+        self._parts_on_groups = {i for i, parts in self._parts_of.items()
+                                 if _tile_on_groups([self.bindings[b] for b in parts], records[i].numel)}
         for name in layout.resident_names:
             self._bind(model, modules[name], name, records[-1], names_by_id)
         for module in modules.values():  # the engine owns the weights now; buffers move to the device
@@ -571,7 +583,8 @@ class ZOEngine:
         if opened.write and dtype == torch.int8:  # the codec writes int8 (its groups span parameters)
             opened.encoded = self._raw_out(record.stored_bytes)
             # one pending update: a second replay costs less than the D2H the next block might wait for
-            opened.by_part = in_forward and INT8_WRITE_BY_PART and pending > 1 and self._parts_on_groups(record)
+            opened.by_part = (in_forward and INT8_WRITE_BY_PART and pending > 1
+                              and record.index in self._parts_on_groups)
             if opened.by_part:
                 return opened
             self._int8_write_pass(record, stored, opened.scales, opened.log, opened.encoded, opened.sr_seed)
@@ -579,12 +592,6 @@ class ZOEngine:
                 self._raw_out_busy = self.tiers.write_back(record, opened.encoded, n_steps=len(self.log))
                 opened.written = True
         return opened
-
-    def _parts_on_groups(self, record: BlockRecord) -> bool:
-        """True if ``record``'s parts tile it and each starts on an int8 group (so each encodes on its own)."""
-        spans = sorted((b.lo, b.lo + b.numel) for b in (self.bindings[i] for i in self._parts_of.get(record.index, ())))
-        return (bool(spans) and spans[0][0] == 0 and spans[-1][1] == record.numel
-                and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and all(lo % INT8_GROUP == 0 for lo, _ in spans))
 
     def _send_part(self, opened: _Open, binding_index: int) -> None:
         """A host block written back part by part (in place, or int8 re-encoded per part) goes down part by

@@ -7,7 +7,7 @@ decode, replay, encode and two perturbation passes of the generic path with one 
 writes. z follows the keyed Philox spec of :mod:`zo2tier.zo.rng` (same words, same uniform map;
 Box–Muller through the GPU's fast ``log``/``sin``/``cos``, so values agree with the CPU up to float rounding:
 at most 1.9e-6 apart over 2**24 values, the same as with libdevice's correctly rounded functions, and the
-replay of a logged update runs 1.95× faster; ``tools/bench_replay.py``).
+replay of a logged update runs 1.8–1.95× faster; ``tools/bench_replay.py``).
 
 The kernel's fp32 op order per element, which every tier on the GPU shares:
 ``θ ← θ − lr·(g·z + wd·θ)`` for each pending entry, then ``θ±ε·z_new`` rounded to the scratch dtype.
