@@ -15,18 +15,40 @@ class MeZOConfig:
     Each step estimates ``g = (L(θ+εz) − L(θ−εz)) / 2ε`` and applies ``θ ← θ − lr·(g·z + wd·θ)``
     (no decay on biases and norm weights). z is regenerated from ``(seed, step, parameter id)``.
 
+    ``estimator`` and ``n_perturbations`` choose how a step estimates (``zo2tier/zo/estimators.py``,
+    docs/estimators.md): ``"mezo"`` with q = 1 is MeZO-SGD; q > 1 perturbations are evaluated while each
+    block is resident, so they cost one upload. ``n_perturbations="auto"`` lets the engine pick the largest
+    q whose extra compute hides under the plan's transfers. ``perturbation=None`` takes the estimator's z
+    distribution (Gaussian for mezo).
+
     Example::
 
         cfg = MeZOConfig(lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0)
+        cfg = MeZOConfig(estimator="mezo", n_perturbations=4)
     """
 
     lr: float = 1e-6
     eps: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
-    perturbation: str = "gaussian"
+    perturbation: str | None = None
+    estimator: str = "mezo"
+    n_perturbations: int | str = 1
 
     def __post_init__(self) -> None:
+        from zo2tier.zo.estimators import ESTIMATORS
+
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r} is unknown; use one of {', '.join(sorted(ESTIMATORS))}")
+        q = self.n_perturbations
+        if q != "auto" and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
+            raise ValueError(f"n_perturbations={q!r} must be an int >= 1 or 'auto'")
+        needed = ESTIMATORS[self.estimator].perturbation
+        if self.perturbation is None:
+            object.__setattr__(self, "perturbation", needed or "gaussian")
+        elif needed is not None and self.perturbation != needed:
+            raise ValueError(f"estimator={self.estimator!r} needs perturbation={needed!r}, got "
+                             f"{self.perturbation!r}; drop perturbation= or pass {needed!r}")
         _finite("lr", self.lr)
         _finite("eps", self.eps)
         _finite("weight_decay", self.weight_decay)

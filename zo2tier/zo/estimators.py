@@ -1,0 +1,109 @@
+"""Estimators: which perturbed copies of the batch a step runs, and how their losses become log entries.
+
+A step runs the model once on the batch repeated ``len(estimator.groups())`` times along dim 0. Copy ``i``
+sees the weights ``θ + sign_i·ε·z_{k_i}`` (``k_i is None``: θ itself), with ``z_k`` keyed by
+``seeds[k] = step_seed(config.seed, start + k)`` where ``start`` is the log's length before the step. The
+estimator turns the copies' losses into log entries ``(start + k, seeds[k], g_k, lr_k, weight_decay)``,
+one per perturbation, so the log stays a list of ``(seed, g)`` pairs that replays exactly anywhere.
+
+Pure math: no tensors, no I/O. A new estimator is one subclass of :class:`Estimator` registered in
+:data:`ESTIMATORS`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from zo2tier.zo.update import LogEntry
+
+
+@dataclass(frozen=True)
+class Group:
+    """One copy of the batch in a step's forward: weights ``θ + sign·ε·z_k``; ``k=None`` is θ itself."""
+
+    k: int | None
+    sign: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a step logs and reports. ``entries`` are appended to the update log as they are."""
+
+    entries: tuple[LogEntry, ...]
+    loss_plus: float  # reported: the mean loss of the +ε copies (the clean copy for one-sided estimators)
+    loss_minus: float  # reported: the mean loss of the −ε copies (the mean of the +ε copies, one-sided)
+    projected_grad: float  # reported: the mean of the logged g_k
+    skipped: bool  # a non-finite loss: every entry carries g = 0 and lr = 0, so nothing reaches the weights
+
+
+class Estimator(ABC):
+    """How a step perturbs and what it logs. Subclasses set ``name`` and implement the two methods.
+
+    ``perturbation``: the z distribution the estimator needs ("gaussian" / "rademacher"), or None to use
+    the config's.
+    """
+
+    name: ClassVar[str]
+    perturbation: ClassVar[str | None] = None
+
+    def __init__(self, n_perturbations: int = 1) -> None:
+        if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 1:
+            raise ValueError(f"n_perturbations={n_perturbations!r} must be an int >= 1 (or 'auto' in MeZOConfig)")
+        self.n_perturbations = n_perturbations
+
+    @abstractmethod
+    def groups(self) -> tuple[Group, ...]:
+        """The copies of the batch one step runs, in the order they are stacked along dim 0."""
+
+    @abstractmethod
+    def grads(self, losses: Sequence[float], eps: float) -> tuple[list[float], float, float]:
+        """``(g_k for each k, reported loss_plus, reported loss_minus)`` from the copies' losses."""
+
+    def estimate(self, losses: Sequence[float], *, start: int, seeds: Sequence[int], eps: float, lr: float,
+                 weight_decay: float) -> Estimate:
+        """The log entries of one step from the losses of :meth:`groups` (same order)."""
+        q = self.n_perturbations
+        if len(losses) != len(self.groups()) or len(seeds) != q:
+            raise ValueError(f"{self.name}: expected {len(self.groups())} losses and {q} seeds, "
+                             f"got {len(losses)} and {len(seeds)}")
+        g, loss_plus, loss_minus = self.grads(losses, eps)
+        skipped = not all(math.isfinite(x) for x in (*losses, *g))
+        lr_k = 0.0 if skipped else (lr if q == 1 else lr / q)
+        entries = tuple(LogEntry(start + k, seeds[k], 0.0 if skipped else g[k], lr_k, weight_decay)
+                        for k in range(q))
+        mean_g = 0.0 if skipped else (g[0] if q == 1 else math.fsum(g) / q)
+        return Estimate(entries, loss_plus, loss_minus, mean_g, skipped)
+
+
+class MeZO(Estimator):
+    """Two-sided SPSA averaged over q perturbations (MeZO-SGD at q = 1).
+
+    ``g_k = (L(θ+εz_k) − L(θ−εz_k)) / 2ε``; update ``θ ← θ − (lr/q)·Σ_k (g_k·z_k + wd·θ)``.
+    """
+
+    name = "mezo"
+
+    def groups(self) -> tuple[Group, ...]:
+        return tuple(Group(k, s) for k in range(self.n_perturbations) for s in (1.0, -1.0))
+
+    def grads(self, losses: Sequence[float], eps: float) -> tuple[list[float], float, float]:
+        plus, minus = losses[0::2], losses[1::2]
+        g = [(lp - lm) / (2 * eps) for lp, lm in zip(plus, minus)]
+        q = self.n_perturbations
+        if q == 1:
+            return g, plus[0], minus[0]
+        return g, math.fsum(plus) / q, math.fsum(minus) / q
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {MeZO.name: MeZO}
+
+
+def make_estimator(name: str, n_perturbations: int) -> Estimator:
+    """The estimator called ``name`` with ``n_perturbations`` perturbations per step."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"estimator={name!r} is unknown; use one of {', '.join(sorted(ESTIMATORS))}")
+    return ESTIMATORS[name](n_perturbations)
