@@ -24,7 +24,7 @@ import torch
 from tiny_models import tiny_batch, tiny_model
 
 import zo2tier
-from zo2tier.distributed import DataParallel, ReplicaDivergenceError, combine, shard_rows
+from zo2tier.distributed import DataParallel, ReplicaDivergenceError, reduce_rows, shard_rows
 from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import causal_lm_loss
 
@@ -52,7 +52,7 @@ def _run(disk_dir, data_parallel, steps=STEPS):
         for _ in range(steps):
             r = engine.step(_batch())
             results.append((r.loss_plus, r.loss_minus, r.projected_grad))
-            rows.append(torch.cat(engine._dp.last_rows) if engine._dp is not None else None)
+            rows.append(torch.cat(engine.collective.last_rows) if hasattr(engine.collective, "last_rows") else None)
         log = [e.to_json() for e in engine.log]
         state = engine.state_dict()
         disk = engine.disk_dir
@@ -78,7 +78,8 @@ def _guard(disk_dir, rank):
 def _worker(rank, world, port, out):
     import torch.distributed as dist
 
-    os.environ["ZO2TIER_NO_COMPILE"] = "1"  # the eager Philox path: same z, no compile per process
+    from zo2tier.zo.rng import set_compile
+    set_compile(False)  # the eager Philox path: same z, no compile per process
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -126,8 +127,8 @@ def test_two_ranks_match_one_process(ranks):
     bound = 0.0
     for t in range(STEPS):
         rd, rr = dp["rows"][t], ref["rows"][t]
-        assert rd.shape == rr.shape == (4, 3)
-        assert torch.equal(rd[:, 2], rr[:, 2])  # token counts
+        assert rd.shape == rr.shape == (4, 4)  # per sample: [sum+, count+, sum-, count-]
+        assert torch.equal(rd[:, 1], rr[:, 1]) and torch.equal(rd[:, 3], rr[:, 3])  # token counts
         torch.testing.assert_close(rd, rr, rtol=1e-6, atol=0.0)
         exact &= torch.equal(rd, rr)
         (lp_d, lm_d, g_d), (lp_r, lm_r, g_r) = dp["results"][t], ref["results"][t]
@@ -193,18 +194,15 @@ def test_n_perturbations(ranks):
         assert a["log"][k][2] == pytest.approx(g_ref, abs=2e-6 * max(losses) / CFG["eps"]), k
 
 
-def test_combine_is_order_free_and_token_weighted():
-    rows = [torch.tensor([[3.0, 1.0, 2.0], [0.5, 0.25, 1.0]], dtype=torch.float64),
-            torch.tensor([[6.0, 3.0, 3.0]], dtype=torch.float64)]
-    est = combine(rows, n_perturbations=1, eps=0.5)
-    assert est.loss_plus == 9.5 / 6 and est.loss_minus == 4.25 / 6
-    assert est.grads == ((9.5 / 6 - 4.25 / 6) / 1.0,)
-    flipped = combine([rows[1], rows[0]], n_perturbations=1, eps=0.5)
-    assert flipped == est
-    two = combine(rows, n_perturbations=2, eps=0.5)
-    assert two.grads == ((3.5 / 3 - 1.25 / 3) / 1.0, (2.0 - 1.0) / 1.0)
-    assert not combine([torch.zeros(1, 3, dtype=torch.float64)], n_perturbations=1, eps=1.0).finite
-    assert math.isnan(combine([torch.zeros(1, 3, dtype=torch.float64)], n_perturbations=1, eps=1.0).loss_plus)
+def test_reduce_rows_is_order_free_and_token_weighted():
+    rows = [torch.tensor([[3.0, 2.0, 1.0, 2.0], [0.5, 1.0, 0.25, 1.0]], dtype=torch.float64),
+            torch.tensor([[6.0, 3.0, 3.0, 3.0]], dtype=torch.float64)]
+    assert reduce_rows(rows, 2) == [9.5 / 6, 4.25 / 6]
+    assert reduce_rows([rows[1], rows[0]], 2) == reduce_rows(rows, 2)
+    skipped = [torch.tensor([[3.0, 2.0, 0.0, 0.0]], dtype=torch.float64),  # rank 0 ran copy 0 only
+               torch.tensor([[0.0, 0.0, 5.0, 4.0]], dtype=torch.float64)]
+    assert reduce_rows(skipped, 2) == [1.5, 1.25]
+    assert math.isnan(reduce_rows([torch.zeros(1, 2, dtype=torch.float64)], 1)[0])
 
 
 def test_shard_rows_and_validation():

@@ -44,12 +44,12 @@ def _run(disk_dir, data_parallel, write_back_every=None):
         for _ in range(STEPS):
             engine.step(_batch())
             snaps.append(_files(engine.disk_dir))
-            merged.append(engine._dp.n_consolidations)
+            merged.append(engine.collective.n_consolidations)
         paths = [r.path for r in engine.table.by_tier("disk")]
         log = [e.to_json() for e in engine.log]
         state = engine.state_dict()
     torch.distributed.barrier()  # rank 0 may still be committing its close() when the others are done
-    return {"snaps": snaps, "merged": merged, "closed": engine._dp.n_consolidations, "paths": paths, "log": log,
+    return {"snaps": snaps, "merged": merged, "closed": engine.collective.n_consolidations, "paths": paths, "log": log,
             "state": state, "disk": engine.disk_dir, "final": _files(engine.disk_dir)}
 
 
@@ -64,7 +64,8 @@ def _error(fn):
 def _worker(rank, world, port, out):
     import torch.distributed as dist
 
-    os.environ["ZO2TIER_NO_COMPILE"] = "1"
+    from zo2tier.zo.rng import set_compile
+    set_compile(False)  # the eager Philox path: same z, no compile per process
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

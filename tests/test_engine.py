@@ -165,4 +165,4 @@ def test_upload_slots_are_two_unless_lookahead_is_given(lookahead, k, slots, tmp
                           write_back_every=k, lookahead_blocks=lookahead) as engine:
         assert engine.tiers.upload_slots == slots
         assert engine.tiers.lookahead_blocks == (2 if lookahead is None else lookahead)  # disk reads
-        assert engine._host_lookahead + 1 == slots
+        assert engine.host_lookahead + 1 == slots

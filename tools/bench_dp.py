@@ -98,7 +98,7 @@ def _sample(engine) -> list[torch.Tensor]:
     """Evenly spaced fp32 weights of every block, with every logged update applied."""
     samples = []
     for record in engine.table:
-        work = engine._arrive(record, scratch=engine._work)
+        work = engine.runner.materialize(record, scratch=engine.runner.work)
         n = min(N_SAMPLES, record.numel)  # integer spacing: fp32 linspace rounds past numel - 1 at 13B sizes
         idx = torch.arange(n, device=work.device) * (record.numel - 1) // max(1, n - 1)
         samples.append(work[idx].float().cpu())
@@ -167,7 +167,7 @@ def worker(args) -> None:
         counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
         storage = dict(engine.storage)
         engine.close()
-        consolidations = engine._dp.n_consolidations
+        consolidations = engine.collective.n_consolidations
     io = {"disk_read_bytes": engine.tiers.bytes_read, "disk_written_bytes": engine.tiers.bytes_written}
     step_s = statistics.median(times[args.warmup :] or times)
     mine = dict(

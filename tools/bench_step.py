@@ -125,10 +125,15 @@ def build_tiered(args, device: torch.device):
     storage = dict(p.split("=") for p in args.storage.split(",")) if args.storage else None
     t0 = time.perf_counter()
     engine = zo2tier.ZOEngine(model, budget=args.budget, disk_dir=args.disk_dir, device=device,
-                              config=zo2tier.MeZOConfig(lr=1e-7, eps=1e-3, seed=0), storage=storage,
+                              config=zo2tier.MeZOConfig(lr=1e-7, eps=1e-3, seed=0, estimator=args.estimator,
+                                                        n_perturbations=_q(args.perturbations)), storage=storage,
                               write_back_every=args.write_back_every, lookahead_blocks=args.lookahead,
                               _source=RandomInit(model, device))
     return engine, model, time.perf_counter() - t0
+
+
+def _q(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
@@ -160,7 +165,6 @@ def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
     step_s_mean = statistics.mean(steady)  # with write-backs every K steps, the mean carries their cost
     steady_moved = moved[args.warmup:] or moved
     last = [sum(m[i] for m in steady_moved) / len(steady_moved) for i in range(4)]  # mean bytes per step
-    from zo2tier.engine import FUSED_INT8_ENCODE
     from zo2tier.zo import fused
 
     n_params = sum(p.numel for p in engine.layout.params)
@@ -168,8 +172,8 @@ def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
     return dict(
         step_s=step_s, step_s_mean=step_s_mean, tok_per_s=args.batch * args.seq / step_s, step_times=times,
         blocks_per_tier=counts, storage=engine.storage,
-        int8_encoder="triton" if FUSED_INT8_ENCODE and fused.available(engine.device, torch.int8) else "torch",
-        z_math="fast" if fused.FAST_Z and fused.available(engine.device, torch.float16) else "libdevice",
+        int8_encoder="triton" if fused.available(engine.device, torch.int8) else "torch",
+        z_math="fast" if fused.available(engine.device, torch.float16) else "cpu",
         disk_read_bytes_per_step=last[0], disk_write_bytes_per_step=last[1],
         h2d_bytes_per_step=last[2], d2h_bytes_per_step=last[3],
         disk_read_gbps=last[0] / step_s / 1e9, disk_write_gbps=last[1] / step_s / 1e9,
@@ -412,6 +416,8 @@ def main() -> None:
     p.add_argument("--budget", default="device=8GiB,host=200GiB,disk=0")
     p.add_argument("--storage", default="")
     p.add_argument("--write-back-every", type=int, default=1)
+    p.add_argument("--estimator", default="mezo", help="zo2tier.zo.estimators name (mezo, fzoo, ...)")
+    p.add_argument("--perturbations", default="1", help="q perturbations per step, or auto")
     p.add_argument("--lookahead", type=int, default=None,
                    help="blocks prefetched ahead of the one computing (default: the engine's, see ZOEngine)")
     p.add_argument("--disk-dir", default="runs/bench-disk")
@@ -444,6 +450,7 @@ def main() -> None:
     runs, base_runs, oop_runs, base = [], [], [], None
     with Sampler() as sampler:
         engine, model, record["build_s"] = build_tiered(args, device)
+        record.update(estimator=engine.config.estimator, q=engine.config.n_perturbations)
         if cuda:  # the peaks cover the steps, not the build (its cached blocks go back first)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

@@ -191,7 +191,6 @@ def close_store(engine) -> None:
 # ---- checkpoints ----------------------------------------------------------------------------------------
 def save_checkpoint(engine, path: str | os.PathLike, extra_state: dict | None = None) -> str:
     """Write ``path/checkpoint.json`` (and ``path/store`` if the engine has no store yet); see ZOEngine."""
-    engine._check_open()
     try:
         extra_json = json.loads(json.dumps(extra_state if extra_state is not None else {}, allow_nan=False))
     except (TypeError, ValueError) as exc:

@@ -40,16 +40,14 @@ import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from zo2tier.zo.rng import step_seed
+from zo2tier.batch import unpack
+from zo2tier.zo.estimators import Group
 from zo2tier.zo.update import next_token_log_probs
-
-if TYPE_CHECKING:  # the engine imports this module; never the other way round at import time
-    from zo2tier.engine import StepResult, ZOEngine
 
 _log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ __all__ = [
     "DataParallel",
     "ReplicaDivergenceError",
     "check_replicas",
-    "combine",
+    "reduce_rows",
     "per_sample_token_losses",
     "shard_rows",
 ]
@@ -149,39 +147,19 @@ def shard_rows(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """The global losses of one step and the projected gradient of each perturbation index."""
+def reduce_rows(rows: Sequence[torch.Tensor], n_groups: int) -> list[float]:
+    """Every copy's loss from the ranks' ``(B_r, 2·G)`` rows ``[sum_0, count_0, sum_1, count_1, ...]``.
 
-    loss_plus: float  # token-weighted mean over the whole global batch
-    loss_minus: float
-    grads: tuple[float, ...]  # g_k for k = 0 .. q-1
-
-    @property
-    def finite(self) -> bool:
-        return all(math.isfinite(x) for x in (self.loss_plus, self.loss_minus, *self.grads))
-
-
-def combine(rows: Sequence[torch.Tensor], *, n_perturbations: int, eps: float) -> Estimate:
-    """The global estimate from every rank's ``(B_r, 3)`` rows ``[sum_plus, sum_minus, count]``.
-
-    ``rows[r]`` are rank r's samples; rank r used perturbation ``r % n_perturbations``. Sums are
-    ``math.fsum`` (correctly rounded), so the result is a function of the multiset of values only.
+    Copy i's loss is ``Σ sum_i / Σ count_i`` over every row (rows of ranks that did not run it are 0), each
+    sum a ``math.fsum`` (correctly rounded), so the result is a function of the multiset of values only; NaN
+    where no token counted.
     """
-
-    def means(tables: list[torch.Tensor]) -> tuple[float, float]:
-        cols = torch.cat(tables).tolist() if tables else []
-        count = math.fsum(c for _, _, c in cols)
-        if count == 0:
-            return math.nan, math.nan
-        return math.fsum(p for p, _, _ in cols) / count, math.fsum(m for _, m, _ in cols) / count
-
-    grads = []
-    for k in range(n_perturbations):
-        lp, lm = means([r for i, r in enumerate(rows) if i % n_perturbations == k])
-        grads.append((lp - lm) / (2 * eps))
-    lp, lm = means(list(rows))
-    return Estimate(lp, lm, tuple(grads))
+    table = torch.cat(list(rows)).tolist() if rows else []
+    out = []
+    for i in range(n_groups):
+        count = math.fsum(r[2 * i + 1] for r in table)
+        out.append(math.fsum(r[2 * i] for r in table) / count if count else math.nan)
+    return out
 
 
 def weight_checksum(flat: torch.Tensor) -> int:
@@ -221,7 +199,7 @@ def _log_hash(log: Sequence[Any]) -> int:
 # ---- the runtime: one per engine -------------------------------------------------------------------
 
 
-class _Replicas:
+class Replicas:
     """The engine's data-parallel runtime: rank, group, the step and the guard."""
 
     def __init__(self, spec: DataParallel) -> None:
@@ -272,8 +250,8 @@ class _Replicas:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def _comm_device(self, engine: ZOEngine) -> torch.device:
-        return engine.device if self.backend == "nccl" else torch.device("cpu")
+    def _comm_device(self, device: torch.device) -> torch.device:
+        return device if self.backend == "nccl" else torch.device("cpu")
 
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         import torch.distributed as dist
@@ -283,12 +261,17 @@ class _Replicas:
         return out
 
     def _gather_rows(
-        self, local: torch.Tensor, header: torch.Tensor, engine: ZOEngine, *, one_row: bool = False
+        self, local: torch.Tensor, header: torch.Tensor, device: torch.device, *, one_row: bool = False
     ) -> list[torch.Tensor]:
-        """Every rank's ``(B_r, 3)`` rows, in rank order, after checking the headers agree."""
-        dev = self._comm_device(engine)
+        """Every rank's ``(B_r, C)`` rows, in rank order, after checking the headers agree."""
+        dev = self._comm_device(device)
+        cols = max(3, local.shape[1])
         size = torch.tensor([local.shape[0]], dtype=torch.float64)
-        packed = torch.cat([header.double().view(1, -1), size.expand(1, 3), local.double().cpu()])
+        head = torch.zeros(1, cols, dtype=torch.float64)
+        head[0, :3] = header.double()
+        body = torch.zeros(local.shape[0], cols, dtype=torch.float64)
+        body[:, : local.shape[1]] = local.double().cpu()
+        packed = torch.cat([head, size.expand(1, cols), body])
         if one_row:
             width = 3
         elif not self.spec.shard_batch:  # shards of unknown length: agree on the padded length first
@@ -301,118 +284,85 @@ class _Replicas:
                     shard_rows(self._global_rows, r, self.world_size) for r in range(self.world_size)
                 )
             )
-        padded = torch.zeros(width, 3, dtype=torch.float64)
+        padded = torch.zeros(width, cols, dtype=torch.float64)
         padded[: packed.shape[0]] = packed
         tables = [t.cpu() for t in self._all_gather(padded.to(dev))]
         ref = tables[0][0]
         for r, t in enumerate(tables):
             if not torch.equal(t[0], ref):
-                lr, n_log, seed = t[0].tolist()
+                lr, n_log, seed = t[0, :3].tolist()
                 raise ReplicaDivergenceError(
                     f"rank {r} starts step with lr={lr}, {int(n_log)} log entries, seed {int(seed)}, but rank 0 "
                     f"has lr={ref[0].item()}, {int(ref[1])} entries, seed {int(ref[2])}; every rank must run "
                     "the same config, lr schedule and number of steps"
                 )
-        return [t[2 : 2 + int(t[1, 0])] for t in tables]
+        return [t[2 : 2 + int(t[1, 0]), : local.shape[1]] for t in tables]
 
-    @torch.no_grad()
-    def step(
-        self,
-        engine: ZOEngine,
-        batch: Mapping[str, Any],
-        *,
-        lr: float | None = None,
-        loss_fn: Callable[[torch.Tensor, Mapping[str, Any]], float] | None = None,
-    ) -> StepResult:
-        """One data-parallel MeZO step (see the module docstring); every rank must call it.
+    # ---- the collective seam (zo2tier/collective.py) -----------------------------------------------------
+    def perturbations(self, q: int) -> int:
+        """The estimator's q: ``DataParallel(n_perturbations=q)`` spreads q perturbations over the ranks."""
+        split = self.spec.n_perturbations
+        if split > 1 and q not in (1, split):
+            raise ValueError(f"MeZOConfig(n_perturbations={q}) and DataParallel(n_perturbations={split}) disagree; "
+                             "set one of them (DataParallel's spreads the perturbations over the ranks)")
+        return max(q, split)
 
-        With ``loss_fn`` (a mean over the samples it is given), rank r contributes one row
-        ``[n_r·L+_r, n_r·L−_r, n_r]``: the global loss is the sample-weighted mean of the ranks' means,
-        which equals the one-process ``loss_fn`` on the global batch when ``loss_fn`` is a per-sample mean.
-        """
-        from zo2tier.engine import StepResult, _unpack
-
-        engine._check_open()
-        if lr is not None and (
-            isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0 or not math.isfinite(lr)
-        ):
-            raise ValueError(
-                f"lr={lr!r} must be a finite number >= 0; pass e.g. lr=1e-6, or None for config.lr"
-            )
-        if engine._shared_disk:
-            from zo2tier.shared_disk import consolidate_if_due
-
-            consolidate_if_due(engine)
+    def before_step(self, engine: Any) -> None:
+        """The consistency guard before every ``check_every``-th step (step 0 included)."""
         if self.spec.check_every and self.n_steps % self.spec.check_every == 0:
             self.check(engine)
-        self._global_rows = _unpack(batch, engine.device)[0].shape[0]  # also checks the batch's shape
-        if self.spec.shard_batch:
-            batch = _shard(
-                batch, *shard_rows(self._global_rows, self.rank, self.world_size), self._global_rows
-            )
-        ids, mask, labels = _unpack(batch, engine.device)
-        cfg, q, t = engine.config, self.spec.n_perturbations, len(engine.log)
-        seed = step_seed(cfg.seed, t + self.rank % q)
-        engine._mode, engine._rows, engine._flat_rows = ("perturb", seed, cfg.eps), 2 * ids.shape[0], 2 * ids.numel()
-        engine._prepare_resident()
-        doubled_mask = None if mask is None else torch.cat([mask, mask])
-        logits = engine.model(
-            input_ids=torch.cat([ids, ids]), attention_mask=doubled_mask, use_cache=False
-        ).logits
-        engine._close_open()
-        n = ids.shape[0]  # (2n, T, V) logits: rows [:n] saw θ+εz, rows [n:] θ−εz
-        if loss_fn is None:
-            plus, count = per_sample_token_losses(logits[:n], labels)
-            minus, _ = per_sample_token_losses(logits[n:], labels)
-            local = torch.stack([plus, minus, count], dim=1)  # (n, 3)
-        else:
-            lp, lm = float(loss_fn(logits[:n], batch)), float(loss_fn(logits[n:], batch))
-            local = torch.tensor([[n * lp, n * lm, float(n)]], dtype=torch.float64)
-        del logits
-        step_lr = cfg.lr if lr is None else lr
-        header = torch.tensor([step_lr, t, step_seed(cfg.seed, t)], dtype=torch.float64)
-        self.last_rows = self._gather_rows(local, header, engine, one_row=loss_fn is not None)
-        est = combine(self.last_rows, n_perturbations=q, eps=cfg.eps)
-        skipped = not est.finite
-        if skipped:  # logged with lr 0 on every rank: it never reaches the weights
-            engine.n_skipped += 1
-            _log.warning(
-                "step %d skipped: non-finite global loss (loss+ %s, loss- %s); %d step(s) skipped so far",
-                t,
-                est.loss_plus,
-                est.loss_minus,
-                engine.n_skipped,
-            )
-        for k, g in enumerate(est.grads):
-            engine.log.append(
-                _entry(
-                    t + k,
-                    step_seed(cfg.seed, t + k),
-                    0.0 if skipped else g,
-                    0.0 if skipped else step_lr / q,
-                    cfg.weight_decay,
-                )
-            )
         self.n_steps += 1
-        g_mean = 0.0 if skipped else math.fsum(est.grads) / q
-        return StepResult(t, est.loss_plus, est.loss_minus, g_mean, skipped, engine.n_skipped)
+
+    def shard(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """This rank's contiguous rows of the global batch (or the batch itself without ``shard_batch``)."""
+        self._global_rows = unpack(batch, torch.device("cpu"))[0].shape[0]  # also checks the batch's shape
+        if not self.spec.shard_batch:
+            return batch
+        return _shard(batch, *shard_rows(self._global_rows, self.rank, self.world_size), self._global_rows)
+
+    def copies_to_run(self, groups: Sequence[Group]) -> tuple[int, ...]:
+        """Every copy; with ``DataParallel(n_perturbations=q)``, the copies of perturbation ``rank % q``."""
+        q = self.spec.n_perturbations
+        return tuple(i for i, g in enumerate(groups) if q == 1 or g.k is None or g.k == self.rank % q)
+
+    def losses(self, logits: Sequence[torch.Tensor], labels: torch.Tensor, ran: Sequence[int], n_groups: int, *,
+               loss_fn: Callable[[torch.Tensor, Mapping[str, Any]], float] | None, batch: Mapping[str, Any],
+               header: tuple[float, int, int], device: torch.device) -> list[float]:
+        """Every copy's global loss: per-sample ``[sum, count]`` rows gathered from every rank, reduced with
+        ``math.fsum`` (the token-weighted mean over every sample that ran the copy).
+
+        With ``loss_fn`` (a mean over the samples it is given), rank r contributes one row ``[n_r·L_r, n_r]``
+        per copy: the sample-weighted mean of the ranks' means.
+        """
+        n = labels.shape[0]
+        rows = 1 if loss_fn is not None else n
+        local = torch.zeros(rows, 2 * n_groups, dtype=torch.float64)
+        for x, i in zip(logits, ran):
+            if loss_fn is None:
+                sums, counts = per_sample_token_losses(x, labels)
+                local[:, 2 * i], local[:, 2 * i + 1] = sums.cpu(), counts.cpu()
+            else:
+                local[0, 2 * i], local[0, 2 * i + 1] = n * float(loss_fn(x, batch)), float(n)
+        self.last_rows = self._gather_rows(local, torch.tensor(header, dtype=torch.float64), device,
+                                           one_row=loss_fn is not None)
+        return reduce_rows(self.last_rows, n_groups)
 
     @torch.no_grad()
-    def checksums(self, engine: ZOEngine) -> torch.Tensor:
+    def checksums(self, engine: Any) -> torch.Tensor:
         """(n_blocks + 1, 2) int64: per block [hash, float64 sum bits] of its clean fp32 weights; last row: the log."""
         engine.tiers.drain()
         rows = []
         for record in engine.table:
-            work = engine._arrive(record, scratch=engine._work)  # every logged update applied
+            work = engine.runner.materialize(record, scratch=engine.runner.work)  # every logged update applied
             total = torch.tensor(float(work.sum(dtype=torch.float64)), dtype=torch.float64)
             rows.append([weight_checksum(work), int(total.view(torch.int64))])
         engine.tiers.drain()
         rows.append([_log_hash(engine.log), len(engine.log)])
         return torch.tensor(rows, dtype=torch.int64)
 
-    def check(self, engine: ZOEngine) -> None:
+    def check(self, engine: Any) -> None:
         local = self.checksums(engine)
-        tables = [t.cpu() for t in self._all_gather(local.to(self._comm_device(engine)))]
+        tables = [t.cpu() for t in self._all_gather(local.to(self._comm_device(engine.device)))]
         names = [r.name for r in engine.table] + ["<update log>"]
         for i, name in enumerate(names):
             bad = [r for r, t in enumerate(tables) if not torch.equal(t[i], tables[0][i])]
@@ -433,13 +383,7 @@ class _Replicas:
             )
 
 
-def _entry(step: int, seed: int, g: float, lr: float, wd: float):
-    from zo2tier.zo.update import LogEntry
-
-    return LogEntry(step, seed, g, lr, wd)
-
-
-def attach(data_parallel: DataParallel | bool | None) -> _Replicas | None:
+def attach(data_parallel: DataParallel | bool | None) -> Replicas | None:
     """The engine's runtime for ``data_parallel``: None -> WORLD if initialised with > 1 rank; False -> off."""
     if data_parallel is False:
         return None
@@ -465,16 +409,16 @@ def attach(data_parallel: DataParallel | bool | None) -> _Replicas | None:
             "data_parallel needs an initialised torch.distributed process group; call "
             "torch.distributed.init_process_group('gloo' or 'nccl') first"
         )
-    return _Replicas(data_parallel)
+    return Replicas(data_parallel)
 
 
-def check_replicas(engine: ZOEngine) -> None:
+def check_replicas(engine: Any) -> None:
     """Compare every block's weights (and the update log) across ranks; raise on the first difference.
 
     A collective: every rank of the engine's group must call it at the same point. Costs one pass over
     all weights (disk blocks are read once). Raises ValueError if the engine is not data-parallel.
     """
-    dp = getattr(engine, "_dp", None)
-    if dp is None:
+    dp = engine.collective
+    if not isinstance(dp, Replicas):
         raise ValueError("this engine is not data-parallel; build it with data_parallel=DataParallel(...)")
     dp.check(engine)

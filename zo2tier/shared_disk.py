@@ -38,38 +38,101 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Any
 
 from zo2tier.checkpoint import commit_store
 from zo2tier.distributed import ReplicaDivergenceError
 from zo2tier.store.format import read_manifest
+from zo2tier.tiers.store_dir import claim_disk_dir, release_disk_dir
 
-if TYPE_CHECKING:
-    from zo2tier.engine import ZOEngine
-
-__all__ = ["consolidate", "consolidate_if_due", "follow", "owner_first"]
+__all__ = ["OwnDisk", "SharedDisk", "policy_for"]
 
 
-@contextmanager
-def owner_first(engine: ZOEngine) -> Iterator[None]:
-    """Around building the tiers: followers wait until the owner has written and committed the store.
+class OwnDisk:
+    """This process owns its disk directory: it locks it, writes its blocks, and commits its store."""
 
-    The wait is one all-gather of (disk_dir, disk blocks, disk storage, the owner's error), so every rank
-    also checks that they agree, and a failed build on the owner raises on every rank instead of hanging.
-    """
-    dp = engine._dp
-    mine = {"disk_dir": engine.disk_dir, "disk_blocks": [b for b, t in engine.placement.items() if t == "disk"],
-            "storage": engine.storage["disk"], "error": None}
-    if engine._disk_follower:
-        _agree(dp.gather_object(mine))
+    follower = False  # True: reads another process's store and never writes it
+    keep_disk = False  # True: disk blocks are not written back during training (consolidated instead)
+
+    def claim(self, disk_dir: str) -> str:
+        return claim_disk_dir(disk_dir)
+
+    def release(self, disk_dir: str) -> None:
+        release_disk_dir(disk_dir)
+
+    @contextmanager
+    def building(self, engine: Any) -> Iterator[None]:
         yield
-        return
-    try:
-        yield
-    except BaseException as exc:
-        dp.gather_object({**mine, "error": f"{type(exc).__name__}: {exc}"})
-        raise
-    _agree(dp.gather_object(mine))
+
+    def built(self, engine: Any) -> None:
+        return None
+
+    def before_step(self, engine: Any) -> None:
+        return None
+
+    def flushed(self, engine: Any) -> None:
+        return None
+
+
+class SharedDisk(OwnDisk):
+    """Every data-parallel rank reads one disk tier; rank 0 (the owner) writes it (module docstring)."""
+
+    keep_disk = True
+
+    def __init__(self, replicas: Any) -> None:
+        self.replicas = replicas
+        self.follower = replicas.rank != 0
+
+    def claim(self, disk_dir: str) -> str:
+        return os.path.abspath(disk_dir) if self.follower else claim_disk_dir(disk_dir)
+
+    def release(self, disk_dir: str) -> None:
+        if not self.follower:
+            release_disk_dir(disk_dir)
+
+    @contextmanager
+    def building(self, engine: Any) -> Iterator[None]:
+        """Followers wait until the owner has written and committed the store.
+
+        The wait is one all-gather of (disk_dir, disk blocks, disk storage, the owner's error), so every rank
+        also checks that they agree, and a failed build on the owner raises on every rank instead of hanging.
+        """
+        mine = {"disk_dir": engine.disk_dir, "disk_blocks": [b for b, t in engine.placement.items() if t == "disk"],
+                "storage": engine.storage["disk"], "error": None}
+        if self.follower:
+            _agree(self.replicas.gather_object(mine))
+            yield
+            return
+        try:
+            yield
+        except BaseException as exc:
+            self.replicas.gather_object({**mine, "error": f"{type(exc).__name__}: {exc}"})
+            raise
+        _agree(self.replicas.gather_object(mine))
+
+    def built(self, engine: Any) -> None:
+        if self.follower:
+            follow(engine)
+
+    def before_step(self, engine: Any) -> None:
+        """Consolidate when some disk block has the write-back limit of updates pending; the same on every rank."""
+        disk = engine.table.by_tier("disk")
+        if disk and len(engine.log) - min(r.applied_steps for r in disk) >= engine.runner.schedule.log_limit("disk"):
+            consolidate(engine, self)
+
+    def flushed(self, engine: Any) -> None:
+        consolidate(engine, self)
+
+
+def policy_for(collective: Any, needs_disk: bool, compress: Any) -> OwnDisk:
+    """The store-ownership policy of an engine: its own directory, or a data-parallel group's shared one."""
+    spec = getattr(collective, "spec", None)
+    if not (needs_disk and spec is not None and spec.shared_disk):
+        return OwnDisk()
+    if compress is not None:
+        raise ValueError("compress='zstd' with DataParallel(shared_disk=True) is not supported yet; "
+                         "drop one of them (compress=None, or shared_disk=False: each rank its own copy)")
+    return SharedDisk(collective)
 
 
 def _agree(everyone: list[dict]) -> None:
@@ -86,7 +149,7 @@ def _agree(everyone: list[dict]) -> None:
                 )
 
 
-def follow(engine: ZOEngine) -> None:
+def follow(engine: Any) -> None:
     """Point a follower's disk blocks at the files named by the owner's committed manifest."""
     manifest = read_manifest(engine.disk_dir)
     for record in engine.table.by_tier("disk"):
@@ -101,26 +164,19 @@ def follow(engine: ZOEngine) -> None:
         engine.table.mark_applied(record, entry.applied_steps)
 
 
-def consolidate_if_due(engine: ZOEngine) -> None:
-    """Consolidate when some disk block has the write-back limit of updates pending; the same on every rank."""
-    disk = engine.table.by_tier("disk")
-    if disk and len(engine.log) - min(r.applied_steps for r in disk) >= engine._log_limit("disk"):
-        consolidate(engine)
-
-
-def consolidate(engine: ZOEngine) -> None:
+def consolidate(engine: Any, policy: SharedDisk) -> None:
     """Fold every pending update into the shared disk files (module docstring); every rank must call it."""
-    dp, step = engine._dp, len(engine.log)
+    dp, step = policy.replicas, len(engine.log)
     pending = [r for r in engine.table.by_tier("disk") if r.applied_steps < step]
     if not pending:
         return
     engine.tiers.drain()
     dp.barrier()  # no rank reads the shared files until the all-gather below
     error = None
-    if not engine._disk_follower:
+    if not policy.follower:
         try:
             for record in pending:
-                engine._write_back(record, engine._arrive(record, scratch=engine._work))
+                engine.runner.write_back(record, engine.runner.materialize(record, scratch=engine.runner.work))
             engine.tiers.drain()  # the new files are written; their records are applied
             for record in pending:
                 engine.store.set_applied(record.index, record.applied_steps)
@@ -133,7 +189,7 @@ def consolidate(engine: ZOEngine) -> None:
     if status[0] is not None:
         raise RuntimeError(f"rank 0 failed to consolidate the shared disk tier in {engine.disk_dir}: {status[0]}; "
                            "the updates are still in every rank's log")
-    if engine._disk_follower:
+    if policy.follower:
         follow(engine)
         behind = [r.name for r in pending if r.applied_steps != step]
         if behind:

@@ -61,6 +61,6 @@ def test_trace_does_not_nest(tmp_path):
                 with engine.trace(tmp_path / "b.json"):
                     pass
         r = engine.step(tiny_batch())  # tracing off again: runs as before
-        assert engine._timeline is None and engine.tiers.timeline is None
+        assert engine.timeline is None and engine.tiers.timeline is None
     assert (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
     assert torch.isfinite(torch.tensor(r.loss_plus))

@@ -1,8 +1,9 @@
-"""Dual-batch proxies: a module stand-in that runs each half of a doubled batch with its own weights.
+"""Batch-copy proxies: a module stand-in that runs each copy of a repeated batch with its own weights.
 
-The engine runs the model's own forward once on the batch doubled along dim 0: rows ``[:B]`` see θ+εz and
-rows ``[B:]`` see θ−εz. Each decoder layer, and each module outside the layer list that owns parameters,
-is replaced by a :class:`ModuleProxy` whose ``runner`` decides which weights each half gets.
+The engine runs the model's own forward once on the batch repeated G times along dim 0: for MeZO rows
+``[:B]`` see θ+εz and rows ``[B:]`` see θ−εz; an estimator with q perturbations stacks 2q (or q + 1)
+copies. Each decoder layer, and each module outside the layer list that owns parameters, is replaced by a
+:class:`ModuleProxy` whose ``runner`` decides which weights each copy gets.
 """
 
 from __future__ import annotations
@@ -50,34 +51,34 @@ def install(model: nn.Module, qualified_name: str, proxy: nn.Module) -> None:
         setattr(parent, child, proxy)
 
 
-def _half_rows(n: int, full_rows: int, flat_rows: int) -> int | None:
-    """Rows of one half for a dim 0 of ``n``: B for the doubled batch, B*T for its flattened tokens."""
+def _group_rows(n: int, full_rows: int, flat_rows: int, n_groups: int) -> int | None:
+    """Rows of one copy for a dim 0 of ``n``: B for the repeated batch, B*T for its flattened tokens."""
     if n == full_rows or (flat_rows and n == flat_rows):
-        return n // 2
+        return n // n_groups
     return None
 
 
-def split_half(obj: Any, full_rows: int, half: int, flat_rows: int = 0) -> Any:
-    """Rows ``[:B]`` (half 0) or ``[B:]`` (half 1) of every tensor whose dim 0 is ``full_rows`` = 2B, or
-    ``flat_rows`` = 2B*T (a part of a layer sees tokens flattened batch-major, e.g. OPT's MLP)."""
+def split_group(obj: Any, full_rows: int, group: int, n_groups: int, flat_rows: int = 0) -> Any:
+    """Rows of copy ``group`` (of ``n_groups``) of every tensor whose dim 0 is ``full_rows`` = G*B, or
+    ``flat_rows`` = G*B*T (a part of a layer sees tokens flattened batch-major, e.g. OPT's MLP)."""
     if isinstance(obj, torch.Tensor):
-        rows = _half_rows(obj.shape[0], full_rows, flat_rows) if obj.dim() > 0 else None
+        rows = _group_rows(obj.shape[0], full_rows, flat_rows, n_groups) if obj.dim() > 0 else None
         if rows is not None:
-            return obj[:rows] if half == 0 else obj[rows:]
+            return obj[group * rows : (group + 1) * rows] if group < n_groups - 1 else obj[group * rows :]
         return obj
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(split_half(o, full_rows, half, flat_rows) for o in obj)
+        return tuple(split_group(o, full_rows, group, n_groups, flat_rows) for o in obj)
     if isinstance(obj, list):
-        return [split_half(o, full_rows, half, flat_rows) for o in obj]
+        return [split_group(o, full_rows, group, n_groups, flat_rows) for o in obj]
     if isinstance(obj, dict):
-        return {k: split_half(v, full_rows, half, flat_rows) for k, v in obj.items()}
+        return {k: split_group(v, full_rows, group, n_groups, flat_rows) for k, v in obj.items()}
     return obj
 
 
 def has_rows(obj: Any, full_rows: int, flat_rows: int = 0) -> bool:
     """True if some tensor inside ``obj`` has dim 0 equal to ``full_rows`` (or ``flat_rows``)."""
     if isinstance(obj, torch.Tensor):
-        return obj.dim() > 0 and _half_rows(obj.shape[0], full_rows, flat_rows) is not None
+        return obj.dim() > 0 and (obj.shape[0] == full_rows or bool(flat_rows and obj.shape[0] == flat_rows))
     if isinstance(obj, (tuple, list)):
         return any(has_rows(o, full_rows, flat_rows) for o in obj)
     if isinstance(obj, dict):
@@ -85,56 +86,62 @@ def has_rows(obj: Any, full_rows: int, flat_rows: int = 0) -> bool:
     return False
 
 
-def join_halves(first: Any, second: Any, rows: int, flat_half: int = 0) -> Any:
-    """Concatenate two half outputs along dim 0; batch-1 outputs are expanded to ``rows`` first (outputs of
-    ``flat_half`` = B*T rows, flattened tokens, are concatenated as they are)."""
+def join_groups(outs: list[Any], rows: int, flat_rows: int = 0) -> Any:
+    """Concatenate the copies' outputs along dim 0; batch-1 outputs are expanded to ``rows`` first (outputs of
+    ``flat_rows`` = B*T rows, flattened tokens, are concatenated as they are)."""
+    first = outs[0]
     if isinstance(first, torch.Tensor):
         if first.dim() == 0:
             return first
-        if first.shape[0] != rows and not (flat_half and first.shape[0] == flat_half):
-            first = first.expand(rows, *first.shape[1:])
-            second = second.expand(rows, *second.shape[1:])
-        return torch.cat([first, second], dim=0)
+        if first.shape[0] != rows and not (flat_rows and first.shape[0] == flat_rows):
+            outs = [o.expand(rows, *o.shape[1:]) for o in outs]
+        return torch.cat(outs, dim=0)
     if isinstance(first, tuple):
-        joined = [join_halves(a, b, rows, flat_half) for a, b in zip(first, second)]
+        joined = [join_groups(list(parts), rows, flat_rows) for parts in zip(*outs)]
         return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
     if isinstance(first, list):
-        return [join_halves(a, b, rows, flat_half) for a, b in zip(first, second)]
+        return [join_groups(list(parts), rows, flat_rows) for parts in zip(*outs)]
     if isinstance(first, dict):
-        return type(first)({k: join_halves(first[k], second[k], rows, flat_half) for k in first})
+        return type(first)({k: join_groups([o[k] for o in outs], rows, flat_rows) for k in first})
     return first
 
 
-def run_dual(
+def run_groups(
     inner: nn.Module,
     weights: Callable[[int], dict[str, torch.Tensor]],
     args: tuple,
     kwargs: dict,
+    n_groups: int,
     full_rows: int,
     flat_rows: int = 0,
 ) -> Any:
-    """Run ``inner`` on each half of the doubled batch with ``weights(half)`` and join the outputs.
+    """Run ``inner`` on each of the ``n_groups`` copies of the batch with ``weights(group)`` and join them.
 
-    A module that sees no argument of ``full_rows`` rows (GPT-2's ``wpe`` gets batch-1 position ids) is
-    run once per half on the unsplit arguments, and its outputs are expanded to B rows each. A plain tensor
-    output (an LM head's logits) is joined into one buffer as soon as the first half is done, so the two
-    halves and their join are never all held at once.
+    The copies are run in order, so ``weights(g)`` may reuse the buffers of copy ``g - 1``. One copy is a
+    plain call. A module that sees no argument of ``full_rows`` rows (GPT-2's ``wpe`` gets batch-1 position
+    ids) is run once per copy on the unsplit arguments, and its outputs are expanded to B rows each. A plain
+    tensor output (an LM head's logits) is written into one buffer copy by copy, so the copies and their join
+    are never all held at once.
     """
-    rows = full_rows // 2
-    flat_half = flat_rows // 2
+    if n_groups == 1:
+        return functional_call(inner, weights(0), args, kwargs, tie_weights=False, strict=False)
+    rows = full_rows // n_groups
+    flat_one = flat_rows // n_groups
     split = has_rows((args, kwargs), full_rows, flat_rows)
 
-    def half_out(half: int) -> Any:
-        a = split_half(args, full_rows, half, flat_rows) if split else args
-        k = split_half(kwargs, full_rows, half, flat_rows) if split else kwargs
-        return functional_call(inner, weights(half), a, k, tie_weights=False, strict=False)
+    def group_out(group: int) -> Any:
+        a = split_group(args, full_rows, group, n_groups, flat_rows) if split else args
+        k = split_group(kwargs, full_rows, group, n_groups, flat_rows) if split else kwargs
+        return functional_call(inner, weights(group), a, k, tie_weights=False, strict=False)
 
-    first = half_out(0)
-    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] in (rows, flat_half):
+    first = group_out(0)
+    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] in (rows, flat_one):
         n = first.shape[0]
-        joined = first.new_empty((2 * n, *first.shape[1:]))
+        joined = first.new_empty((n_groups * n, *first.shape[1:]))
         joined[:n].copy_(first)
         del first
-        joined[n:].copy_(half_out(1))
+        for group in range(1, n_groups):
+            joined[group * n : (group + 1) * n].copy_(group_out(group))
         return joined
-    return join_halves(first, half_out(1), rows, flat_half)
+    outs = [first] + [group_out(group) for group in range(1, n_groups)]
+    return join_groups(outs, rows, flat_one)

@@ -123,22 +123,21 @@ def _export(out_dir, config, dtype, specs, tensors: Iterator[tuple[str, torch.Te
 
 def export_engine(engine, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 << 30) -> str:
     """ZOEngine.export: weights as ``engine.state_dict()`` gives them, tied copies saved once."""
-    engine._check_open()
     engine.tiers.drain()
     dtype = engine.compute_dtype
-    buffers = {k: ref for k, ref in engine._buffers_by_key.items() if ref is not None}
+    buffers = {k: ref for k, ref in engine.buffer_keys.items() if ref is not None}
     specs = [(s.spec.name, tuple(s.spec.shape), dtype) for r in engine.table for s in r.slots]
-    specs += [(k, tuple(m._buffers[n].shape), m._buffers[n].dtype) for k, (m, n) in buffers.items()]
+    specs += [(k, tuple(getattr(m, n).shape), getattr(m, n).dtype) for k, (m, n) in buffers.items()]
 
     def tensors():
         for record in engine.table:
-            work = engine._arrive(record, scratch=torch.empty(record.numel, device=engine.device))
+            work = engine.materialize(record)
             for slot in record.slots:
                 flat = work[slot.offset : slot.offset + slot.spec.numel]
                 yield slot.spec.name, flat.view(slot.spec.shape).to("cpu", dtype)
         engine.tiers.drain()
         for key, (module, name) in buffers.items():
-            yield key, module._buffers[name]
+            yield key, getattr(module, name)
 
     return _export(out_dir, engine.model.config.to_dict(), dtype, specs, tensors(), max_shard_bytes)
 

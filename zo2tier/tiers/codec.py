@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from zo2tier.dtypes import FLOAT_DTYPES, STORAGE_DTYPES, dtype_name  # noqa: F401 (re-exported)
 from zo2tier.zo.rng import sr_uniform
 
 INT8_GROUP = 128  # 4 bytes of scale per 128 weights: 1.031 bytes per parameter
@@ -35,16 +36,7 @@ ENCODE_CHUNK_NUMEL = 1 << 24
 # elements of an int8 write-back that the engine replays into fp32 and encodes at a time (whole groups); the
 # planner counts 32 bytes per element of it (the fp32 range and the encoder's temporaries)
 WRITE_BACK_RANGE_NUMEL = 1 << 22
-STORAGE_DTYPES = ("fp32", "bf16", "fp16", "int8")
-_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16 -> "fp16"``; raises ValueError for dtypes zo2tier cannot store."""
-    if dtype not in _NAMES:
-        raise ValueError(f"parameters of dtype {dtype} cannot be stored; use fp32, bf16 or fp16 models")
-    return _NAMES[dtype]
+_TORCH = FLOAT_DTYPES
 
 
 def check_storage(dtype: str) -> str:

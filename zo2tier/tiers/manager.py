@@ -99,6 +99,12 @@ class TierManager:
             self._cuda = CudaTransfers(self.device, largest_host, min(self.upload_slots, len(host))).open()
         return self
 
+    def set_timeline(self, timeline: Timeline | None) -> None:
+        """Record the reader/writer threads' and the copy streams' spans into ``timeline`` (None: stop)."""
+        self.timeline = timeline
+        if self._cuda is not None:
+            self._cuda.timeline = timeline
+
     @property
     def h2d_bytes(self) -> int:
         return self._cuda.h2d_bytes if self._cuda is not None else 0

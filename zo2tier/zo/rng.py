@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -353,6 +352,17 @@ def _verify(fn: Callable[..., Tensor]) -> bool:
     return True
 
 
+_compile_allowed = True
+
+
+def set_compile(enabled: bool) -> None:
+    """Allow (default) or forbid compiling the CPU Philox kernel in this process. Both give the same values;
+    forbidding it saves the one-off compile in short-lived processes (e.g. the data-parallel tests' ranks).
+    Call it before the first large draw."""
+    global _compile_allowed
+    _compile_allowed = bool(enabled)
+
+
 def _compiled_kernel() -> Callable[..., Tensor] | None:
     """The compiled CPU chunk kernel, or None; compiled and verified at most once per process."""
     global _compiled, _compile_tried
@@ -361,8 +371,8 @@ def _compiled_kernel() -> Callable[..., Tensor] | None:
     with _compile_lock:
         if _compile_tried:
             return _compiled
-        if os.environ.get("ZO2TIER_NO_COMPILE", "") not in ("", "0"):
-            logger.debug("zo2tier rng: ZO2TIER_NO_COMPILE is set; using the eager path")
+        if not _compile_allowed:
+            logger.debug("zo2tier rng: compiling is off (set_compile(False)); using the eager path")
         else:
             start_s = time.perf_counter()
             try:
