@@ -99,7 +99,7 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     """Scratch ±, the fp32 resident copy, upload slots for host blocks, one disk block in flight; the fp32
     replay buffer and the encoded buffer only off the fused path; on it, int8 storage adds the encoded
     buffer and one write-back range."""
-    from zo2tier.engine import WRITE_BACK_RANGE_NUMEL
+    from zo2tier.visit.runner import WRITE_BACK_RANGE_NUMEL
     from zo2tier.plan import WRITE_BACK_RANGE_BYTES, working_bytes
 
     assert WRITE_BACK_RANGE_BYTES == WRITE_BACK_RANGE_NUMEL * 32  # the planner counts the range the engine uses
