@@ -320,3 +320,20 @@ def test_exact_pinned_chunks_are_locked_at_their_size():
     torch.cuda.synchronize()
     assert torch.equal(on_gpu.cpu(), x)
     pool.close()
+
+
+@pytest.mark.parametrize("estimator,q", [("mezo", 3)])
+def test_several_perturbations_are_the_same_on_every_tier(tmp_path, estimator, q):
+    """q perturbations per step on the fused path (the clean θ built once per part, every copy's θ±εz from
+    it): blocks spread over device, host and disk give the losses and weights of all on the device."""
+    out = []
+    for name, place in (("device", lambda names: {b: "device" for b in names}), ("spread", spread)):
+        model = tiny_model("opt")
+        cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3, estimator=estimator,
+                                 n_perturbations=q)
+        with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path / name, device="cuda", config=cfg,
+                              placement=place(zo2tier.ZOEngine.block_names(model)), write_back_every=2) as e:
+            results = [(r.loss_plus, r.loss_minus, r.projected_grad) for r in (e.step(tiny_batch()) for _ in range(4))]
+            out.append((results, e.state_dict(), len(e.log)))
+    assert out[0][0] == out[1][0] and out[0][2] == out[1][2] == 4 * q
+    assert all(torch.equal(out[0][1][k], out[1][1][k]) for k in out[0][1])

@@ -14,9 +14,9 @@ its bytes go down to the host, is fixed when it opens:
   replays its span once, builds θ±εz and re-encodes the span; a host block goes down part by part, the
   scales last.
 
-In every plan but ``IN_PLACE`` the fetched stored bytes stay as they were, so a later pass over the same
-part (another perturbation of the step) replays the log again from them; after an ``IN_PLACE`` pass they
-hold θ itself.
+A step with several perturbations builds the part's clean θ once (the first pass, at ε = 0, into a θ
+buffer in the compute dtype) and every copy's θ±εz from it (:meth:`FusedVisits.perturb`), whatever the
+tier: so the copies are the same floats on every tier.
 """
 
 from __future__ import annotations
@@ -80,10 +80,13 @@ class FusedVisits:
         self.write_due, self.encode_buffer = write_due, encode_buffer
         self.on_encoded_sent, self.range_buffer = on_encoded_sent, range_buffer
 
-    def open(self, record: BlockRecord, *, log: fused.PendingLog, pending: int, n_log: int, sr_seed: int,
-             force_write: bool = False, in_forward: bool = False) -> Visit:
-        """Fetch ``record`` and fix its write plan (due, or ``force_write``)."""
+    def open(self, record: BlockRecord, *, pending_log: Callable[[int], fused.PendingLog], n_log: int,
+             sr_seed: int, force_write: bool = False, in_forward: bool = False) -> Visit:
+        """Fetch ``record`` and fix its write plan (due, or ``force_write``). The pending entries are counted
+        after the fetch, which settles a write-back of the block still in flight."""
         raw, staging = self.tiers.fetch(record)
+        pending = n_log - record.applied_steps
+        log = pending_log(record.applied_steps)
         raw = raw.to(self.tiers.device)
         dtype = TORCH_DTYPES[record.storage]
         stored = raw[: record.numel].view(dtype) if dtype == torch.int8 else raw.view(dtype)[: record.numel]
@@ -126,19 +129,15 @@ class FusedVisits:
                          write_to=visit.stored[o : o + n] if in_place else None, sr_seed=visit.sr_seed,
                          sr_key=visit.record.index, sr_offset=o, kind=self.perturbation, scales=visit.scales)
 
-    def again(self, visit: Visit, binding: Binding, plus: torch.Tensor, minus: torch.Tensor | None,
-              eps: float, seed: int, no_log: fused.PendingLog) -> None:
-        """Another perturbation of a part already passed: θ±εz only, nothing written. After an in-place
-        write the stored bytes are θ; otherwise they are as fetched and the log is replayed again."""
-        fresh = visit.plan is WritePlan.IN_PLACE
+    def perturb(self, theta: torch.Tensor, binding: Binding, plus: torch.Tensor, minus: torch.Tensor | None,
+                eps: float, seed: int, no_log: fused.PendingLog) -> None:
+        """θ±εz of a part from ``theta`` (its clean weights in the compute dtype, from 0): one more
+        perturbation of a step, nothing replayed or written."""
         for slot, _ in binding.params:
-            o, n = slot.offset, slot.spec.numel
-            r = o - binding.lo
-            fused.arrive(visit.stored[o : o + n], param_id=slot.spec.param_id, decay=slot.spec.decay,
-                         log=no_log if fresh else visit.log, new_seed=seed, eps=eps, plus=plus[r : r + n],
-                         minus=None if minus is None else minus[r : r + n], write_to=None, sr_seed=0,
-                         sr_key=visit.record.index, sr_offset=o, kind=self.perturbation,
-                         scales=None if fresh else visit.scales)
+            r, n = slot.offset - binding.lo, slot.spec.numel
+            fused.arrive(theta[r : r + n], param_id=slot.spec.param_id, decay=False, log=no_log, new_seed=seed,
+                         eps=eps, plus=plus[r : r + n], minus=None if minus is None else minus[r : r + n],
+                         write_to=None, sr_seed=0, sr_key=0, sr_offset=0, kind=self.perturbation)
 
     def int8_pass(self, visit: Visit, span: tuple[int, int] | None = None, plus: torch.Tensor | None = None,
                   minus: torch.Tensor | None = None, eps: float = 0.0, seed: int = 0) -> None:

@@ -105,6 +105,7 @@ class BlockRunner:
         self._raw_out_buf: torch.Tensor | None = None
         self._raw_out_busy: Any = None  # a host write-back's D2H still reads the encode buffer until then
         self._range_buf: torch.Tensor | None = None
+        self._theta_buf: torch.Tensor | None = None
         self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
         self._prev_scales_of = -1
         self._resident_work: torch.Tensor | None = None
@@ -166,25 +167,32 @@ class BlockRunner:
         return lambda i: self._views(binding, work, groups[i][1], groups[i][0])
 
     def _fused_views(self, visit: Visit, binding: Binding, binding_index: int) -> Callable[[int], dict]:
-        """Views of each copy, built pass by pass: a ± pair of one perturbation shares a pass; the first pass
-        replays and writes, later ones only perturb (:meth:`FusedVisits.again`)."""
+        """Views of each copy. One perturbation (a ± pair, or one copy): one pass replays, writes per the plan
+        and builds them. Several: the first pass builds the part's clean θ (ε = 0) into the θ buffer, and each
+        pass after it one perturbation's copies from that θ (:meth:`FusedVisits.perturb`)."""
         groups = self._copies.groups
         plus = self._scratch[: binding.numel]
         minus_buf = None if self._scratch_minus is None else self._scratch_minus[: binding.numel]
         first_of = _pair_up(groups)
+        if len(set(first_of)) == 1:  # MeZO's one ± pair, or the clean copy of an evaluation
+            seed, scale = groups[0]
+            minus = minus_buf if len(groups) == 2 else None
+            self.visits.part_pass(visit, binding, plus, minus, scale, seed)
+            self.visits.send_part(visit, binding_index)
+            return lambda i: binding.named(plus if i == 0 else minus_buf)
+        theta = self._theta_buffer()[: binding.numel]
+        self.visits.part_pass(visit, binding, theta, None, 0.0, 0)
+        self.visits.send_part(visit, binding_index)
         built = [-1]
 
         def views(i: int) -> dict[str, torch.Tensor]:
             j = first_of[i]
+            seed, scale = groups[j]
+            if scale == 0.0:
+                return binding.named(theta)
             if built[0] != j:
-                seed, scale = groups[j]
                 paired = j + 1 < len(groups) and first_of[j + 1] == j
-                minus = minus_buf if paired else None
-                if built[0] < 0:
-                    self.visits.part_pass(visit, binding, plus, minus, scale, seed)
-                    self.visits.send_part(visit, binding_index)
-                else:
-                    self.visits.again(visit, binding, plus, minus, scale, seed, self._no_log())
+                self.visits.perturb(theta, binding, plus, minus_buf if paired else None, scale, seed, self._no_log())
                 built[0] = j
             return binding.named(plus if i == j else minus_buf)
 
@@ -234,8 +242,7 @@ class BlockRunner:
 
     def _open_visit(self, record: BlockRecord, force_write: bool = False, in_forward: bool = False) -> Visit:
         n_log = len(self.log)
-        return self.visits.open(record, log=self._pending_log(record.applied_steps),
-                                pending=n_log - record.applied_steps, n_log=n_log,
+        return self.visits.open(record, pending_log=self._pending_log, n_log=n_log,
                                 sr_seed=step_seed(self.seed ^ SR_SALT, n_log), force_write=force_write,
                                 in_forward=in_forward)
 
@@ -359,6 +366,13 @@ class BlockRunner:
 
     def _encoded_sent(self, event: Any) -> None:
         self._raw_out_busy = event
+
+    def _theta_buffer(self) -> torch.Tensor:
+        """Room for the largest part's clean θ in the compute dtype (steps with several perturbations)."""
+        if self._theta_buf is None:
+            self._theta_buf = torch.empty(max(self.bindings.largest_part(self.resident), 1), dtype=self.compute_dtype,
+                                          device=self.device)
+        return self._theta_buf
 
     def _range_buffer(self) -> torch.Tensor:
         if self._range_buf is None:
