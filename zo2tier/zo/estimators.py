@@ -44,16 +44,39 @@ class Estimator(ABC):
     """How a step perturbs and what it logs. Subclasses set ``name`` and implement the two methods.
 
     ``perturbation``: the z distribution the estimator needs ("gaussian" / "rademacher"), or None to use
-    the config's.
+    the config's. ``min_perturbations``: the smallest q it is defined for. ``one_sided``: its groups are the
+    clean copy plus one copy per perturbation (q + 1 copies), else two per perturbation (2q copies).
+    Estimators here keep no state between steps; one that did would return it from :meth:`state_dict`
+    (a few JSON-able scalars, saved with the checkpoint) and take it back in :meth:`load_state_dict`.
     """
 
     name: ClassVar[str]
     perturbation: ClassVar[str | None] = None
+    min_perturbations: ClassVar[int] = 1
+    one_sided: ClassVar[bool] = False
 
     def __init__(self, n_perturbations: int = 1) -> None:
         if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 1:
             raise ValueError(f"n_perturbations={n_perturbations!r} must be an int >= 1 (or 'auto' in MeZOConfig)")
+        if n_perturbations < self.min_perturbations:
+            raise ValueError(f"estimator {self.name!r} needs n_perturbations >= {self.min_perturbations}, got "
+                             f"{n_perturbations}; pass n_perturbations={self.min_perturbations} or more, or 'auto'")
         self.n_perturbations = n_perturbations
+
+    @classmethod
+    def n_copies(cls, n_perturbations: int) -> int:
+        """Copies of the batch one step runs with ``n_perturbations`` perturbations: q + 1 or 2q."""
+        return n_perturbations + 1 if cls.one_sided else 2 * n_perturbations
+
+    def state_dict(self) -> dict:
+        """The estimator's state between steps (none here): JSON-able, saved with a checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what :meth:`state_dict` returned; an estimator without state accepts only ``{}``."""
+        if state:
+            raise ValueError(f"estimator {self.name!r} keeps no state but the checkpoint gives {sorted(state)}; "
+                             "resume with the estimator the checkpoint was saved with")
 
     @abstractmethod
     def groups(self) -> tuple[Group, ...]:
@@ -99,7 +122,42 @@ class MeZO(Estimator):
         return g, math.fsum(plus) / q, math.fsum(minus) / q
 
 
-ESTIMATORS: dict[str, type[Estimator]] = {MeZO.name: MeZO}
+class FZOO(Estimator):
+    """FZOO (Dang et al., ICLR 2026): q one-sided Rademacher estimates, the step normalised by the losses' spread.
+
+    Copies: θ, then θ + εz_k for k = 1..q, with z_k ∈ {±1}^d. With ``l_0`` the clean loss and
+    ``σ = sqrt(mean_k (l_k − mean(l))²)`` (the population standard deviation of the q perturbed losses)::
+
+        g_k = (l_k − l_0) / σ;    θ ← θ − (lr/q)·Σ_k (g_k·z_k + wd·θ)
+
+    as the authors' code does it (``trainer.py``, ``zo_step``/``zo_update``). Their paper writes
+    ``g = Σ_k (l_k − l_0)·z_k / (εq)`` and steps by ``lr·g/σ``, which is the same rule with lr scaled by 1/ε;
+    we keep the code's scale-free form: ``l_k − l_0`` and σ both scale with ε and with the loss, so each
+    coordinate moves by about ``lr`` per step whatever they are (normalised SGD), and lr reads as a step
+    size in weight units (the authors use 1e-5 for OPT-1.3B, 10x MeZO's). σ = 0 (every perturbed loss the
+    same) carries no direction: every g_k is 0 (weight decay still applies, as in a MeZO step whose two
+    losses tie). Needs q >= 2 to have a spread.
+    """
+
+    name = "fzoo"
+    perturbation = "rademacher"
+    min_perturbations = 2
+    one_sided = True
+
+    def groups(self) -> tuple[Group, ...]:
+        return (Group(None, 1.0), *(Group(k, 1.0) for k in range(self.n_perturbations)))
+
+    def grads(self, losses: Sequence[float], eps: float) -> tuple[list[float], float, float]:
+        clean, perturbed = losses[0], list(losses[1:])
+        q = self.n_perturbations
+        mean = math.fsum(perturbed) / q
+        sigma = math.sqrt(math.fsum((lk - mean) ** 2 for lk in perturbed) / q)
+        if sigma == 0.0:  # no spread, no direction (a non-finite loss still makes the step skipped)
+            return [0.0] * q, clean, mean
+        return [(lk - clean) / sigma for lk in perturbed], clean, mean
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {MeZO.name: MeZO, FZOO.name: FZOO}
 
 
 def make_estimator(name: str, n_perturbations: int) -> Estimator:

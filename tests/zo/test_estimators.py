@@ -1,0 +1,122 @@
+"""Estimators as pure math: each one's log entries against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from zo2tier.config import MeZOConfig
+from zo2tier.zo.estimators import ESTIMATORS, FZOO, Group, MeZO, make_estimator
+from zo2tier.zo.update import LogEntry
+
+SEEDS = [11, 22, 33, 44]
+
+
+def test_mezo_q1_is_the_old_step_bit_for_bit():
+    """q = 1: g = (L+ − L−)/(2ε) as the engine computed it before estimators, lr not divided."""
+    lp, lm, eps, lr, wd = 2.718281828, 2.718281007, 1e-3, 1e-6, 0.01
+    est = MeZO(1).estimate([lp, lm], start=7, seeds=[99], eps=eps, lr=lr, weight_decay=wd)
+    g = (lp - lm) / (2 * eps)
+    assert est.entries == (LogEntry(7, 99, g, lr, wd),)
+    assert (est.loss_plus, est.loss_minus, est.projected_grad, est.skipped) == (lp, lm, g, False)
+    assert MeZO(1).groups() == (Group(0, 1.0), Group(0, -1.0))
+
+
+def test_mezo_q3_averages_three_two_sided_estimates():
+    losses = [1.0, 0.5, 2.0, 2.25, 3.0, 3.0]  # (+, −) per perturbation
+    est = MeZO(3).estimate(losses, start=10, seeds=SEEDS[:3], eps=0.25, lr=3.0, weight_decay=0.0)
+    assert [e.projected_grad for e in est.entries] == [1.0, -0.5, 0.0]  # (L+ − L−) / 0.5
+    assert [e.lr for e in est.entries] == [1.0, 1.0, 1.0]  # lr / q per entry
+    assert [(e.step, e.step_seed) for e in est.entries] == [(10, 11), (11, 22), (12, 33)]
+    assert est.loss_plus == 2.0 and est.loss_minus == pytest.approx(5.75 / 3)
+    assert est.projected_grad == pytest.approx(0.5 / 3)
+    assert MeZO(3).groups() == tuple(Group(k, s) for k in range(3) for s in (1.0, -1.0))
+
+
+def test_fzoo_normalises_by_the_spread_of_the_perturbed_losses():
+    # clean 2.0; perturbed 2.1, 1.9, 2.3, 1.7: mean 2.0, population std sqrt((.01+.01+.09+.09)/4) = sqrt(.05)
+    losses = [2.0, 2.1, 1.9, 2.3, 1.7]
+    est = FZOO(4).estimate(losses, start=0, seeds=SEEDS, eps=1e-3, lr=1e-5, weight_decay=0.0)
+    sigma = math.sqrt(0.05)
+    want = [0.1 / sigma, -0.1 / sigma, 0.3 / sigma, -0.3 / sigma]
+    assert [e.projected_grad for e in est.entries] == pytest.approx(want, rel=1e-12)
+    assert [e.lr for e in est.entries] == [1e-5 / 4] * 4
+    assert est.loss_plus == 2.0 and est.loss_minus == pytest.approx(2.0)
+    assert FZOO(4).groups() == (Group(None, 1.0), *(Group(k, 1.0) for k in range(4)))
+    assert FZOO.perturbation == "rademacher" and FZOO.n_copies(4) == 5 and MeZO.n_copies(4) == 8
+
+
+def test_fzoo_step_is_scale_free():
+    """Scaling every loss difference (a larger ε, a steeper loss) leaves the step unchanged."""
+    base = [3.0, 3.01, 2.98, 3.02]
+    scaled = [3.0 + 7.0 * (x - 3.0) for x in base]
+    a = FZOO(3).estimate(base, start=0, seeds=SEEDS[:3], eps=1e-3, lr=1.0, weight_decay=0.0)
+    b = FZOO(3).estimate(scaled, start=0, seeds=SEEDS[:3], eps=7e-3, lr=1.0, weight_decay=0.0)
+    assert [e.projected_grad for e in a.entries] == pytest.approx([e.projected_grad for e in b.entries], rel=1e-9)
+
+
+def test_fzoo_zero_spread_logs_a_zero_step_not_a_nan():
+    est = FZOO(3).estimate([1.5, 1.25, 1.25, 1.25], start=4, seeds=SEEDS[:3], eps=1e-3, lr=1e-5, weight_decay=0.1)
+    assert [e.projected_grad for e in est.entries] == [0.0, 0.0, 0.0]
+    assert [e.lr for e in est.entries] == [1e-5 / 3] * 3  # weight decay still applies, as a tied MeZO step's
+    assert not est.skipped
+
+
+def test_fzoo_needs_two_perturbations():
+    with pytest.raises(ValueError, match=r"'fzoo' needs n_perturbations >= 2, got 1; pass n_perturbations=2"):
+        FZOO(1)
+    with pytest.raises(ValueError, match="needs n_perturbations >= 2"):
+        make_estimator("fzoo", 1)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_skips_the_step(name, bad):
+    est_obj = make_estimator(name, 3)
+    n = len(est_obj.groups())
+    for i in range(n):  # a bad loss in any copy
+        losses = [2.0 + 0.01 * j for j in range(n)]
+        losses[i] = bad
+        est = est_obj.estimate(losses, start=0, seeds=SEEDS[:3], eps=1e-3, lr=1e-5, weight_decay=0.01)
+        assert est.skipped and est.projected_grad == 0.0
+        assert all(e.projected_grad == 0.0 and e.lr == 0.0 for e in est.entries)
+        assert all(e.weight_decay == 0.01 for e in est.entries)  # lr 0: nothing reaches the weights
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_lr_zero_logs_lr_zero_entries(name):
+    est_obj = make_estimator(name, 2)
+    losses = [2.0 + 0.01 * j for j in range(len(est_obj.groups()))]
+    est = est_obj.estimate(losses, start=0, seeds=SEEDS[:2], eps=1e-3, lr=0.0, weight_decay=0.5)
+    assert all(e.lr == 0.0 for e in est.entries) and not est.skipped
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_wrong_number_of_losses_or_seeds_is_refused(name):
+    est_obj = make_estimator(name, 2)
+    with pytest.raises(ValueError, match="expected .* losses and 2 seeds"):
+        est_obj.estimate([1.0], start=0, seeds=SEEDS[:2], eps=1e-3, lr=1.0, weight_decay=0.0)
+    with pytest.raises(ValueError, match="expected .* losses and 2 seeds"):
+        est_obj.estimate([1.0] * len(est_obj.groups()), start=0, seeds=SEEDS[:1], eps=1e-3, lr=1.0,
+                         weight_decay=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_groups_cover_each_perturbation_and_count_copies(name):
+    cls = ESTIMATORS[name]
+    est_obj = cls(3)
+    groups = est_obj.groups()
+    assert len(groups) == cls.n_copies(3)
+    assert {g.k for g in groups if g.k is not None} == {0, 1, 2}
+    assert est_obj.state_dict() == {}
+    est_obj.load_state_dict({})
+    with pytest.raises(ValueError, match="keeps no state"):
+        est_obj.load_state_dict({"v": 1.0})
+
+
+def test_config_takes_fzoo_and_its_rademacher_z():
+    cfg = MeZOConfig(estimator="fzoo", n_perturbations=8)
+    assert cfg.perturbation == "rademacher"
+    with pytest.raises(ValueError, match="needs perturbation='rademacher'"):
+        MeZOConfig(estimator="fzoo", n_perturbations=8, perturbation="gaussian")
