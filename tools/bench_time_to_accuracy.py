@@ -47,6 +47,7 @@ DEFAULTS = dict(
     estimator="mezo",
     q="1",  # an int, or "auto"
     lr=1e-5,
+    lr_schedule="constant",  # constant, linear or cosine (zo2tier.train.job.lr_at) over --steps
     eps=1e-3,
     weight_decay=0.0,
     seed=0,
@@ -175,7 +176,7 @@ def run_one(cfg: dict) -> dict:
     from transformers import AutoTokenizer
 
     from zo2tier.train.data import LabelWords, Prompt, batch_indices, collate, encode, keep_labels, load_examples
-    from zo2tier.train.job import accuracy
+    from zo2tier.train.job import accuracy, lr_at
     from zo2tier.train.objective import loss_fn_for
 
     mdir = model_dir(cfg)
@@ -199,8 +200,9 @@ def run_one(cfg: dict) -> dict:
         for step in range(cfg["steps"]):
             batch = collate(sets["train"], batch_indices(len(sets["train"]), cfg["batch_size"], step,
                                                          seed=cfg["seed"]))
+            lr = lr_at(step, lr=cfg["lr"], steps=cfg["steps"], schedule=cfg["lr_schedule"])
             t0 = time.perf_counter()
-            r = engine.step(batch, loss_fn=loss_fn)  # returns floats: the step has finished on the device
+            r = engine.step(batch, lr=lr, loss_fn=loss_fn)  # returns floats: the step has finished on the device
             seconds += time.perf_counter() - t0
             skipped += bool(r.skipped)
             if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
@@ -216,7 +218,8 @@ def run_one(cfg: dict) -> dict:
         "kind": "accuracy", "card": card(cfg["device"]), "model": _model_name(cfg), "task": _task_name(cfg),
         "method": cfg["method"] or f"{cfg['estimator']} q={cfg['q']}", "estimator": cfg["estimator"], "q": q,
         "q_requested": str(cfg["q"]), "q_auto": auto, "placement": cfg["placement"], "storage": storage,
-        "seed": cfg["seed"], "data_seed": cfg["data_seed"], "lr": cfg["lr"], "eps": cfg["eps"],
+        "seed": cfg["seed"], "data_seed": cfg["data_seed"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
+        "eps": cfg["eps"],
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
         "steps": cfg["steps"], "seconds": seconds, "seconds_per_step": seconds / max(1, cfg["steps"]),
         "skipped_steps": skipped, "zero_shot_acc": test0, "zero_shot_dev_acc": dev0,
