@@ -24,7 +24,9 @@ from zo2tier.zo.update import causal_lm_loss
 
 BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
 # (estimator, q, lr): fzoo's lr is a step in weight units (normalised), mezo's multiplies g
-CASES = [("mezo", 1, 1e-3), ("mezo", 3, 1e-3), ("fzoo", 3, 1e-3), ("fzoo", 2, 1e-3)]
+CASES = [("mezo", 1, 1e-3), ("mezo", 3, 1e-3), ("fzoo", 3, 1e-3), ("fzoo", 2, 1e-3), ("fzoo-ema", 3, 1e-3),
+         ("fzoo-ema", 1, 1e-3)]
+ALL_Q3 = [("mezo", 3, 1e-3), ("fzoo", 3, 1e-3), ("fzoo-ema", 3, 1e-3)]
 
 
 def spread(names):
@@ -124,7 +126,7 @@ def _run(model, tmp_path, placement, cfg, steps=4):
             set(engine.placement.values())
 
 
-@pytest.mark.parametrize(("name", "q", "lr"), [("mezo", 3, 1e-3), ("fzoo", 3, 1e-3)])
+@pytest.mark.parametrize(("name", "q", "lr"), ALL_Q3)
 def test_tiers_match_all_on_device(name, q, lr, tmp_path):
     cfg = _config(name, q, lr)
     ref = _run(tiny_model("llama"), tmp_path / "a", None, cfg)
@@ -137,7 +139,7 @@ def test_tiers_match_all_on_device(name, q, lr, tmp_path):
         assert torch.equal(ref[3][key], got[3][key]), key
 
 
-@pytest.mark.parametrize(("name", "q"), [("mezo", 3), ("fzoo", 3)])
+@pytest.mark.parametrize(("name", "q"), [("mezo", 3), ("fzoo", 3), ("fzoo-ema", 3)])
 def test_lr_zero_does_not_drift(name, q, tmp_path):
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -147,7 +149,7 @@ def test_lr_zero_does_not_drift(name, q, tmp_path):
         assert torch.equal(before[key], after[key]), key
 
 
-@pytest.mark.parametrize(("name", "q", "lr"), [("mezo", 3, 1e-3), ("fzoo", 3, 1e-3)])
+@pytest.mark.parametrize(("name", "q", "lr"), ALL_Q3)
 def test_checkpoint_resume_and_export_replay_exactly(name, q, lr, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -163,7 +165,7 @@ def test_checkpoint_resume_and_export_replay_exactly(name, q, lr, tmp_path):
     zo2tier.convert(tmp_path / "hf", tmp_path / "store2", progress=False)
     e = zo2tier.ZOEngine.from_store(tmp_path / "store2", budget=BIG, config=cfg, placement=place)
     results = [e.step(b) for b in batches[:4]]
-    e.save_checkpoint(tmp_path / "ck", extra_state={"position": 4})
+    e.save_checkpoint(tmp_path / "ck", extra_state={"position": 4})  # fzoo-ema: its state (v, t) goes too
     e.close()
     with zo2tier.ZOEngine.resume(tmp_path / "ck") as r:
         assert (r.config.estimator, r.config.n_perturbations, r.config.perturbation) == \

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from zo2tier.config import MeZOConfig
-from zo2tier.zo.estimators import ESTIMATORS, FZOO, Group, MeZO, make_estimator
+from zo2tier.zo.estimators import ESTIMATORS, FZOO, FZOOEMA, Group, MeZO, make_estimator
 from zo2tier.zo.update import LogEntry
 
 SEEDS = [11, 22, 33, 44]
@@ -109,6 +109,11 @@ def test_groups_cover_each_perturbation_and_count_copies(name):
     groups = est_obj.groups()
     assert len(groups) == cls.n_copies(3)
     assert {g.k for g in groups if g.k is not None} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("name", ["mezo", "fzoo"])
+def test_stateless_estimators_refuse_state(name):
+    est_obj = make_estimator(name, 2)
     assert est_obj.state_dict() == {}
     est_obj.load_state_dict({})
     with pytest.raises(ValueError, match="keeps no state"):
@@ -120,3 +125,48 @@ def test_config_takes_fzoo_and_its_rademacher_z():
     assert cfg.perturbation == "rademacher"
     with pytest.raises(ValueError, match="needs perturbation='rademacher'"):
         MeZOConfig(estimator="fzoo", n_perturbations=8, perturbation="gaussian")
+
+
+def test_fzoo_ema_tracks_the_spread_across_steps_by_hand():
+    est = FZOOEMA(2)  # beta 0.9
+    a = est.estimate([2.0, 2.1, 1.9], start=0, seeds=SEEDS[:2], eps=1e-3, lr=1e-4, weight_decay=0.0)
+    # s2 = (0.01 + 0.01) / 2; v1 = 0.1 * s2 = 0.001; v_hat = 0.001 / 0.1 = 0.01; scale 0.1
+    assert [e.projected_grad for e in a.entries] == pytest.approx([1.0, -1.0], rel=1e-9)
+    assert [e.lr for e in a.entries] == [5e-5, 5e-5]
+    assert est.state_dict() == pytest.approx({"v": 0.001, "t": 1})
+    b = est.estimate([3.0, 3.3, 2.9], start=2, seeds=SEEDS[2:4], eps=1e-3, lr=1e-4, weight_decay=0.0)
+    v_hat = (0.9 * 0.001 + 0.1 * 0.05) / (1 - 0.81)  # s2 = (0.09 + 0.01) / 2
+    assert [e.projected_grad for e in b.entries] == pytest.approx([0.3 / math.sqrt(v_hat), -0.1 / math.sqrt(v_hat)],
+                                                                  rel=1e-9)
+    assert b.loss_plus == 3.0 and b.loss_minus == pytest.approx(3.1)
+
+
+def test_fzoo_ema_works_at_q1_and_skips_keep_its_state():
+    est = FZOOEMA(1)
+    first = est.estimate([1.0, 1.02], start=0, seeds=[5], eps=1e-3, lr=1e-4, weight_decay=0.0)
+    assert first.entries[0].projected_grad == pytest.approx(1.0) and first.entries[0].lr == 1e-4  # q=1: full lr
+    state = est.state_dict()
+    skipped = est.estimate([1.0, math.nan], start=1, seeds=[6], eps=1e-3, lr=1e-4, weight_decay=0.0)
+    assert skipped.skipped and skipped.entries[0].lr == 0.0 and est.state_dict() == state
+    zero = FZOOEMA(2).estimate([1.0, 1.0, 1.0], start=0, seeds=SEEDS[:2], eps=1e-3, lr=1e-4, weight_decay=0.0)
+    assert [e.projected_grad for e in zero.entries] == [0.0, 0.0] and not zero.skipped
+
+
+def test_fzoo_ema_state_round_trips_and_resumes_identically():
+    steps = [[2.0, 2.1, 1.9], [3.0, 3.3, 2.9], [2.5, 2.4, 2.55]]
+    full = FZOOEMA(2)
+    ref = [full.estimate(x, start=2 * i, seeds=SEEDS[:2], eps=1e-3, lr=1e-4, weight_decay=0.0)
+           for i, x in enumerate(steps)]
+    first = FZOOEMA(2)
+    first.estimate(steps[0], start=0, seeds=SEEDS[:2], eps=1e-3, lr=1e-4, weight_decay=0.0)
+    import json
+
+    resumed = FZOOEMA(2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # through a JSON checkpoint
+    got = [resumed.estimate(x, start=2 * (i + 1), seeds=SEEDS[:2], eps=1e-3, lr=1e-4, weight_decay=0.0)
+           for i, x in enumerate(steps[1:])]
+    assert [e.entries for e in got] == [e.entries for e in ref[1:]]
+    with pytest.raises(ValueError, match="needs keys v and t"):
+        resumed.load_state_dict({})
+    with pytest.raises(ValueError, match="not a finite v >= 0"):
+        resumed.load_state_dict({"v": -1.0, "t": 3})
