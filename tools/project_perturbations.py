@@ -45,7 +45,7 @@ def project(batch: int, seq: int, device_budget: str) -> list[dict]:
         plan = plan_placement(inp, budget, {b.name: tier for b in inp.blocks})
         cal = Calibration(**rates)
         base = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=k)
-        for estimator in ("mezo", "fzoo"):
+        for estimator in ("mezo", "fzoo", "fzoo-ema"):
             c = choose_perturbations(inp, plan, cal, batch=batch, seq=seq, estimator=estimator, write_back_every=k)
             p = c.prediction
             out.append({"model": name, "storage": storage, "tier": tier, "write_back_every": k,
@@ -55,7 +55,7 @@ def project(batch: int, seq: int, device_budget: str) -> list[dict]:
                         "mezo_q1_step_s": round(base.step_s, 4), "mezo_q1_compute_s": round(base.compute_s, 4),
                         "activation_gib": round(c.activation_bytes / 2**30, 2),
                         "device_left_gib": round(c.device_bytes_left / 2**30, 2),
-                        "forward_passes_per_step": (c.n_perturbations + 1 if estimator == "fzoo"
+                        "forward_passes_per_step": (c.n_perturbations + 1 if estimator != "mezo"
                                                     else 2 * c.n_perturbations)})
     return out
 
