@@ -74,7 +74,11 @@ DEFAULTS = dict(
     methods="mezo:1,fzoo:8,fzoo:auto",  # --time_disk: estimator:q list
     time_steps=10,  # --time_disk: timed steps after 2 warm-up steps
     threads=0,  # torch CPU threads per process (0: cores / workers)
+    deadline_s=0.0,  # > 0: every run stops training this many seconds after the start (a sweep's start), evaluates
+    # and writes its record with completed=false, so a call with a hard time limit loses no run
 )
+START = time.time()
+EVAL_MARGIN_S = 20.0  # left for the final evaluation and the record before the deadline
 BUDGET = "device=16GiB,host=16GiB,disk=16GiB"
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
 
@@ -208,8 +212,11 @@ def run_one(cfg: dict) -> dict:
 
         dev0, test0 = evaluate()
         curve = [{"step": 0, "seconds": 0.0, "dev_acc": dev0, "test_acc": test0}]
-        seconds, skipped = 0.0, 0
+        seconds, skipped, done = 0.0, 0, 0
+        deadline = cfg.get("_deadline_at")
         for step in range(cfg["steps"]):
+            if deadline is not None and time.time() > deadline - EVAL_MARGIN_S:
+                break
             batch = collate(sets["train"], batch_indices(len(sets["train"]), cfg["batch_size"], step,
                                                          seed=cfg["seed"]))
             lr = lr_at(step, lr=cfg["lr"], steps=cfg["steps"], schedule=cfg["lr_schedule"])
@@ -217,11 +224,15 @@ def run_one(cfg: dict) -> dict:
             r = engine.step(batch, lr=lr, loss_fn=loss_fn)  # returns floats: the step has finished on the device
             seconds += time.perf_counter() - t0
             skipped += bool(r.skipped)
+            done = step + 1
             if step == 0:
                 _check_entries(engine, q)
-            if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
+            if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
                 dev, test = evaluate()
-                curve.append({"step": step + 1, "seconds": seconds, "dev_acc": dev, "test_acc": test})
+                curve.append({"step": done, "seconds": seconds, "dev_acc": dev, "test_acc": test})
+        if curve[-1]["step"] != done:  # stopped by the deadline between eval points
+            dev, test = evaluate()
+            curve.append({"step": done, "seconds": seconds, "dev_acc": dev, "test_acc": test})
         storage = dict(engine.storage)
         peak = _peak_gib(cfg["device"])
     finally:
@@ -236,7 +247,8 @@ def run_one(cfg: dict) -> dict:
         "seed": cfg["seed"], "data_seed": cfg["data_seed"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
         "eps": cfg["eps"],
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
-        "steps": cfg["steps"], "seconds": seconds, "seconds_per_step": seconds / max(1, cfg["steps"]),
+        "steps": done, "steps_planned": cfg["steps"], "completed": done == cfg["steps"], "seconds": seconds,
+        "seconds_per_step": seconds / max(1, done),
         "skipped_steps": skipped, "gpu_peak_torch_gib": peak, "zero_shot_acc": test0, "zero_shot_dev_acc": dev0,
         "final_acc": curve[-1]["test_acc"], "final_dev_acc": curve[-1]["dev_acc"],
         "best_dev_acc": best["dev_acc"], "best_dev_step": best["step"], "test_at_best_dev": best["test_acc"],
@@ -270,7 +282,7 @@ def _task_name(cfg: dict) -> str:
 
 def _command(cfg: dict) -> str:
     changed = [f"--{k}={v}" for k, v in cfg.items()
-               if k not in ("sweep", "workers", "out", "threads") and v != DEFAULTS[k]]
+               if k in DEFAULTS and k not in ("sweep", "workers", "out", "threads") and v != DEFAULTS[k]]
     return " ".join(["python tools/bench_time_to_accuracy.py", *changed])
 
 
@@ -351,7 +363,7 @@ def sweep(cfg: dict) -> list[dict]:
 
     with open(cfg["sweep"]) as f:
         runs = [cfg | json.loads(line) for line in f if line.strip()]
-    unknown = {k for r in runs for k in r} - set(DEFAULTS)
+    unknown = {k for r in runs for k in r} - set(DEFAULTS) - {"_deadline_at"}
     if unknown:
         raise SystemExit(f"--sweep {cfg['sweep']}: unknown keys {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
     for r in runs:  # the shared inputs once, before the workers race for them
@@ -379,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
 
     set_cuda_allocator_default()
     cfg = parse_overrides(DEFAULTS, argv)
+    if cfg["deadline_s"] > 0:  # counted from the start of this command, for every run of a sweep too
+        cfg["_deadline_at"] = START + cfg["deadline_s"]
     if cfg["sweep"]:
         sweep(cfg)
     elif cfg["time_disk"]:
