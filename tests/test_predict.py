@@ -154,3 +154,83 @@ def test_unplanned_device_bytes_count_context_logits_loss_and_a_part():
     assert LOSS_CHUNK_BYTES_PER_VOCAB == 2 * LOSS_CHUNK_ROWS * 4
     inp = PlanInput((BlockSize("b0", 1000),), 10, 2, largest_part=400, vocab_size=100)
     assert unplanned_device_bytes(inp, tokens=8) == CUDA_CONTEXT_BYTES + 3 * 2 * 8 * 100 + 2 * 256 * 4 * 100 + 400
+
+
+# ---- several perturbations per step and q = "auto" (docs/estimators.md) ------------------------------------
+def _host_plan(inp):
+    return plan_placement(inp, TierBudget(10**11, 10**11, 0), {f"b{i}": "host" for i in range(4)})
+
+
+# bus 16 GB / 80 GB/s = 0.2 s per step; a forward of one copy 2 * 4e9 * 1000 / 2000e12 = 4 ms; one z or one
+# replayed entry over the 4e9 weights 10 ms; the fused pass's bytes negligible
+AUTO_CAL = Calibration(h2d_gbps=50, d2h_gbps=50, bus_both_gbps=80, forward_tflops=2000.0, fused_pass_gbps=1e9,
+                       rng_gnps=400.0)
+
+
+def test_q_multiplies_copies_z_draws_and_replays_not_bytes():
+    inp = _inp()
+    plan = _host_plan(inp)
+    one = predict_step(inp, plan, AUTO_CAL, tokens=1000)
+    assert one == predict_step(inp, plan, AUTO_CAL, tokens=1000, estimator="mezo", n_perturbations=1)
+    # mezo q: 2q copies (8 ms per q), q z + q replayed entries per weight (K = 1: 20 ms per q)
+    three = predict_step(inp, plan, AUTO_CAL, tokens=1000, n_perturbations=3)
+    assert three.compute_s == pytest.approx(3 * 0.028, rel=1e-6)
+    assert (three.bus_s, three.disk_s) == (one.bus_s, one.disk_s)
+    # fzoo q: q + 1 copies
+    fz = predict_step(inp, plan, AUTO_CAL, tokens=1000, estimator="fzoo", n_perturbations=3)
+    assert fz.compute_s == pytest.approx(3 * 0.02 + 4 * 0.004, rel=1e-6)
+
+
+def test_auto_q_is_the_largest_that_hides_under_the_transfer():
+    from zo2tier.predict import choose_perturbations
+
+    inp = _inp()
+    plan = _host_plan(inp)
+    mezo = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator="mezo")
+    assert (mezo.n_perturbations, mezo.limit) == (7, "transfer")  # 0.028 q <= 0.2
+    fzoo = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator="fzoo")
+    assert (fzoo.n_perturbations, fzoo.limit) == (8, "transfer")  # 0.024 q + 0.004 <= 0.2
+    assert fzoo.prediction.step_s == pytest.approx(0.2) and fzoo.prediction.bound == "bus"
+    capped = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator="fzoo", max_perturbations=5)
+    assert (capped.n_perturbations, capped.limit) == (5, "max")
+
+
+def test_auto_q_on_a_compute_bound_plan_is_the_smallest():
+    from zo2tier.predict import choose_perturbations
+
+    inp = _inp()
+    plan = plan_placement(inp, TierBudget(10**11, 0, 0))  # all on the device: nothing to hide under
+    for name, q in (("mezo", 1), ("fzoo", 2)):
+        choice = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator=name)
+        assert (choice.n_perturbations, choice.limit) == (q, "compute"), name
+
+
+def test_activation_bytes_by_hand():
+    from zo2tier.predict import activation_bytes
+
+    # hidden 64 = resident 64000 / vocab 1000; intermediate 256 = part 32768 / (2 * 64)
+    inp = PlanInput((BlockSize("b0", 10**6),), resident_numel=64_000, compute_bytes=2, largest_part=32_768,
+                    vocab_size=1000)
+    assert activation_bytes(inp, batch=2, seq=10, n_copies=3) == 60 * (3 * 1000 + 2 * (3 * 64 + 256))
+    with pytest.raises(ValueError, match="n_copies=0 must be >= 1"):
+        activation_bytes(inp, batch=2, seq=10, n_copies=0)
+
+
+def test_auto_q_is_capped_by_the_device_memory_left():
+    from zo2tier.plan import unplanned_device_bytes
+    from zo2tier.predict import activation_bytes, choose_perturbations
+
+    blocks = tuple(BlockSize(f"b{i}", 10**9) for i in range(4))
+    inp = PlanInput(blocks, resident_numel=50_000 * 1000, compute_bytes=2,
+                    storage={t: "fp16" for t in ("device", "host", "disk")}, vocab_size=50_000)
+    base = plan_placement(inp, TierBudget(10**11, 10**11, 0), {f"b{i}": "host" for i in range(4)})
+    per_copy = activation_bytes(inp, 1, 1000, 1)  # 1000 tokens x (3 x 50000 + 2 x (3 x 1000 + 1e9 // 2000))
+    assert per_copy == 1000 * (150_000 + 2 * (3000 + 500_000))
+    fixed = base.used_bytes["device"] + unplanned_device_bytes(inp, 0)
+    budget = TierBudget(fixed + 5 * per_copy + per_copy // 2, 10**11, 0)  # room for 5 copies
+    plan = plan_placement(inp, budget, {f"b{i}": "host" for i in range(4)})
+    mezo = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator="mezo")
+    assert (mezo.n_perturbations, mezo.limit) == (2, "memory")  # 4 copies fit, 6 do not
+    fzoo = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator="fzoo")
+    assert (fzoo.n_perturbations, fzoo.limit) == (4, "memory")  # q + 1 = 5 copies fit
+    assert fzoo.activation_bytes == 5 * per_copy <= fzoo.device_bytes_left

@@ -20,7 +20,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
-from zo2tier.plan import Plan, PlanInput, block_bytes
+from zo2tier.plan import LOGIT_BYTES, Plan, PlanInput, block_bytes, unplanned_device_bytes
+from zo2tier.zo.estimators import ESTIMATORS, Estimator
+
+# q = "auto" never goes past this: the estimate's variance falls like 1/q, but each perturbation is one more
+# z drawn per weight on every replay and one more log entry, and FZOO's paper uses 8
+AUTO_MAX_PERTURBATIONS = 16
 
 
 @dataclass(frozen=True)
@@ -89,24 +94,32 @@ class Prediction:
 
 def predict_step(
     inp: PlanInput, plan: Plan, cal: Calibration, *, tokens: int, write_back_every: int = 1, compress: bool = False,
-    replays: float | None = None,
+    replays: float | None = None, estimator: str = "mezo", n_perturbations: int = 1,
 ) -> Prediction:
     """Predict one training step of ``tokens`` tokens (batch × sequence) under ``plan``; ``compress``: the
-    disk tier stores zstd frames (ratio ``cal.zstd_ratio_<disk dtype>``); ``replays``: pending updates a host
+    disk tier stores zstd frames (ratio ``cal.zstd_ratio_<disk dtype>``); ``replays``: pending steps a host
     or disk block replays per visit (default ``(write_back_every + 1) / 2``, the steady state; 0 for passes
-    with no updates, such as evaluation)."""
+    with no updates, such as evaluation).
+
+    ``estimator`` and ``n_perturbations`` (q, docs/estimators.md): the step runs the estimator's copies of the
+    batch (2q two-sided, q + 1 one-sided), builds one θ+εz scratch write per perturbed copy, draws q z per
+    weight and logs q entries, so each pending step replays q RNG passes. The bytes moved do not depend on q.
+    """
     if tokens <= 0 or write_back_every < 1:
         raise ValueError(f"tokens={tokens} and write_back_every={write_back_every} must be positive")
+    cls = _estimator_class(estimator)
+    q = n_perturbations
+    copies, perturbed = cls.n_copies(q), 2 * q if not cls.one_sided else q
     up = down = read = write = encoded = 0.0
-    rng = sum(b.numel for b in inp.blocks) + inp.resident_numel  # the step's z, drawn once per weight
-    pending = (write_back_every + 1) / 2 if replays is None else replays
+    rng = q * (sum(b.numel for b in inp.blocks) + inp.resident_numel)  # the step's q z, drawn once per weight
+    pending = q * ((write_back_every + 1) / 2 if replays is None else replays)  # q entries per pending step
     if inp.storage["device"] == "int8":  # device-tier int8 (the resident set too) is re-encoded every step
         encoded += inp.resident_numel
     for b in inp.blocks:
         tier = plan.placement[b.name]
         if inp.storage[tier] == "int8":
             encoded += b.numel / (1 if tier == "device" else write_back_every)
-        rng += b.numel * (1 if tier == "device" else pending)  # pending updates replayed
+        rng += b.numel * (q if tier == "device" else pending)  # pending updates replayed
         if tier == "device":
             continue
         stored = block_bytes(b.numel, inp.storage[tier])
@@ -116,8 +129,8 @@ def predict_step(
             read += stored
             write += stored / write_back_every
     n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
-    flops = 2 * 2 * n_params * tokens  # two forwards (the doubled batch), 2 flops per weight per token
-    fused = sum(b.numel for b in inp.blocks) * 3 * inp.compute_bytes  # read θ, write θ+εz and θ−εz
+    flops = copies * 2 * n_params * tokens  # a forward per copy of the batch, 2 flops per weight per token
+    fused = sum(b.numel for b in inp.blocks) * (1 + perturbed) * inp.compute_bytes  # read θ, write each θ+εz
     compute = (flops / (cal.forward_tflops * 1e12) + fused / (cal.fused_pass_gbps * 1e9)
                + rng / (cal.rng_gnps * 1e9) + encoded / (cal.int8_encode_gnps * 1e9))
     bus = max(up / (cal.h2d_gbps * 1e9), down / (cal.d2h_gbps * 1e9), (up + down) / (cal.bus_both_gbps * 1e9))
@@ -125,3 +138,89 @@ def predict_step(
     disk = ratio * (read / (cal.disk_read_gbps * 1e9) + write / (cal.disk_write_gbps * 1e9))
     codec = read / (cal.zstd_decompress_gbps * 1e9) + write / (cal.zstd_compress_gbps * 1e9) if compress else 0.0
     return Prediction(compute, bus, disk, codec)
+
+
+@dataclass(frozen=True)
+class PerturbationChoice:
+    """What ``n_perturbations="auto"`` picks: q, the predicted step at that q, and what stopped q growing.
+
+    ``limit``: "transfer" (one more would no longer hide under the bus/disk time), "memory" (the copies'
+    activations and logits would not fit the device budget left after the plan), "max"
+    (:data:`AUTO_MAX_PERTURBATIONS`) or "compute" (the step is compute-bound even at the estimator's
+    smallest q, so nothing hides: the smallest q).
+    """
+
+    n_perturbations: int
+    prediction: Prediction
+    limit: str
+    activation_bytes: int
+    device_bytes_left: int
+
+
+def activation_bytes(inp: PlanInput, batch: int, seq: int, n_copies: int) -> int:
+    """Device bytes the ``n_copies`` stacked copies of a (batch, seq) batch take in one forward, beyond the
+    planned buffers: their full-vocabulary logits (``LOGIT_BYTES`` per logit, as measured for the doubled
+    batch on the H100) and one layer part's activations per copy: the residual stream, the part's input and
+    output and its widest intermediate, in the compute dtype. The hidden width is estimated from the resident
+    set (embeddings: vocab × hidden, so an untied head counts twice: an overestimate), the intermediate width
+    from the largest part (an MLP of 2-3 hidden × intermediate matrices)."""
+    if batch < 1 or seq < 1 or n_copies < 1:
+        raise ValueError(f"batch={batch}, seq={seq} and n_copies={n_copies} must be >= 1")
+    tokens = n_copies * batch * seq
+    hidden = inp.resident_numel // inp.vocab_size if inp.vocab_size else 0
+    part = inp.largest_part or max((b.numel for b in inp.blocks), default=0)
+    inner = part // (2 * hidden) if hidden else 0
+    return tokens * (LOGIT_BYTES * inp.vocab_size + inp.compute_bytes * (3 * hidden + inner))
+
+
+def choose_perturbations(
+    inp: PlanInput, plan: Plan, cal: Calibration, *, batch: int, seq: int, estimator: str = "mezo",
+    write_back_every: int = 1, compress: bool = False, max_perturbations: int = AUTO_MAX_PERTURBATIONS,
+) -> PerturbationChoice:
+    """The largest q whose extra compute still hides under the plan's transfer time, capped so that the
+    copies' activations and logits (:func:`activation_bytes`) fit the device budget left after the plan and
+    the fixed extras (CUDA context, loss chunk: :func:`zo2tier.plan.unplanned_device_bytes` without logits).
+
+    "Hides": the predicted compute at q is at most the slowest transfer (bus, disk or zstd), so the step
+    time does not grow. A compute-bound plan (every block on the device) hides nothing: q is the
+    estimator's smallest. Example::
+
+        choice = choose_perturbations(inp, plan, Calibration(), batch=16, seq=64, estimator="fzoo")
+        MeZOConfig(estimator="fzoo", n_perturbations=choice.n_perturbations)
+    """
+    cls = _estimator_class(estimator)
+    lo = cls.min_perturbations
+    if max_perturbations < lo:
+        raise ValueError(f"max_perturbations={max_perturbations} is below {estimator!r}'s minimum {lo}; raise it")
+    tokens = batch * seq
+    left = plan.budget.device_bytes - plan.used_bytes["device"] - unplanned_device_bytes(inp, 0)
+
+    def predict(q: int) -> Prediction:
+        return predict_step(inp, plan, cal, tokens=tokens, write_back_every=write_back_every, compress=compress,
+                            estimator=estimator, n_perturbations=q)
+
+    def fits(q: int) -> bool:
+        return activation_bytes(inp, batch, seq, cls.n_copies(q)) <= left
+
+    best, limit = lo, "max"
+    for q in range(lo, max_perturbations + 1):
+        pred = predict(q)
+        transfer = max(pred.bus_s, pred.disk_s, pred.zstd_s)
+        if pred.compute_s > transfer and q > lo:
+            limit = "transfer"
+            break
+        if not fits(q) and q > lo:
+            limit = "memory"
+            break
+        best = q
+        if pred.compute_s > transfer:  # q == lo and already compute-bound
+            limit = "compute"
+            break
+    return PerturbationChoice(best, predict(best), limit, activation_bytes(inp, batch, seq, cls.n_copies(best)),
+                              left)
+
+
+def _estimator_class(name: str) -> type[Estimator]:
+    if name not in ESTIMATORS:
+        raise ValueError(f"estimator={name!r} is unknown; use one of {', '.join(sorted(ESTIMATORS))}")
+    return ESTIMATORS[name]

@@ -44,16 +44,39 @@ class Estimator(ABC):
     """How a step perturbs and what it logs. Subclasses set ``name`` and implement the two methods.
 
     ``perturbation``: the z distribution the estimator needs ("gaussian" / "rademacher"), or None to use
-    the config's.
+    the config's. ``min_perturbations``: the smallest q it is defined for. ``one_sided``: its groups are the
+    clean copy plus one copy per perturbation (q + 1 copies), else two per perturbation (2q copies).
+    Estimators here keep no state between steps; one that did would return it from :meth:`state_dict`
+    (a few JSON-able scalars, saved with the checkpoint) and take it back in :meth:`load_state_dict`.
     """
 
     name: ClassVar[str]
     perturbation: ClassVar[str | None] = None
+    min_perturbations: ClassVar[int] = 1
+    one_sided: ClassVar[bool] = False
 
     def __init__(self, n_perturbations: int = 1) -> None:
         if isinstance(n_perturbations, bool) or not isinstance(n_perturbations, int) or n_perturbations < 1:
             raise ValueError(f"n_perturbations={n_perturbations!r} must be an int >= 1 (or 'auto' in MeZOConfig)")
+        if n_perturbations < self.min_perturbations:
+            raise ValueError(f"estimator {self.name!r} needs n_perturbations >= {self.min_perturbations}, got "
+                             f"{n_perturbations}; pass n_perturbations={self.min_perturbations} or more, or 'auto'")
         self.n_perturbations = n_perturbations
+
+    @classmethod
+    def n_copies(cls, n_perturbations: int) -> int:
+        """Copies of the batch one step runs with ``n_perturbations`` perturbations: q + 1 or 2q."""
+        return n_perturbations + 1 if cls.one_sided else 2 * n_perturbations
+
+    def state_dict(self) -> dict:
+        """The estimator's state between steps (none here): JSON-able, saved with a checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what :meth:`state_dict` returned; an estimator without state accepts only ``{}``."""
+        if state:
+            raise ValueError(f"estimator {self.name!r} keeps no state but the checkpoint gives {sorted(state)}; "
+                             "resume with the estimator the checkpoint was saved with")
 
     @abstractmethod
     def groups(self) -> tuple[Group, ...]:
@@ -99,7 +122,107 @@ class MeZO(Estimator):
         return g, math.fsum(plus) / q, math.fsum(minus) / q
 
 
-ESTIMATORS: dict[str, type[Estimator]] = {MeZO.name: MeZO}
+class FZOO(Estimator):
+    """FZOO (Dang et al., ICLR 2026): q one-sided Rademacher estimates, the step normalised by the losses' spread.
+
+    Copies: θ, then θ + εz_k for k = 1..q, with z_k ∈ {±1}^d. With ``l_0`` the clean loss and
+    ``σ = sqrt(mean_k (l_k − mean(l))²)`` (the population standard deviation of the q perturbed losses)::
+
+        g_k = (l_k − l_0) / σ;    θ ← θ − (lr/q)·Σ_k (g_k·z_k + wd·θ)
+
+    as the authors' code does it (``trainer.py``, ``zo_step``/``zo_update``). Their paper writes
+    ``g = Σ_k (l_k − l_0)·z_k / (εq)`` and steps by ``lr·g/σ``, which is the same rule with lr scaled by 1/ε;
+    we keep the code's scale-free form: ``l_k − l_0`` and σ both scale with ε and with the loss, so each
+    coordinate moves by about ``lr`` per step whatever they are (normalised SGD), and lr reads as a step
+    size in weight units (the authors use 1e-5 for OPT-1.3B, 10x MeZO's). σ = 0 (every perturbed loss the
+    same) carries no direction: every g_k is 0 (weight decay still applies, as in a MeZO step whose two
+    losses tie). Needs q >= 2 to have a spread.
+    """
+
+    name = "fzoo"
+    perturbation = "rademacher"
+    min_perturbations = 2
+    one_sided = True
+
+    def groups(self) -> tuple[Group, ...]:
+        return (Group(None, 1.0), *(Group(k, 1.0) for k in range(self.n_perturbations)))
+
+    def grads(self, losses: Sequence[float], eps: float) -> tuple[list[float], float, float]:
+        clean, perturbed = losses[0], list(losses[1:])
+        q = self.n_perturbations
+        mean = math.fsum(perturbed) / q
+        sigma = math.sqrt(math.fsum((lk - mean) ** 2 for lk in perturbed) / q)
+        if sigma == 0.0:  # no spread, no direction (a non-finite loss still makes the step skipped)
+            return [0.0] * q, clean, mean
+        return [(lk - clean) / sigma for lk in perturbed], clean, mean
+
+
+class FZOOEMA(Estimator):
+    """FZOO's normalised one-sided step with the loss spread tracked across steps: one scalar of state.
+
+    Copies: θ, then θ + εz_k (Rademacher), as :class:`FZOO`. Each step measures the spread about the clean
+    loss, ``s² = mean_k (l_k − l_0)²``, and keeps its moving average, bias-corrected as Adam's second moment::
+
+        v_t = β·v_{t−1} + (1 − β)·s²,   v̂ = v_t / (1 − β^t),   g_k = (l_k − l_0) / sqrt(v̂)
+
+    then steps ``θ ← θ − (lr/q)·Σ_k (g_k·z_k + wd·θ)``. A scalar RMSprop on the directional derivatives
+    (ZO-AdaMM's second moment, shared by every coordinate), so it needs no per-parameter state. Averaged over
+    steps, the scale is steadier than FZOO's q-sample σ, and q = 1 works (two forwards a step, MeZO's cost).
+    The spread is taken about ``l_0`` (not the mean of the l_k) so that q = 1 has one; the curvature
+    offset it adds, ``mean(l) − l_0``, was 0.07 σ for SmolLM2 at ε = 1e-3 (docs/estimators.md).
+
+    State: ``{"v": v_t, "t": t}``: two JSON scalars, saved with a checkpoint (:meth:`state_dict`). Replay
+    never needs it (the log holds each step's g_k). A skipped step (non-finite loss) leaves it unchanged;
+    ``v̂ = 0`` (every l_k equals l_0 so far) gives g = 0.
+    """
+
+    name = "fzoo-ema"
+    perturbation = "rademacher"
+    one_sided = True
+    beta: ClassVar[float] = 0.9
+
+    def __init__(self, n_perturbations: int = 1) -> None:
+        super().__init__(n_perturbations)
+        self.v, self.t = 0.0, 0
+        self._next: tuple[float, int] | None = None
+
+    def groups(self) -> tuple[Group, ...]:
+        return (Group(None, 1.0), *(Group(k, 1.0) for k in range(self.n_perturbations)))
+
+    def grads(self, losses: Sequence[float], eps: float) -> tuple[list[float], float, float]:
+        clean, perturbed = losses[0], list(losses[1:])
+        q = self.n_perturbations
+        spread = math.fsum((lk - clean) ** 2 for lk in perturbed) / q
+        v, t = self.beta * self.v + (1.0 - self.beta) * spread, self.t + 1
+        self._next = (v, t)
+        v_hat = v / (1.0 - self.beta**t)
+        mean = math.fsum(perturbed) / q
+        if not v_hat > 0.0:  # 0 (no spread yet) or NaN (a non-finite loss: the step is skipped)
+            return [0.0 if v_hat == 0.0 else math.nan] * q, clean, mean
+        scale = math.sqrt(v_hat)
+        return [(lk - clean) / scale for lk in perturbed], clean, mean
+
+    def estimate(self, losses: Sequence[float], **kwargs) -> Estimate:
+        est = super().estimate(losses, **kwargs)
+        if not est.skipped and self._next is not None:
+            self.v, self.t = self._next
+        self._next = None
+        return est
+
+    def state_dict(self) -> dict:
+        return {"v": self.v, "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"v", "t"}:
+            raise ValueError(f"estimator {self.name!r} state needs keys v and t, got {sorted(state)}; resume "
+                             "from a checkpoint saved with this estimator")
+        v, t = state["v"], state["t"]
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 and isinstance(t, int) and t >= 0):
+            raise ValueError(f"estimator {self.name!r} state {state!r} is not a finite v >= 0 and an int t >= 0")
+        self.v, self.t = float(v), t
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {MeZO.name: MeZO, FZOO.name: FZOO, FZOOEMA.name: FZOOEMA}
 
 
 def make_estimator(name: str, n_perturbations: int) -> Estimator:

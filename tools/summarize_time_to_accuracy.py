@@ -1,0 +1,202 @@
+"""Summarize tools/bench_time_to_accuracy.py records: targets, steps and seconds to target, the issue's bars, plots.
+
+    python tools/summarize_time_to_accuracy.py --records=benchmarks/time_to_accuracy.jsonl \\
+        --png=benchmarks/time_to_accuracy.png --summary=benchmarks/time_to_accuracy_summary.json
+
+Per task:
+
+- **target**: MeZO-SGD's (estimator mezo, q = 1) mean final test accuracy, at its learning rate with the best
+  mean final *dev* accuracy (``--mezo_lr`` fixes it instead); ``--targets=tweets=0.790`` takes a task's target
+  from longer MeZO-SGD runs on the same splits instead (benchmarks/finetune.jsonl: 5,000 steps, mean 0.790).
+- **seconds per step**: from the ``time_disk`` records (every layer on disk, same estimator and q); a method
+  without one falls back to its own runs' measured seconds (marked ``"clock": "run"``).
+- per run: ``steps_to_target`` (first eval point whose test accuracy reaches the target) and
+  ``seconds_to_target`` = steps × disk seconds per step; ``acc_in_mezo_budget``: the test accuracy at the last
+  eval point within MeZO-SGD's wall-clock (its steps × its disk seconds per step).
+- per method and lr: means over seeds; the best new method is the one with the lowest mean seconds to target.
+- **bars** (issue 18): best mean seconds_to_target ≤ 1/3 of MeZO-SGD's; accuracy within MeZO's wall-clock ≥
+  MeZO's + 2 points; on the tweets, final gain over zero-shot ≥ 8 points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _options import parse_overrides
+
+DEFAULTS = dict(records="benchmarks/time_to_accuracy.jsonl", png="", summary="", mezo_lr=-1.0,
+                targets="")  # e.g. "tweets=0.790": a task's target from longer MeZO-SGD runs elsewhere
+SPEEDUP_BAR = 3.0
+ACC_BAR = 0.02
+GAIN_BAR = 0.08
+
+
+def load(path: str) -> tuple[list[dict], dict[tuple[str, int], float]]:
+    """(accuracy records, disk seconds per step by (estimator, q)); the last time_disk record of a pair wins."""
+    runs, disk = [], {}
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("kind") == "time_disk":
+                disk[(rec["estimator"], int(rec["q"]))] = rec["seconds_per_step"]
+            elif rec.get("kind", "accuracy") == "accuracy":
+                runs.append(rec)
+    return runs, disk
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _key(rec: dict) -> str:
+    return f"{rec['method']} lr={rec['lr']:g}"
+
+
+def _is_mezo(rec: dict) -> bool:
+    return rec["estimator"] == "mezo" and int(rec["q"]) == 1
+
+
+def summarize_task(runs: list[dict], disk: dict, *, mezo_lr: float = -1.0, target: float | None = None) -> dict:
+    """The summary of one task's runs (see the module docstring)."""
+    mezo_by_lr = defaultdict(list)
+    for r in runs:
+        if _is_mezo(r):
+            mezo_by_lr[r["lr"]].append(r)
+    if not mezo_by_lr:
+        raise ValueError(f"task {runs[0]['task']!r} has no MeZO-SGD run (estimator mezo, q 1): no target")
+    lr = mezo_lr if mezo_lr >= 0 else max(mezo_by_lr, key=lambda x: _mean(r["final_dev_acc"] for r in mezo_by_lr[x]))
+    mezo = mezo_by_lr[lr]
+    target = _mean(r["final_acc"] for r in mezo) if target is None else target
+    mezo_sps, _ = _seconds_per_step(mezo[0], disk)
+    budget_s = max(r["steps"] for r in mezo) * mezo_sps
+    per_run = []
+    for r in runs:
+        sps, clock = _seconds_per_step(r, disk)
+        hit = next((p for p in r["curve"] if p["test_acc"] >= target), None)
+        within = [p for p in r["curve"] if p["step"] * sps <= budget_s + 1e-9]
+        per_run.append({"method": _key(r), "seed": r["seed"], "q": r["q"], "seconds_per_step": sps, "clock": clock,
+                        "zero_shot_acc": r["zero_shot_acc"], "final_acc": r["final_acc"],
+                        "test_at_best_dev": r.get("test_at_best_dev"),
+                        "steps_to_target": hit["step"] if hit else None,
+                        "seconds_to_target": hit["step"] * sps if hit else None,
+                        "acc_in_mezo_budget": within[-1]["test_acc"] if within else None})
+    methods = {}
+    for name in sorted({p["method"] for p in per_run}):
+        rows = [p for p in per_run if p["method"] == name]
+        methods[name] = {
+            "n_runs": len(rows), "q": rows[0]["q"], "seconds_per_step": rows[0]["seconds_per_step"],
+            "clock": rows[0]["clock"], "n_reached": sum(p["steps_to_target"] is not None for p in rows),
+            "mean_final_acc": _mean(p["final_acc"] for p in rows),
+            "mean_gain_over_zero_shot": _mean(p["final_acc"] - p["zero_shot_acc"] for p in rows),
+            "mean_steps_to_target": _mean(p["steps_to_target"] for p in rows),
+            "mean_seconds_to_target": _mean(p["seconds_to_target"] for p in rows),
+            "mean_acc_in_mezo_budget": _mean(p["acc_in_mezo_budget"] for p in rows)}
+    mezo_name = _key(mezo[0])
+    return {"target_acc": target, "mezo_method": mezo_name, "mezo_budget_s": budget_s, "methods": methods,
+            "bars": _bars(methods, mezo_name, runs[0]["task"]), "runs": per_run}
+
+
+def _seconds_per_step(rec: dict, disk: dict) -> tuple[float, str]:
+    key = (rec["estimator"], int(rec["q"]))
+    if key in disk:
+        return disk[key], "disk"
+    return rec["seconds"] / max(1, rec["steps"]), "run"
+
+
+def _bars(methods: dict, mezo_name: str, task: str) -> dict:
+    """The issue's bars for the best new method (lowest mean seconds to target, all its seeds reaching it)."""
+    mezo = methods[mezo_name]
+    new = {k: v for k, v in methods.items() if k != mezo_name and not k.startswith("mezo q=1 ")}
+    reached = {k: v for k, v in new.items() if v["mean_seconds_to_target"] is not None}
+    if not reached:
+        return {"best": None, "note": "no new method reached MeZO-SGD's target"}
+    best = min(reached, key=lambda k: (reached[k]["n_reached"] < reached[k]["n_runs"],
+                                       reached[k]["mean_seconds_to_target"]))
+    b = methods[best]
+    ratio = (mezo["mean_seconds_to_target"] / b["mean_seconds_to_target"]
+             if mezo["mean_seconds_to_target"] and b["mean_seconds_to_target"] else None)
+    out = {"best": best, "speedup_vs_mezo": ratio, "speedup_bar": SPEEDUP_BAR,
+           "speedup_met": ratio is not None and ratio >= SPEEDUP_BAR and b["n_reached"] == b["n_runs"],
+           "acc_in_mezo_budget_delta": (b["mean_acc_in_mezo_budget"] - mezo["mean_acc_in_mezo_budget"]
+                                        if b["mean_acc_in_mezo_budget"] is not None else None)}
+    out["acc_met"] = out["acc_in_mezo_budget_delta"] is not None and out["acc_in_mezo_budget_delta"] >= ACC_BAR
+    if task == "tweets":
+        out["gain_over_zero_shot"] = b["mean_gain_over_zero_shot"]
+        out["gain_met"] = b["mean_gain_over_zero_shot"] >= GAIN_BAR
+    return out
+
+
+def mean_curves(runs: list[dict], disk: dict) -> dict[str, list[tuple[int, float, float]]]:
+    """Per method: (step, seconds, mean test accuracy over seeds) at the eval steps every seed has."""
+    out = {}
+    by = defaultdict(list)
+    for r in runs:
+        by[_key(r)].append(r)
+    for name, rows in by.items():
+        sps, _ = _seconds_per_step(rows[0], disk)
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in rows)))
+        accs = {s: _mean(p["test_acc"] for r in rows for p in r["curve"] if p["step"] == s) for s in steps}
+        out[name] = [(s, s * sps, accs[s]) for s in steps]
+    return out
+
+
+def plot(summary: dict, curves: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(curves)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
+    for row, task in enumerate(tasks):
+        for col, (xi, xlabel) in enumerate(((0, "steps"), (1, "seconds (every layer on disk)"))):
+            ax = axes[row][col]
+            for name, pts in sorted(curves[task].items()):
+                ax.plot([p[xi] for p in pts], [p[2] for p in pts], marker=".", label=name)
+            ax.axhline(summary[task]["target_acc"], color="grey", ls="--", lw=1, label="target (MeZO-SGD final)")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy (mean over seeds)")
+            ax.set_title(task)
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_overrides(DEFAULTS, argv)
+    runs, disk = load(cfg["records"])
+    by_task = defaultdict(list)
+    for r in runs:
+        by_task[r["task"]].append(r)
+    targets = {k: float(v) for k, _, v in (p.partition("=") for p in cfg["targets"].split(",") if p)}
+    summary = {t: summarize_task(rs, disk, mezo_lr=cfg["mezo_lr"], target=targets.get(t))
+               for t, rs in sorted(by_task.items())}
+    summary_out = {"disk_seconds_per_step": {f"{e} q={q}": s for (e, q), s in sorted(disk.items())}, "tasks": summary}
+    text = json.dumps(summary_out, indent=1)
+    if cfg["summary"]:
+        with open(cfg["summary"], "w") as f:
+            f.write(text + "\n")
+    for task, s in summary.items():
+        print(f"{task}: target {s['target_acc']:.4f} ({s['mezo_method']}); bars {json.dumps(s['bars'])}")
+        for name, m in s["methods"].items():
+            print(f"  {name:<28} final {m['mean_final_acc']:.4f}  reached {m['n_reached']}/{m['n_runs']}  "
+                  f"steps {m['mean_steps_to_target']}  s {m['mean_seconds_to_target']}  "
+                  f"in MeZO's budget {m['mean_acc_in_mezo_budget']}")
+    if cfg["png"]:
+        plot(summary, {t: mean_curves(rs, disk) for t, rs in by_task.items()}, cfg["png"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
