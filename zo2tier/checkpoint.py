@@ -218,6 +218,7 @@ def save_checkpoint(engine, path: str | os.PathLike, extra_state: dict | None = 
                    "compress": None if engine.compress is None else asdict(engine.compress),
                    "budget": {t: engine.budget.of(t) for t in ("device", "host", "disk")}},
         "extra_state": extra_json,
+        "estimator_state": engine.estimator.state_dict(),
         "blocks": [e.state() for e in entries],
     }
     write_json_atomic(os.path.join(path, CHECKPOINT), doc)
@@ -266,6 +267,8 @@ def resume(cls, path: str | os.PathLike, **kwargs: Any):
     kwargs.setdefault("compress", Zstd(**saved["compress"]) if saved.get("compress") else "none")
     engine = _build_on_store(cls, store, kwargs)
     engine.n_skipped = int(doc.get("n_skipped", 0))
+    if doc.get("estimator_state"):
+        engine.estimator.load_state_dict(doc["estimator_state"])
     engine.extra_state = doc["extra_state"]
     return engine
 

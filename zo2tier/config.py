@@ -40,9 +40,10 @@ class MeZOConfig:
 
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r} is unknown; use one of {', '.join(sorted(ESTIMATORS))}")
-        q = self.n_perturbations
-        if q != "auto" and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
-            raise ValueError(f"n_perturbations={q!r} must be an int >= 1 or 'auto'")
+        q, low = self.n_perturbations, ESTIMATORS[self.estimator].min_perturbations
+        if q != "auto" and (isinstance(q, bool) or not isinstance(q, int) or q < low):
+            raise ValueError(f"n_perturbations={q!r} must be an int >= {low} for estimator={self.estimator!r}, "
+                             "or 'auto'")
         needed = ESTIMATORS[self.estimator].perturbation
         if self.perturbation is None:
             object.__setattr__(self, "perturbation", needed or "gaussian")

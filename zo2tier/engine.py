@@ -37,7 +37,7 @@ from zo2tier.trace import Timeline
 from zo2tier.visit.bindings import bind_model, release_weights
 from zo2tier.visit.runner import BlockRunner, Copies, Schedule, check_lr
 from zo2tier.zo import fused
-from zo2tier.zo.estimators import Estimator, make_estimator
+from zo2tier.zo.estimators import ESTIMATORS, Estimator, make_estimator
 from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import LogEntry, causal_lm_loss
 
@@ -195,12 +195,27 @@ class ZOEngine:
         return plan_placement(self.plan_input, self.budget, dict(placement) if placement is not None else None)
 
     def _make_estimator(self, config: MeZOConfig) -> Estimator:
+        """The estimator; with ``n_perturbations="auto"`` its smallest q until the first step's batch shape
+        lets :meth:`_choose_perturbations` pick."""
         q = config.n_perturbations
+        self.auto_perturbations: Any = None if q == "auto" else False  # the choice, once made
         if q == "auto":
-            from zo2tier.predict import choose_perturbations
-
-            q = choose_perturbations(self.plan_input, self.plan, config.estimator)
+            q = ESTIMATORS[config.estimator].min_perturbations
         return make_estimator(config.estimator, self.collective.perturbations(q))
+
+    def _choose_perturbations(self, shape: tuple[int, int]) -> None:
+        """q = "auto": the largest q whose compute hides under the plan's transfers (zo2tier.predict)."""
+        from zo2tier.predict import Calibration, choose_perturbations
+
+        tier = "disk" if "disk" in self.placement.values() else "host"
+        choice = choose_perturbations(self.plan_input, self.plan, Calibration(), batch=shape[0], seq=shape[1],
+                                      estimator=self.config.estimator, write_back_every=self.write_back_every[tier],
+                                      compress=self.compress is not None)
+        self.auto_perturbations = choice
+        self.estimator = make_estimator(self.config.estimator, self.collective.perturbations(choice.n_perturbations))
+        self.config = replace(self.config, n_perturbations=self.estimator.n_perturbations)
+        self.runner.schedule = replace(self.runner.schedule, per_step=self.estimator.n_perturbations)
+        _log.info("n_perturbations='auto' chose q=%d (%s)", self.estimator.n_perturbations, choice)
 
     def _build(self, model: nn.Module, source: StateSource, lookahead: int | None) -> None:
         records = [_record(i, name, self.placement[name], self.storage, self.layout.params_under(name))
@@ -255,11 +270,13 @@ class ZOEngine:
         self.collective.before_step(self)
         local = self.collective.shard(batch)
         ids, mask, labels = unpack(local, self.device)
+        if self.auto_perturbations is None:
+            self._choose_perturbations(ids.shape)
         cfg, start = self.config, len(self.log)
         seeds = [step_seed(cfg.seed, start + k) for k in range(self.estimator.n_perturbations)]
         groups = self.estimator.groups()
         ran = self.collective.copies_to_run(groups)
-        copies = tuple((0 if groups[i].k is None else seeds[groups[i].k], groups[i].sign * cfg.eps) for i in ran)
+        copies = tuple((0, 0.0) if groups[i].k is None else (seeds[groups[i].k], groups[i].sign * cfg.eps) for i in ran)
         logits = self._forward(copies, ids, mask)
         step_lr = cfg.lr if lr is None else lr
         n = ids.shape[0]
