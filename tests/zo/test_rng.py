@@ -245,7 +245,7 @@ def test_perturb_into_matches_documented_op_order(src, dst, kind):
         out = torch.empty(5003, dtype=dst)
         assert kernels.perturb_into(theta, out, step_seed=8, param_id=1, scale=scale, kind=kind) is out
         z = rng.normal(8, 1, 5003, kind=kind)
-        want = (theta.to(torch.float32) + rng._f32(scale) * z).to(dst)
+        want = (theta.to(torch.float32) + rng.f32(scale) * z).to(dst)
         assert torch.equal(out, want)
 
 
@@ -258,9 +258,9 @@ def test_apply_update_matches_documented_op_order(wd):
         kernels.apply_update_(theta, step_seed=4, param_id=6, lr=lr, projected_grad=g, weight_decay=wd)
         is theta
     )
-    d = rng._f32(lr * g) * rng.normal(4, 6, 70_001)
+    d = rng.f32(lr * g) * rng.normal(4, 6, 70_001)
     if wd:
-        d = d + rng._f32(lr * wd) * before
+        d = d + rng.f32(lr * wd) * before
     assert torch.equal(theta, before - d)
     naive = before - lr * (g * rng.normal(4, 6, 70_001) + wd * before)
     torch.testing.assert_close(theta, naive, rtol=0, atol=1e-6)

@@ -55,9 +55,9 @@ def _check_finite(**values: float) -> None:
 
 
 def _check_key(step_seed: int, param_id: int, kind: str) -> None:
-    rng._check_u32("step_seed", step_seed)
-    rng._check_u32("param_id", param_id)
-    rng._check_kind(kind)
+    rng.check_u32("step_seed", step_seed)
+    rng.check_u32("param_id", param_id)
+    rng.check_kind(kind)
 
 
 def perturb_into(
@@ -75,13 +75,13 @@ def perturb_into(
             "allocate out like theta"
         )
     _check_key(step_seed, param_id, kind)
-    rng._check_range(theta.numel(), 0)
+    rng.check_range(theta.numel(), 0)
     _check_finite(scale=scale)
     if _triton_ready(theta):
-        _triton_perturb(theta, out, _seed64(step_seed, param_id), rng._f32(scale), kind)
+        _triton_perturb(theta, out, _seed64(step_seed, param_id), rng.f32(scale), kind)
         return out
-    s = rng._f32(scale)
-    for lo, z in rng._chunks(
+    s = rng.f32(scale)
+    for lo, z in rng.chunks(
         theta.numel(), k0=step_seed, k1=param_id, offset=0, kind=kind, device=theta.device
     ):
         hi = lo + z.numel()
@@ -105,13 +105,13 @@ def apply_update_(
     if theta.dtype != torch.float32:
         raise TypeError(f"theta has dtype {theta.dtype}; updates run on float32 master weights")
     _check_key(step_seed, param_id, kind)
-    rng._check_range(theta.numel(), 0)
+    rng.check_range(theta.numel(), 0)
     _check_finite(lr=lr, projected_grad=projected_grad, weight_decay=weight_decay)
-    cz, ct = rng._f32(lr * projected_grad), rng._f32(lr * weight_decay)
+    cz, ct = rng.f32(lr * projected_grad), rng.f32(lr * weight_decay)
     if _triton_ready(theta):
         _triton_update(theta, _seed64(step_seed, param_id), cz, ct, weight_decay != 0.0, kind)
         return theta
-    for lo, z in rng._chunks(
+    for lo, z in rng.chunks(
         theta.numel(), k0=step_seed, k1=param_id, offset=0, kind=kind, device=theta.device
     ):
         th = theta[lo : lo + z.numel()]
@@ -151,32 +151,32 @@ except ImportError:  # CPU-only installs: the torch path serves CUDA too
 
 if triton is not None:
     # The same constants and the same op order as rng._ln / rng._sqrt / rng._sincos_2pi.
-    _U_SCALE = tl.constexpr(rng._U_SCALE)
+    U_SCALE = tl.constexpr(rng.U_SCALE)
     _TWO_PI = tl.constexpr(rng.TWO_PI_F32)
-    _LN2_HI = tl.constexpr(rng._LN2_HI)
-    _LN2_LO = tl.constexpr(rng._LN2_LO)
-    _SQRT_HALF_BITS = tl.constexpr(rng._SQRT_HALF_BITS)
-    _SIGN_BIT = tl.constexpr(rng._SIGN_BIT)
-    _A9, _A7, _A5, _A3 = (tl.constexpr(c) for c in rng._ATANH)
-    _S9, _S7, _S5, _S3 = (tl.constexpr(c) for c in rng._SIN)
-    _C10, _C8, _C6, _C4, _C2 = (tl.constexpr(c) for c in rng._COS)
-    _MAGIC = tl.constexpr(rng._RSQRT_MAGIC)
+    LN2_HI = tl.constexpr(rng.LN2_HI)
+    LN2_LO = tl.constexpr(rng.LN2_LO)
+    SQRT_HALF_BITS = tl.constexpr(rng.SQRT_HALF_BITS)
+    SIGN_BIT = tl.constexpr(rng.SIGN_BIT)
+    _A9, _A7, _A5, _A3 = (tl.constexpr(c) for c in rng.ATANH)
+    _S9, _S7, _S5, _S3 = (tl.constexpr(c) for c in rng.SIN)
+    _C10, _C8, _C6, _C4, _C2 = (tl.constexpr(c) for c in rng.COS)
+    _MAGIC = tl.constexpr(rng.RSQRT_MAGIC)
 
     @triton.jit
     def uniform(w):
         """Triton device function: ``((w >> 9) + 0.5) * 2**-23`` of a Philox word (exact)."""
-        return ((w.to(tl.uint32, bitcast=True) >> 9).to(tl.float32) + 0.5) * _U_SCALE
+        return ((w.to(tl.uint32, bitcast=True) >> 9).to(tl.float32) + 0.5) * U_SCALE
 
     @triton.jit
     def _ln(u):
-        ix = u.to(tl.int32, bitcast=True) + (0x3F800000 - _SQRT_HALF_BITS)
+        ix = u.to(tl.int32, bitcast=True) + (0x3F800000 - SQRT_HALF_BITS)
         ef = ((ix >> 23) - 127).to(tl.float32)
-        m = ((ix & 0x007FFFFF) + _SQRT_HALF_BITS).to(tl.float32, bitcast=True)
+        m = ((ix & 0x007FFFFF) + SQRT_HALF_BITS).to(tl.float32, bitcast=True)
         t = tl.div_rn(m - 1.0, m + 1.0)
         t2 = t * t
         h = ((t2 * _A9 + _A7) * t2 + _A5) * t2 + _A3
         ln_m = (t + t * (h * t2)) * 2.0
-        return (ef * _LN2_LO + ln_m) + ef * _LN2_HI
+        return (ef * LN2_LO + ln_m) + ef * LN2_HI
 
     @triton.jit
     def _sqrt(v):
@@ -198,14 +198,14 @@ if triton is not None:
         sb = s.to(tl.int32, bitcast=True)
         cb = c.to(tl.int32, bitcast=True)
         diff = (sb ^ cb) & swap
-        sin_q = (sb ^ diff) ^ (-((q >> 1) & 1) & _SIGN_BIT)
-        cos_q = (cb ^ diff) ^ (-(((q + 1) >> 1) & 1) & _SIGN_BIT)
+        sin_q = (sb ^ diff) ^ (-((q >> 1) & 1) & SIGN_BIT)
+        cos_q = (cb ^ diff) ^ (-(((q + 1) >> 1) & 1) & SIGN_BIT)
         return cos_q.to(tl.float32, bitcast=True), sin_q.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _sign(u):
         neg = (0x3EFFFFFF - u.to(tl.int32, bitcast=True)) >> 31
-        return ((neg & _SIGN_BIT) | 0x3F800000).to(tl.float32, bitcast=True)
+        return ((neg & SIGN_BIT) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def z_lanes(seed, groups, RADEMACHER: tl.constexpr):

@@ -50,7 +50,7 @@ _N_ROUNDS = 10
 _SR_DOMAIN = 0x80000000  # k1 bit 31: stochastic-rounding uniforms never collide with z
 
 _U_SHIFT = 9  # keep the top 23 bits of a word ...
-_U_SCALE = 2.0**-23  # ... so ((w >> 9) + 0.5) * 2**-23 is exact in float32
+U_SCALE = 2.0**-23  # ... so ((w >> 9) + 0.5) * 2**-23 is exact in float32
 TWO_PI_F32 = float(torch.tensor(2 * math.pi, dtype=torch.float32))  # 6.2831854820251465 exactly
 
 _MAX_GROUPS = 1 << 32  # the Philox counter word c0 is 32 bits
@@ -62,7 +62,7 @@ IntOrTensor = int | Tensor
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_u32(name: str, value: int, *, limit: int = 1 << 32) -> None:
+def check_u32(name: str, value: int, *, limit: int = 1 << 32) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int in [0, {limit}); got {value!r} ({type(value).__name__})")
     if not 0 <= value < limit:
@@ -70,7 +70,7 @@ def _check_u32(name: str, value: int, *, limit: int = 1 << 32) -> None:
         raise ValueError(f"{name}={value} is outside [0, {limit}); {hint} (e.g. {name} & {limit - 1:#x})")
 
 
-def _check_range(numel: int, offset: int) -> None:
+def check_range(numel: int, offset: int) -> None:
     for name, v in (("numel", numel), ("offset", offset)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be a non-negative int; got {v!r} ({type(v).__name__})")
@@ -83,7 +83,7 @@ def _check_range(numel: int, offset: int) -> None:
         )
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}; pass kind='gaussian' or kind='rademacher'")
 
@@ -100,8 +100,8 @@ def step_seed(seed: int, step: int) -> int:
     >>> step_seed(0, 0)
     2065550767
     """
-    _check_u32("seed", seed)
-    _check_u32("step", step)
+    check_u32("seed", seed)
+    check_u32("step", step)
     z = (((seed << 32) | step) + 0x9E3779B97F4A7C15) & _M64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
@@ -132,8 +132,8 @@ def philox4x32_10(
     >>> [hex(int(w)) for w in philox4x32_10(0, 0, 0, 0, 0, 0)]
     ['0x6627e8d5', '0xe169c58d', '0xbc57ac4c', '0x9b00dbd8']
     """
-    _check_u32("k0", k0)
-    _check_u32("k1", k1)
+    check_u32("k0", k0)
+    check_u32("k1", k1)
     words = []
     for name, c in (("c0", c0), ("c1", c1), ("c2", c2), ("c3", c3)):
         if isinstance(c, Tensor):
@@ -142,7 +142,7 @@ def philox4x32_10(
             if c.numel() and (int(c.min()) < 0 or int(c.max()) > _M32):
                 raise ValueError(f"{name} holds values outside [0, 2**32); mask it with & 0xFFFFFFFF")
         else:
-            _check_u32(name, c)
+            check_u32(name, c)
             c = torch.tensor(c, dtype=torch.int64)
         words.append(c)
     shape = torch.broadcast_shapes(*(w.shape for w in words))
@@ -158,19 +158,19 @@ def philox4x32_10(
 # backend that does not fuse a*b+c into an FMA then computes the same bits.
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
     """x rounded to the nearest float32 (so every backend multiplies by the same constant)."""
     return float(torch.tensor(x, dtype=torch.float32))
 
 
-_LN2_HI = 0.693145751953125  # 0x3F317200: e * _LN2_HI is exact for |e| < 512
-_LN2_LO = _f32(math.log(2.0) - _LN2_HI)
-_SQRT_HALF_BITS = 0x3F3504F3  # float32 sqrt(1/2)
-_SIGN_BIT = -(2**31)  # 0x80000000 as int32
-_ATANH = [_f32(1.0 / k) for k in (9, 7, 5, 3)]  # ln m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^9/9)
-_SIN = [_f32((-1) ** k / math.factorial(2 * k + 1)) for k in (4, 3, 2, 1)]  # x^9 .. x^3
-_COS = [_f32((-1) ** k / math.factorial(2 * k)) for k in (5, 4, 3, 2, 1)]  # x^10 .. x^2
-_RSQRT_MAGIC = 0x5F3759DF
+LN2_HI = 0.693145751953125  # 0x3F317200: e * LN2_HI is exact for |e| < 512
+LN2_LO = f32(math.log(2.0) - LN2_HI)
+SQRT_HALF_BITS = 0x3F3504F3  # float32 sqrt(1/2)
+SIGN_BIT = -(2**31)  # 0x80000000 as int32
+ATANH = [f32(1.0 / k) for k in (9, 7, 5, 3)]  # ln m = 2 atanh(t) = 2 (t + t^3/3 + ... + t^9/9)
+SIN = [f32((-1) ** k / math.factorial(2 * k + 1)) for k in (4, 3, 2, 1)]  # x^9 .. x^3
+COS = [f32((-1) ** k / math.factorial(2 * k)) for k in (5, 4, 3, 2, 1)]  # x^10 .. x^2
+RSQRT_MAGIC = 0x5F3759DF
 
 
 def _horner(x: Tensor, coeffs: list) -> Tensor:
@@ -184,18 +184,18 @@ def _horner(x: Tensor, coeffs: list) -> Tensor:
 def _ln(u: Tensor) -> Tensor:
     """Natural log of positive normal float32 values (error about 1 ulp)."""
     # u = 2**e * m with m in [sqrt(1/2), sqrt(2)): offsetting the bits puts the split at sqrt(1/2)
-    ix = u.view(torch.int32) + (0x3F800000 - _SQRT_HALF_BITS)
+    ix = u.view(torch.int32) + (0x3F800000 - SQRT_HALF_BITS)
     ef = ((ix >> 23) - 127).to(torch.float32)
-    m = ((ix & 0x007FFFFF) + _SQRT_HALF_BITS).view(torch.float32)
+    m = ((ix & 0x007FFFFF) + SQRT_HALF_BITS).view(torch.float32)
     t = (m - 1.0) / (m + 1.0)
     t2 = t * t
-    ln_m = (t + t * (_horner(t2, _ATANH) * t2)) * 2.0
-    return (ef * _LN2_LO + ln_m) + ef * _LN2_HI
+    ln_m = (t + t * (_horner(t2, ATANH) * t2)) * 2.0
+    return (ef * LN2_LO + ln_m) + ef * LN2_HI
 
 
 def _sqrt(v: Tensor) -> Tensor:
     """Square root of positive float32 values: bit-trick guess, three Newton steps on 1/sqrt(v)."""
-    y = (_RSQRT_MAGIC - (v.view(torch.int32) >> 1)).view(torch.float32)
+    y = (RSQRT_MAGIC - (v.view(torch.int32) >> 1)).view(torch.float32)
     half_v = v * 0.5
     for _ in range(3):
         y = y * (1.5 - half_v * (y * y))
@@ -207,15 +207,15 @@ def _sincos_2pi(u: Tensor) -> tuple[Tensor, Tensor]:
     q = (u * 4.0 + 0.5).to(torch.int32)  # nearest quarter turn, 0..4
     x = (u - q.to(torch.float32) * 0.25) * TWO_PI_F32  # the subtraction is exact
     x2 = x * x
-    s = x + x * (_horner(x2, _SIN) * x2)
-    c = _horner(x2, _COS) * x2 + 1.0
+    s = x + x * (_horner(x2, SIN) * x2)
+    c = _horner(x2, COS) * x2 + 1.0
     # select and negate on the bits (exact, and much cheaper than torch.where):
     # odd q swaps sin and cos; bit 1 of q negates sin, bit 1 of q + 1 negates cos
     swap = -(q & 1)  # 0 or all ones
     sb, cb = s.view(torch.int32), c.view(torch.int32)
     diff = (sb ^ cb) & swap
-    sin_q = (sb ^ diff) ^ (-((q >> 1) & 1) & _SIGN_BIT)
-    cos_q = (cb ^ diff) ^ (-(((q + 1) >> 1) & 1) & _SIGN_BIT)
+    sin_q = (sb ^ diff) ^ (-((q >> 1) & 1) & SIGN_BIT)
+    cos_q = (cb ^ diff) ^ (-(((q + 1) >> 1) & 1) & SIGN_BIT)
     return cos_q.view(torch.float32), sin_q.view(torch.float32)
 
 
@@ -239,7 +239,7 @@ def _rademacher_lanes(u: Tensor) -> Tensor:
     ``0x3EFFFFFF - bits(u)`` says so, and becomes the sign of 1.0.
     """
     neg = (0x3EFFFFFF - u.view(torch.int32)) >> 31  # -1 or 0
-    return ((neg & _SIGN_BIT) | 0x3F800000).view(torch.float32)
+    return ((neg & SIGN_BIT) | 0x3F800000).view(torch.float32)
 
 
 _KIND_IDS = {"gaussian": 0, "rademacher": 1, "uniform": 2}
@@ -258,7 +258,7 @@ def _values_kernel(groups: Tensor, k0: Tensor, k1: Tensor, kind_id: Tensor) -> T
     """
     zero = torch.zeros_like(groups)
     words = _philox_rounds(groups, zero, zero, zero, k0, k1)
-    u = [((w >> _U_SHIFT).to(torch.float32) + 0.5) * _U_SCALE for w in words]  # 4 x (G,)
+    u = [((w >> _U_SHIFT).to(torch.float32) + 0.5) * U_SCALE for w in words]  # 4 x (G,)
     r01, r23 = _sqrt(_ln(u[0]) * -2.0), _sqrt(_ln(u[2]) * -2.0)
     (c1, s1), (c3, s3) = _sincos_2pi(u[1]), _sincos_2pi(u[3])
     gauss = (r01 * c1, r01 * s1, r23 * c3, r23 * s3)
@@ -315,7 +315,7 @@ def _values_eager(g0: int, n_groups: int, k0: int, k1: int, kind: str, ws: _Work
     u = ws.uniform[:, :n_groups]
     for j, w in enumerate(_words_eager(g0, n_groups, k0, k1, ws)):
         u[j].copy_(w.bitwise_right_shift_(_U_SHIFT))  # < 2**23: the int -> float32 copy is exact
-    return _interleave(_LANES[kind](u.add_(0.5).mul_(_U_SCALE)))
+    return _interleave(_LANES[kind](u.add_(0.5).mul_(U_SCALE)))
 
 
 _compile_lock = threading.Lock()
@@ -406,7 +406,7 @@ def _values(g0: int, n_groups: int, k0: int, k1: int, kind: str, ws: _Workspace)
     return _call_compiled(fn, g0, n_groups, k0, k1, kind)
 
 
-def _chunks(
+def chunks(
     numel: int, *, k0: int, k1: int, offset: int, kind: str, device: torch.device
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(lo, values)``: flat float32 values ``offset + lo ..`` of key ``(k0, k1)``, chunk by chunk.
@@ -442,12 +442,12 @@ def normal(
     >>> torch.equal(normal(7, 3, 4, offset=2), z[2:])
     True
     """
-    _check_u32("step_seed", step_seed)
-    _check_u32("param_id", param_id)
-    _check_range(numel, offset)
-    _check_kind(kind)
+    check_u32("step_seed", step_seed)
+    check_u32("param_id", param_id)
+    check_range(numel, offset)
+    check_kind(kind)
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    for lo, vals in _chunks(numel, k0=step_seed, k1=param_id, offset=offset, kind=kind, device=out.device):
+    for lo, vals in chunks(numel, k0=step_seed, k1=param_id, offset=offset, kind=kind, device=out.device):
         out[lo : lo + vals.numel()].copy_(vals)
     return out
 
@@ -461,11 +461,11 @@ def sr_uniform(
     >>> bool(((u > 0) & (u < 1)).all())
     True
     """
-    _check_u32("sr_seed", sr_seed)
-    _check_u32("param_id", param_id, limit=1 << 31)
-    _check_range(numel, offset)
+    check_u32("sr_seed", sr_seed)
+    check_u32("param_id", param_id, limit=1 << 31)
+    check_range(numel, offset)
     out = torch.empty(numel, dtype=torch.float32, device=device)
     k1 = param_id | _SR_DOMAIN
-    for lo, vals in _chunks(numel, k0=sr_seed, k1=k1, offset=offset, kind="uniform", device=out.device):
+    for lo, vals in chunks(numel, k0=sr_seed, k1=k1, offset=offset, kind="uniform", device=out.device):
         out[lo : lo + vals.numel()].copy_(vals)
     return out
