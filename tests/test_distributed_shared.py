@@ -35,15 +35,23 @@ def _files(directory):
 
 
 def _run(disk_dir, data_parallel, write_back_every=None):
+    """Train STEPS steps; with a shared disk tier, also snapshot its block files after each step.
+
+    Only a shared disk tier is snapshotted during training: there no rank writes a block between
+    consolidations, and each consolidation finishes (files renamed, old ones deleted) before the collective
+    that ends it returns on every rank. An own directory is written back by the engine's writer threads
+    while the next step runs, so a listing of it may name a file that is renamed or deleted before it is read.
+    """
     model = tiny_model("llama")
     place = _spread(zo2tier.ZOEngine.block_names(model))
+    watch = data_parallel.shared_disk
     with zo2tier.ZOEngine(model, budget=BIG, disk_dir=disk_dir, config=zo2tier.MeZOConfig(**CFG),
                           placement=place, write_back_every=write_back_every,
                           data_parallel=data_parallel) as engine:
-        snaps, merged = [_files(engine.disk_dir)], [0]
+        snaps, merged = [_files(engine.disk_dir) if watch else None], [0]
         for _ in range(STEPS):
             engine.step(_batch())
-            snaps.append(_files(engine.disk_dir))
+            snaps.append(_files(engine.disk_dir) if watch else None)
             merged.append(engine.collective.n_consolidations)
         paths = [r.path for r in engine.table.by_tier("disk")]
         log = [e.to_json() for e in engine.log]

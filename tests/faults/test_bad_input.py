@@ -9,6 +9,7 @@ from tiny_models import tiny_batch, tiny_model
 
 import zo2tier
 from zo2tier.budget import TierBudget, parse_size
+from zo2tier.train import data
 
 
 @pytest.mark.parametrize(("budget", "match"), [
@@ -91,7 +92,6 @@ def test_bad_step_lr(engine, lr):
 @pytest.mark.parametrize("content", ["text,label\n", "", "text,label\n   ,pos\n"])
 def test_empty_dataset(tmp_path, content):
     """An empty data file (issue 6's loader) ends in a ValueError, at the latest when batches are drawn."""
-    data = pytest.importorskip("zo2tier.train.data")
     path = tmp_path / "train.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=r"train.csv|0 training examples"):

@@ -20,6 +20,7 @@ from conftest import (
     tmpfs,
 )
 
+from zo2tier.store.convert import convert
 from zo2tier.store.io import BlockIOError, align_up
 
 CAP_BYTES = 4096  # smaller than one block file of the tiny model (~37 KB)
@@ -117,7 +118,6 @@ def _tiny_config_file(directory) -> str:
 
 
 def test_convert_on_full_disk_then_resume(tmp_path):
-    convert = pytest.importorskip("zo2tier.store.convert").convert
     src = _tiny_config_file(tmp_path / "src")
     dst = tmp_path / "store"
     with file_size_cap(CAP_BYTES):
@@ -132,7 +132,6 @@ def test_convert_on_full_disk_then_resume(tmp_path):
 
 
 def test_convert_fills_a_small_tmpfs_then_resumes(tmp_path):
-    convert = pytest.importorskip("zo2tier.store.convert").convert
     src = _tiny_config_file(tmp_path / "src")
     with tmpfs(tmp_path / "mnt", "100k") as mnt:
         dst = os.path.join(mnt, "store")

@@ -26,8 +26,10 @@ def test_tweets_dedup_and_balanced_splits(tmp_path):
     splits = {k: load_examples(v) for k, v in paths.items()}
     assert [len(splits[k]) for k in ("train", "dev", "test")] == [12, 4, 8]
     assert sum(ex.label == "positive" for ex in splits["test"]) == 4
-    texts = [ex.text for s in splits.values() for ex in s]
-    assert len(set(texts)) == len(texts) and "caf\xe9 good 0" in texts + ["caf\xe9 good 0"]
+    # every tweet once (the retweet dropped, neutral left out), decoded from latin-1, with its own label
+    rows = sorted((ex.text, ex.label) for s in splits.values() for ex in s)
+    assert rows == sorted([(f"caf\xe9 good {i}", "positive") for i in range(12)]
+                          + [(f"bad {i}", "negative") for i in range(12)])
 
 
 def test_thirds_puts_at_least_a_third_on_disk():

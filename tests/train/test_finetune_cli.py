@@ -19,15 +19,37 @@ def _zo2tier() -> list[str]:
     return [script] if os.path.exists(script) else [sys.executable, "-m", "zo2tier.cli"]
 
 
-def _task(tmp_path):
-    model = save_tiny_model(str(tmp_path / "model"))
+def _task(tmp_path, model_seed=0):
+    model = save_tiny_model(str(tmp_path / "model"), seed=model_seed)
     train = write_csv(str(tmp_path / "train.csv"), tiny_rows(48, seed=0))
     test = write_csv(str(tmp_path / "test.csv"), tiny_rows(16, seed=1))
     return model, train, test
 
 
+def _accuracy_by_hand(model_dir, rows) -> float:
+    """The fraction of ``rows`` where, after "{text} It was", the model scores its label's word ("great" for
+    positive, "terrible" for negative) above the other one: plain transformers, one row at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    great, terrible = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("great", "terrible"))
+    correct = 0
+    for row in rows:
+        ids = torch.tensor([tok(row["text"] + " It was")["input_ids"]])
+        with torch.no_grad():
+            last = model(input_ids=ids).logits[0, -1]  # (vocab,) the next-token scores
+        correct += ("positive" if last[great] > last[terrible] else "negative") == row["label"]
+    return correct / len(rows)
+
+
 def test_cli_contract_flags(tmp_path):
-    model, train, test = _task(tmp_path)
+    # most random tiny models say "great" (or "terrible") after every prompt, which scores 0.5 on this balanced
+    # test set whatever the scoring gets wrong; seed 4's model varies its answer, so the accuracies below
+    # are checked on a model whose score depends on each row
+    model, train, test = _task(tmp_path, model_seed=4)
+    zero_shot = _accuracy_by_hand(model, tiny_rows(16, seed=1))
+    assert zero_shot != 0.5
     cmd = _zo2tier() + [
         "finetune", "--model", model, "--train", train, "--test", test,
         "--text-column", "text", "--label-column", "label",
@@ -40,8 +62,10 @@ def test_cli_contract_flags(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"zero_shot_acc", "finetuned_acc", "steps", "seconds"} <= result.keys()
-    assert result["steps"] == 12 and 0.0 <= result["finetuned_acc"] <= 1.0
+    assert result["steps"] == 12
     out = tmp_path / "runs/out"
+    assert result["zero_shot_acc"] == zero_shot
+    assert result["finetuned_acc"] == _accuracy_by_hand(out / "model", tiny_rows(16, seed=1))
     assert (out / "curves.png").stat().st_size > 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert sum(r["event"] == "train" for r in records) == 12

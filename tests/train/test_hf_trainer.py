@@ -8,6 +8,7 @@ from tiny_models import tiny_model
 from tiny_task import tiny_rows, tiny_tokenizer
 from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
+from zo2tier import MeZOConfig, ZOEngine
 from zo2tier.train.hf_trainer import ZOTrainer
 
 
@@ -25,20 +26,32 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**(base | kw))
 
 
+def _record_steps(engine):
+    """Wrap ``engine.step`` to keep a copy of each batch and learning rate it is given."""
+    calls, step = [], engine.step
+
+    def recording_step(batch, *, lr=None, loss_fn=None):
+        calls.append(({k: v.clone() for k, v in batch.items()}, lr))
+        return step(batch, lr=lr, loss_fn=loss_fn)
+
+    engine.step = recording_step
+    return calls
+
+
 def test_train_evaluate_save(tmp_path):
     tok, data = _dataset()
     trainer = ZOTrainer(model=tiny_model("llama"), args=_args(tmp_path), train_dataset=data, eval_dataset=data,
                         data_collator=DataCollatorForLanguageModeling(tok, mlm=False), processing_class=tok,
                         budget="device=1GiB,host=1GiB,disk=1GiB", disk_dir=str(tmp_path / "disk"),
                         placement={f"model.layers.{i}": t for i, t in enumerate(["device", "host", "disk", "disk"])})
-    before = trainer.evaluate()["eval_loss"]
+    calls = _record_steps(trainer.engine)
     out = trainer.train()
     assert out.global_step == 6
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3 and all(h["learning_rate"] > 0 for h in logged)
     assert sum("eval_loss" in h for h in trainer.state.log_history) == 2  # steps 3 and 6
-    after = trainer.evaluate()["eval_loss"]
-    assert after != before
+    # the Trainer's default schedule: linear decay from learning_rate to 0 over max_steps, no warmup
+    assert [lr for _, lr in calls] == pytest.approx([1e-3 * (6 - s) / 6 for s in range(6)], rel=1e-12)
     first8 = trainer.evaluate(eval_dataset=data[:8])["eval_loss"]
     trainer.save_model(str(tmp_path / "final"))
     trainer.close()
@@ -49,6 +62,20 @@ def test_train_evaluate_save(tmp_path):
     with torch.no_grad():
         loss = reloaded(**batch).loss
     assert float(loss) == pytest.approx(first8, rel=1e-4)
+
+    # the saved weights are exactly those of a plain engine (every block on the device) given the same
+    # batches and learning rates with the same MeZOConfig: the Trainer adds scheduling, not a different step
+    initial = tiny_model("llama").state_dict()
+    config = MeZOConfig(lr=1e-3, eps=1e-3, weight_decay=0.0, seed=0)
+    with ZOEngine(tiny_model("llama"), budget="device=1GiB", device="cpu", config=config) as reference:
+        for batch, lr in calls:
+            reference.step(batch, lr=lr)
+        expected = reference.state_dict()
+    saved = reloaded.state_dict()
+    assert saved.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(saved[key], expected[key]), key
+    assert any(not torch.equal(expected[k], initial[k]) for k in initial)  # and the steps moved the weights
 
 
 @pytest.mark.parametrize("setting, match", [
