@@ -24,10 +24,11 @@ from zo2tier.budget import BudgetLike, TierBudget
 from zo2tier import checkpoint as _store_glue
 from zo2tier.config import MeZOConfig
 from zo2tier.distributed import DataParallel, attach as _attach_data_parallel
-from zo2tier.model.blocks import describe, scratch_spans
+from zo2tier.model.blocks import describe
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
 from zo2tier.model.proxy import ModuleProxy, install, run_dual
-from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, Plan, PlanInput, plan_placement
+from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, Plan
+from zo2tier.planning import make_plan
 from zo2tier import shared_disk as _shared_disk
 from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import (INT8_GROUP, WRITE_BACK_RANGE_NUMEL, check_storage, decode, dtype_name, encode,
@@ -288,17 +289,12 @@ class ZOEngine:
         return DEFAULT_HOST_LOOKAHEAD
 
     def _make_plan(self, placement: Mapping[str, str] | None, lookahead: int) -> Plan:
-        sizes = []
-        for name in self.layout.block_names:
-            sizes.append(BlockSize(name, sum(p.numel for p in self.layout.params_under(name))))
-        in_blocks = sum(s.numel for s in sizes)
-        resident = sum(p.numel for p in self.layout.params) - in_blocks
-        part, resident_module = scratch_spans(self.layout, SPLIT_LAYERS)
-        inp = PlanInput(tuple(sizes), resident, self.compute_dtype.itemsize, self.storage, lookahead,
-                        fused=fused.available(self.device, self.compute_dtype), largest_part=part,
-                        largest_resident_module=resident_module, vocab_size=self._vocab_size)
-        self.plan_input = inp  # what the planner saw: zo2tier.predict.predict_step(engine.plan_input, engine.plan, ...)
-        return plan_placement(inp, self.budget, dict(placement) if placement is not None else None)
+        # what the planner saw: zo2tier.predict.predict_step(engine.plan_input, engine.plan, ...)
+        self.plan_input, plan = make_plan(
+            self.layout, self.budget, placement=placement, compute_dtype=self.compute_dtype, storage=self.storage,
+            lookahead_blocks=lookahead, fused=fused.available(self.device, self.compute_dtype),
+            vocab_size=self._vocab_size, split_layers=SPLIT_LAYERS)
+        return plan
 
     def _build(self, model: nn.Module, source: StateSource, lookahead: int | None) -> None:
         layout, modules = self.layout, dict(model.named_modules())
@@ -900,6 +896,30 @@ class ZOEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this ZOEngine is closed; build a new one (or resume from a checkpoint)")
+
+    # ---- front-end seams (logic in zo2tier/generate.py) ---------------------------------------------
+    @torch.no_grad()
+    def forward(self, **model_kwargs: Any) -> Any:
+        """The model's own forward, unperturbed, through the tiers (every update applied); keywords such as
+        ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache`` pass through."""
+        self._check_open()
+        rows = model_kwargs["input_ids"]
+        self._mode, self._rows, self._flat_rows = ("eval", 0, 0.0), rows.shape[0], rows.numel()
+        self._prepare_resident()
+        try:
+            return self.model(**model_kwargs)
+        finally:
+            self._close_open()
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, temperature: float = 0.0, seed: int = 0, eos_token_id=None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """New token ids (B, <= max_new_tokens) after left-padded ``input_ids``, KV-cached, through the tiers;
+        ``temperature`` 0 is greedy. Example: ``engine.generate(ids, mask, max_new_tokens=16)``."""
+        from zo2tier.generate import Sampling, generate_ids
+
+        return generate_ids(self, input_ids, attention_mask, sampling=Sampling(max_new_tokens, temperature, seed),
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
