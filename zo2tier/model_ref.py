@@ -125,11 +125,9 @@ def with_architectures(config: dict[str, Any]) -> dict[str, Any]:
     return config if name is None else {**config, "architectures": [name]}
 
 
-def write_model_files(ref: ModelRef, out_dir: str, *, config: dict[str, Any] | None = None) -> list[str]:
-    """Copy (or, for a GGUF, derive) the tokenizer files, generation config and chat template of ``ref`` into
-    ``out_dir``, and write ``config.json`` (``config``, default the model's, with ``architectures``).
-
-    Returns the file names written. A model without a tokenizer gets only its config (no error)."""
+def copy_tokenizer_files(ref: ModelRef, out_dir: str) -> list[str]:
+    """Copy (or, for a GGUF, derive) ``ref``'s tokenizer files, generation config and chat template into
+    ``out_dir``; its config.json is left alone. Returns the file names written."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
     if ref.kind == "gguf":
@@ -146,8 +144,17 @@ def write_model_files(ref: ModelRef, out_dir: str, *, config: dict[str, Any] | N
             if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(out_dir, name)):
                 shutil.copyfile(src, os.path.join(out_dir, name))
                 written.append(name)
+    return sorted(set(written) - {"config.json"})
+
+
+def write_model_files(ref: ModelRef, out_dir: str, *, config: dict[str, Any] | None = None) -> list[str]:
+    """Copy (or, for a GGUF, derive) the tokenizer files, generation config and chat template of ``ref`` into
+    ``out_dir``, and write ``config.json`` (``config``, default the model's, with ``architectures``).
+
+    Returns the file names written. A model without a tokenizer gets only its config (no error)."""
+    written = copy_tokenizer_files(ref, out_dir)
     doc = with_architectures(dict(config if config is not None else ref.config_dict()))
     doc.pop("quantization_config", None)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, sort_keys=True)
-    return sorted(set(written)) + ["config.json"]
+    return written + ["config.json"]
