@@ -85,7 +85,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         model = skeleton_from_config(config, compute)
         if isinstance(source, RandomSource):
             source = RandomSource(config, compute, seed, {p.name: p.decay for p in describe(model).params})
-        entries = _layout(model, layer_dtype, dtype_name(compute))
+        entries = block_layout(model, layer_dtype, dtype_name(compute))
         src_info = {"src": src, **source.fingerprint(), "dtype": dtype_name(compute), "disk_dtype": layer_dtype}
         if spec is not None:  # only then: stores converted before v2 keep their source record
             src_info["compress"] = {"zstd": {"level": spec.level, "frame_bytes": spec.frame_bytes}}
@@ -169,8 +169,11 @@ def _int8_piece(values: torch.Tensor, scales: list[torch.Tensor]) -> memoryview:
     return memoryview(raw[:n].numpy())
 
 
-def _layout(model, layer_dtype: str, resident_dtype: str) -> list[BlockEntry]:
-    """The engine's blocks: each decoder layer, then the resident set, parameters back to back."""
+def block_layout(model, layer_dtype: str, resident_dtype: str) -> list[BlockEntry]:
+    """The store's block entries for ``model`` (a skeleton on meta is enough), laid out as the engine lays
+    out its blocks: each decoder layer in ``layer_dtype``, then the resident set in ``resident_dtype``,
+    parameters back to back. Tools that write a store block by block (e.g. random weights made on a GPU)
+    start from these."""
     layout = describe(model)
     groups = [(name, layout.params_under(name)) for name in layout.block_names]
     in_blocks = {p.param_id for _, ps in groups for p in ps}
@@ -275,4 +278,4 @@ def _config_dtype(config: dict) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
 
 
-__all__ = ["ConvertReport", "StoreFormatError", "convert"]
+__all__ = ["ConvertReport", "StoreFormatError", "block_layout", "convert"]
