@@ -1,4 +1,4 @@
-"""The planner's step-time arithmetic (DESIGN.md §1 rates), checked by hand on small numbers."""
+"""The planner's step-time arithmetic (docs/design.md §1 rates), checked by hand on small numbers."""
 
 import pytest
 

@@ -1,7 +1,7 @@
 """Placement from budgets: pure arithmetic, no tensors and no I/O.
 
 Every step visits blocks 0..L-1 in the same order, so the best static placement fills the device first,
-then pinned host RAM, then disk (DESIGN.md §3.4). Which blocks go where does not change the bytes moved,
+then pinned host RAM, then disk (docs/design.md §3.4). Which blocks go where does not change the bytes moved,
 so the device takes the first blocks, the host the next, the disk the rest.
 """
 

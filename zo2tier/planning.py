@@ -158,7 +158,7 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
     tail = (f"predicted step ({batch}x{seq} tokens, write-back every host {ks['host']} / disk {ks['disk']} "
             f"steps): {pred.step_s:.3f} s = {batch * seq / pred.step_s:,.0f} tok/s, bound by {pred.bound} "
             f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s{codec}; "
-            f"rates from {calibration or 'DESIGN.md defaults (H100 machine)'})")
+            f"rates from {calibration or 'docs/design.md defaults (H100 machine)'})")
     extra = unplanned_device_bytes(inp, batch * seq)
     peak = (f"estimated GPU peak ({batch}x{seq} tokens): {format_size(plan.used_bytes['device'] + extra)} = "
             f"device {format_size(plan.used_bytes['device'])} + CUDA context, logits, loss and activations "
