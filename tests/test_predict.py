@@ -1,4 +1,4 @@
-"""The planner's step-time arithmetic (DESIGN.md §1 rates), checked by hand on small numbers."""
+"""The planner's step-time arithmetic (docs/design.md §1 rates), checked by hand on small numbers."""
 
 import pytest
 
@@ -115,7 +115,7 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     assert working_bytes(inp, 2) == base + 2 * 2 * n  # never more slots than host blocks
     assert working_bytes(inp, 0, 3) == base + 2 * n  # the one disk block being computed
     int8 = PlanInput(inp.blocks, r, 2, {"device": "fp16", "host": "fp16", "disk": "int8"}, 2, fused=fused)
-    int8_block = n + 4 * ((n + 127) // 128) + 3
+    int8_block = n + 4 * ((n + 127) // 128)  # the codec's layout: payload (padded to 4 bytes) and the scales
     # fused: the encoded int8 block and one write-back range (WRITE_BACK_RANGE_BYTES), never an fp32 block;
     # generic: an fp32 block and the widest encoded block
     extra = WRITE_BACK_RANGE_BYTES + int8_block if fused else 4 * n + 2 * n

@@ -9,7 +9,7 @@ Blocks are generated straight into their tiers (never the whole model on the hos
 (tiered, baseline, tiered, ...) and reports the median of the per-pair ratios: calls differ by ~4%.
 ``--out-of-place-baseline`` adds, on the same weights, MeZO's step written the way its published trainer
 writes it (``p = p + z * eps`` and the like, each expression allocating its result), to compare with the MeZO
-figure DESIGN.md quotes from the peers' table.
+figure docs/design.md quotes from the peers' table.
 
 GPU peaks (NVML and torch) cover the first tiered run's steps only, not the build and not the baseline;
 ``gpu_build_peak_nvml_gib`` reports the build. ``--mem-snapshot=F`` dumps the allocator's history over the
@@ -257,7 +257,7 @@ def prediction(plan_input, plan, args, record: dict) -> dict:
                 predicted_parts_s={"compute": p.compute_s, "bus": p.bus_s, "disk": p.disk_s},
                 predicted_over_measured=p.step_s / record["step_s_mean"],
                 predicted_note="zo2tier.predict on the engine's plan; disk and bus rates measured in this run, "
-                               "compute rates DESIGN.md's; compared with the mean step (write-backs included)")
+                               "compute rates docs/design.md's; compared with the mean step (write-backs included)")
 
 
 def write_calibration(path: str, record: dict, args) -> dict:

@@ -43,7 +43,7 @@ SEED_GPU_GB = {"OPT-1.3B": 2.6, "OPT-2.7B": 3.2, "OPT-6.7B": 4.5, "OPT-13B": 6.2
                "OPT-66B": 12.0, "OPT-175B": 18.0, "BLOOM-176B": 20.5, "1T (OPT-shaped)": 45.0}
 SEED_TOKS = {"OPT-1.3B": 3072, "OPT-2.7B": 1920, "OPT-6.7B": 768, "OPT-13B": 384, "OPT-30B": 160,
              "OPT-66B": 64, "OPT-175B": 20}
-# DESIGN.md §1: ZO2's own CPU-offload mode measured on the H100 (tok/s, GPU GiB).
+# docs/design.md §1: ZO2's own CPU-offload mode measured on the H100 (tok/s, GPU GiB).
 ZO2_MEASURED = {"OPT-6.7B": (5848, 4.70), "OPT-13B": (2890, 5.83), "OPT-30B": (1478, 7.72)}
 
 # The GPU bytes the planner does not count: zo2tier.plan.unplanned_device_bytes (measured on the H100).
@@ -92,7 +92,7 @@ def budget_sets():
                            "as above with two NVMe striped: 7.0 GB/s read / 6.0 write"),
         "h100": (78 * GIB, 112 * GIB, 56 * GIB, Calibration(),
                  "the H100 machine: 78 GiB usable of the 80 GB card, 128 GiB RAM less 16 GiB headroom, "
-                 "56 GiB of its 64 GiB disk, DESIGN.md §1 rates (disk 2.24 / 2.84 GB/s)"),
+                 "56 GiB of its 64 GiB disk, docs/design.md §1 rates (disk 2.24 / 2.84 GB/s)"),
         "h100-large-nvme": (78 * GIB, 112 * GIB, 8000 * GB, Calibration(),
                             "the H100 machine with an 8 TB NVMe at its measured 2.24 / 2.84 GB/s"),
     }
@@ -166,7 +166,7 @@ def evaluate(name, config, bset, inp):
 def measured_checks():
     """The planner against benchmarks/step_h100.jsonl and capped_h100.jsonl: same model, budget, storage and
     write-back. Rates: the ones the run measured itself (raw disk read/write, bus) where its record has them,
-    DESIGN.md's otherwise; measured: the mean step where recorded (it carries the amortized write-backs)."""
+    docs/design.md's otherwise; measured: the mean step where recorded (it carries the amortized write-backs)."""
     import dataclasses
 
     from zo2tier.budget import TierBudget
@@ -197,7 +197,7 @@ def measured_checks():
                          replays=0 if r["phase"] == "eval" else None)
         measured = r.get("step_s_mean", r["step_s"])
         out.append({"model": r["model"], "phase": r["phase"], "budget": r["budget"], "write_back_every": k,
-                    "storage": r["storage"], "git_rev": r["git_rev"], "rates": "same run" if rates else "DESIGN.md",
+                    "storage": r["storage"], "git_rev": r["git_rev"], "rates": "same run" if rates else "docs/design.md",
                     "ram_cap_gib": r.get("ram_cap_gib"),
                     "blocks_planned": planned.counts(), "blocks_measured": r["blocks_per_tier"],
                     "measured_step_s": measured, "measured_tok_per_s": TOKENS / measured,
@@ -247,7 +247,7 @@ def markdown(results, budgets, checks):
                 f"| {p16['step_s']:.3g} | {p16['tok_per_s']:,.0f} | {p16['bound']} |")
         lines.append("")
     lines += ["### The planner against measurement (H100, `benchmarks/step_h100.jsonl`, `capped_h100.jsonl`)", "",
-              "Rates: the disk and bus rates the run measured itself where its record has them, DESIGN.md's "
+              "Rates: the disk and bus rates the run measured itself where its record has them, docs/design.md's "
               "otherwise. Measured: the mean step where recorded (write-backs included), else the median.", "",
               "| model | phase | budget | storage host/disk | K | rates | blocks planned (measured) "
               "| predicted step s (bound) | measured step s | predicted / measured | planned GPU GB; est. peak GiB "
@@ -292,7 +292,7 @@ def plots(results, checks, mem_png, tput_png):
     seed = [(sizes[m], v) for m, v in SEED_GPU_GB.items() if m in sizes]
     ax.plot(*zip(*sorted(seed)), "x-", color="C3", label="seed doc: projected ZO2 GPU GB")
     zo2 = [(sizes[m], g * GIB / GB) for m, (_, g) in ZO2_MEASURED.items()]
-    ax.plot(*zip(*zo2), "s", color="C4", mfc="none", label="ZO2 measured GPU (DESIGN.md §1)")
+    ax.plot(*zip(*zo2), "s", color="C4", mfc="none", label="ZO2 measured GPU (docs/design.md §1)")
     meas = [(MEASURED_PARAMS[c["model"]], c["gpu_peak_nvml_gib"] * GIB / GB)
             for c in checks if c["phase"] == "train"]
     ax.plot(*zip(*meas), "*", color="k", ms=11, label="zo2tier measured GPU, NVML (H100)")
@@ -321,7 +321,7 @@ def plots(results, checks, mem_png, tput_png):
     ax.plot(*zip(*sorted((sizes[m], v) for m, v in SEED_TOKS.items())), "x-", color="C3",
             label="seed doc: projected ZO2 tok/s")
     ax.plot(*zip(*[(sizes[m], t) for m, (t, _) in ZO2_MEASURED.items()]), "s", color="C4", mfc="none",
-            label="ZO2 measured, H100 (DESIGN.md §1)")
+            label="ZO2 measured, H100 (docs/design.md §1)")
     for c in checks:
         if c["phase"] != "train":
             continue

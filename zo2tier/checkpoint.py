@@ -69,9 +69,10 @@ def draft_manifest(config: dict, dtype: torch.dtype, records: list[BlockRecord],
 class StoreSource(StateSource):
     """Initial weights from an opened store: whole blocks as stored bytes, or one tensor at a time."""
 
-    def __init__(self, model: nn.Module, store: BlockStore) -> None:
+    def __init__(self, model: nn.Module, store: BlockStore, *, in_place: bool = True) -> None:
         super().__init__(model)
         self.store = store
+        self.in_place = in_place  # False: the engine leaves the store unchanged (changed blocks go elsewhere)
         m = store.manifest
         self.log = [folded(i) for i in range(m.log_start)] + [LogEntry.from_json(r) for r in m.log]
         self._where = {t.name: (b.index, t) for b in m.blocks for t in b.tensors}
@@ -95,15 +96,20 @@ class StoreSource(StateSource):
 
 # ---- building an engine on a store ----------------------------------------------------------------------
 def open_engine_store(engine, records: list[BlockRecord], source: StateSource) -> BlockStore | None:
-    """The store the engine keeps in step: the source store itself (in place), a new one, or none."""
+    """The store the engine keeps in step: the source store itself (in place), an overlay of it in the disk
+    directory (its changed blocks there, the source unchanged), a new one, or none."""
     if isinstance(source, StoreSource):
-        if engine.disk_dir is None or os.path.abspath(engine.disk_dir) == source.store.path:
-            engine.log = list(source.log)
-            pending = len(engine.log) - min(e.applied_steps for e in source.store.entries)
-            if pending and engine.config.perturbation != source.store.manifest.perturbation:
-                raise ValueError(f"the store has {pending} pending updates made with perturbation="
-                                 f"{source.store.manifest.perturbation!r}; pass a MeZOConfig with that perturbation")
+        in_place = source.in_place and (engine.disk_dir is None or
+                                        os.path.abspath(engine.disk_dir) == source.store.path)
+        engine.log = list(source.log)
+        pending = len(engine.log) - min(e.applied_steps for e in source.store.entries)
+        if pending and engine.config.perturbation != source.store.manifest.perturbation:
+            raise ValueError(f"the store has {pending} pending updates made with perturbation="
+                             f"{source.store.manifest.perturbation!r}; pass a MeZOConfig with that perturbation")
+        if in_place:
             return source.store
+        # nothing on disk: every block in memory, the base only read; else an overlay in the disk directory
+        return None if engine.disk_dir is None else BlockStore.overlay(source.store, engine.disk_dir)
     if engine.disk_dir is None:
         return None
     config = engine.model.config.to_dict()
@@ -116,9 +122,10 @@ def place_from_store(engine, record: BlockRecord, source: StateSource) -> bool:
     if not isinstance(source, StoreSource) or not source.matches(record):
         return False
     store, entry = source.store, source.store.entry(record.index)
+    own = engine.store is store or (engine.store is not None and engine.store.base is store)  # in place, overlay
     same_codec = (entry.zstd is None) == (engine.compress is None)
-    if engine.store is store and record.tier == "disk" and entry.dtype == record.storage and same_codec:
-        record.path = store.file_path(entry)  # in place: the store file is the disk tier's copy
+    if own and record.tier == "disk" and entry.dtype == record.storage and same_codec:
+        record.path = store.file_path(entry)  # the store file is the disk tier's copy (an overlay's: until written)
     else:
         raw = store.read_bytes(record.index)
         if entry.dtype != record.storage:  # (a codec change alone rewrites the block with put_initial)
@@ -126,7 +133,7 @@ def place_from_store(engine, record: BlockRecord, source: StateSource) -> bool:
             raw = torch.empty(record.stored_bytes, dtype=torch.uint8)
             encode(flat, record.storage, raw, sr_seed=0, sr_key=record.index, stochastic=False)
         engine.tiers.put_initial(record, raw.to(engine.device))
-    if engine.store is store:
+    if own or (engine.store is None and not source.in_place):  # the log tail replays on arrival
         record.applied_steps = entry.applied_steps
     elif entry.applied_steps != len(source.log):
         raise ValueError(f"store {store.path} has updates pending for block {record.name}; build the engine "
@@ -142,7 +149,8 @@ def persist_initial(engine, record: BlockRecord, raw: torch.Tensor) -> None:
 
 def finish_initial(engine, source: StateSource) -> None:
     """After every block is placed: commit the store, release a source store that is not ours."""
-    if isinstance(source, StoreSource) and source.store is not engine.store:
+    if isinstance(source, StoreSource) and source.store is not engine.store and (
+            engine.store is None or engine.store.base is not source.store):
         source.store.close()
     if engine.store is not None:
         commit_store(engine)
@@ -241,8 +249,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def from_store(cls, path: str | os.PathLike, **kwargs: Any):
     """Open the store at ``path`` and build an engine on it (in place unless ``disk_dir`` says otherwise)."""
     _refuse_shared_disk(kwargs, "from_store")
-    store = BlockStore.open(path, verify_reads=kwargs.pop("verify_reads", True))
-    return _build_on_store(cls, store, kwargs)
+    disk_dir = kwargs.get("disk_dir")
+    in_place = kwargs.pop("in_place", disk_dir is None or os.path.abspath(disk_dir) == os.path.abspath(path))
+    # a store left unchanged is locked shared: other fine-tunes may read it at the same time
+    store = BlockStore.open(path, verify_reads=kwargs.pop("verify_reads", True), shared=not in_place)
+    return _build_on_store(cls, store, kwargs, in_place=in_place)
 
 
 def resume(cls, path: str | os.PathLike, **kwargs: Any):
@@ -281,7 +292,7 @@ def _refuse_shared_disk(kwargs: dict, what: str) -> None:
                          "disk tier) or use DataParallel(shared_disk=False), each rank its own copy")
 
 
-def _build_on_store(cls, store: BlockStore, kwargs: dict):
+def _build_on_store(cls, store: BlockStore, kwargs: dict, *, in_place: bool = True):
     try:
         m = store.manifest
         model = skeleton_from_config(m.config, kwargs.pop("dtype", None) or _TORCH[m.dtype])
@@ -291,9 +302,9 @@ def _build_on_store(cls, store: BlockStore, kwargs: dict):
         layouts = [b.zstd for b in m.blocks[:-1]]
         if "compress" not in kwargs and layouts and all(layouts):  # a store converted with --compress zstd
             kwargs["compress"] = Zstd(layouts[0].level, layouts[0].frame_bytes)
-        if kwargs.get("disk_dir") is None:
+        if kwargs.get("disk_dir") is None and in_place:
             kwargs["disk_dir"] = store.path
-        return cls(model, _source=StoreSource(model, store), **kwargs)
+        return cls(model, _source=StoreSource(model, store, in_place=in_place), **kwargs)
     except BaseException:
         store.close()
         raise

@@ -24,9 +24,10 @@ from zo2tier.collective import Local
 from zo2tier.config import MeZOConfig
 from zo2tier.distributed import DataParallel, attach
 from zo2tier.dtypes import dtype_name
-from zo2tier.model.blocks import describe, scratch_spans
+from zo2tier.model.blocks import describe
 from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skeleton
-from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, Plan, PlanInput, plan_placement
+from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, Plan
+from zo2tier.planning import make_plan
 from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import check_storage, encode
 from zo2tier.tiers.manager import TierManager
@@ -185,14 +186,12 @@ class ZOEngine:
         return list(describe(model).block_names)
 
     def _make_plan(self, placement: Mapping[str, str] | None, model: nn.Module) -> Plan:
-        sizes = tuple(BlockSize(n, sum(p.numel for p in self.layout.params_under(n))) for n in self.layout.block_names)
-        resident = sum(p.numel for p in self.layout.params) - sum(s.numel for s in sizes)
-        part, resident_module = scratch_spans(self.layout)
-        self.plan_input = PlanInput(sizes, resident, self.compute_dtype.itemsize, self.storage, self.host_lookahead,
-                                    fused=fused.available(self.device, self.compute_dtype), largest_part=part,
-                                    largest_resident_module=resident_module,
-                                    vocab_size=int(getattr(model.config, "vocab_size", 0) or 0))
-        return plan_placement(self.plan_input, self.budget, dict(placement) if placement is not None else None)
+        # what the planner saw: zo2tier.predict.predict_step(engine.plan_input, engine.plan, ...)
+        self.plan_input, plan = make_plan(
+            self.layout, self.budget, placement=placement, compute_dtype=self.compute_dtype, storage=self.storage,
+            lookahead_blocks=self.host_lookahead, fused=fused.available(self.device, self.compute_dtype),
+            vocab_size=int(getattr(model.config, "vocab_size", 0) or 0))
+        return plan
 
     def _make_estimator(self, config: MeZOConfig) -> Estimator:
         """The estimator; with ``n_perturbations="auto"`` its smallest q until the first step's batch shape
@@ -408,6 +407,17 @@ class ZOEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this ZOEngine is closed; build a new one (or resume from a checkpoint)")
+
+    # ---- generation (logic in zo2tier/generate.py) -------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int, temperature: float = 0.0, seed: int = 0, eos_token_id=None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """New token ids (B, <= max_new_tokens) after left-padded ``input_ids``, KV-cached, through the tiers;
+        ``temperature`` 0 is greedy. Example: ``engine.generate(ids, mask, max_new_tokens=16)``."""
+        from zo2tier.generate import Sampling, generate_ids
+
+        return generate_ids(self, input_ids, attention_mask, sampling=Sampling(max_new_tokens, temperature, seed),
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 def _record(index: int, name: str, tier: str, storage: Mapping[str, str], params: list) -> BlockRecord:

@@ -1,7 +1,7 @@
 """Placement from budgets: pure arithmetic, no tensors and no I/O.
 
 Every step visits blocks 0..L-1 in the same order, so the best static placement fills the device first,
-then pinned host RAM, then disk (DESIGN.md §3.4). Which blocks go where does not change the bytes moved,
+then pinned host RAM, then disk (docs/design.md §3.4). Which blocks go where does not change the bytes moved,
 so the device takes the first blocks, the host the next, the disk the rest.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zo2tier.budget import TIERS, TierBudget, format_size
-from zo2tier.tiers.codec import WRITE_BACK_RANGE_NUMEL
+from zo2tier.tiers.codec import WRITE_BACK_RANGE_NUMEL, encoded_bytes
 from zo2tier.zo.update import LOSS_CHUNK_ROWS
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
@@ -84,11 +84,11 @@ class Plan:
 
 
 def block_bytes(numel: int, dtype: str) -> int:
-    """Stored bytes of ``numel`` elements in ``dtype`` (int8 adds one fp32 scale per 128-element group)."""
+    """Stored bytes of ``numel`` elements in ``dtype``, as the codec lays them out (int8: payload, padding to 4
+    bytes, one fp32 scale per group)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"storage dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_BYTES)}")
-    extra = 4 * ((numel + 127) // 128) + 3 if dtype == "int8" else 0
-    return numel * DTYPE_BYTES[dtype] + extra
+    return encoded_bytes(numel, dtype)
 
 
 def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:

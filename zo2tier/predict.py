@@ -32,7 +32,7 @@ AUTO_MAX_PERTURBATIONS = 16
 class Calibration:
     """Measured rates of one machine (GB/s are 10**9 bytes per second).
 
-    Defaults are the H100 machine's figures from DESIGN.md §1; ``tools/bench_io.py --calibration-out``
+    Defaults are the H100 machine's figures from docs/design.md §1; ``tools/bench_io.py --calibration-out``
     writes the first four for your own machine.
     """
 

@@ -99,3 +99,48 @@ def test_fp16_amp_is_refused():
         check_training_args(SimpleNamespace(gradient_accumulation_steps=1, fp16=True))
     with pytest.raises(ValueError, match="deepspeed"):
         check_training_args(SimpleNamespace(gradient_accumulation_steps=1, deepspeed="ds.json"))
+
+
+def test_resume_from_its_own_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    """A Trainer save holds an engine checkpoint; a new trainer resumes from it (no replay from step 0)."""
+    tok, data = _dataset()
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    place = {f"model.layers.{i}": t for i, t in enumerate(["device", "host", "disk", "disk"])}
+
+    def trainer(name, **kw):
+        args = _args(tmp_path / name, save_strategy="steps", save_steps=3, eval_strategy="no",
+                     lr_scheduler_type="constant", **kw)  # the cut run stops at 3 of 6 steps: same schedule
+        return ZOTrainer(model=tiny_model("llama"), args=args, train_dataset=data, data_collator=collator,
+                         processing_class=tok, budget="device=1GiB,host=1GiB,disk=1GiB",
+                         disk_dir=str(tmp_path / name / "disk"), placement=place)
+
+    full = trainer("full")
+    full.train()
+    want = full.evaluate(eval_dataset=data[:8])["eval_loss"]
+    full.close()
+    cut = trainer("cut", max_steps=3)
+    cut.train()
+    cut.close()
+    resumed = trainer("cut")
+    out = resumed.train(resume_from_checkpoint=True)
+    assert out.global_step == 6
+    assert resumed.engine.extra_state["global_step"] == 3
+    assert resumed.evaluate(eval_dataset=data[:8])["eval_loss"] == want
+    resumed.close()
+
+
+def test_model_given_as_a_path_is_streamed_and_saved_with_its_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, data = _dataset()
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    t = ZOTrainer(model=str(tmp_path / "src"), args=_args(tmp_path, max_steps=2, eval_strategy="no"),
+                  train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                  budget="device=1GiB")
+    t.train()
+    t.save_model(str(tmp_path / "final"))
+    t.close()
+    assert (tmp_path / "final" / "model.safetensors.index.json").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    AutoTokenizer.from_pretrained(tmp_path / "final")

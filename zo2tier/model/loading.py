@@ -123,10 +123,44 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+class _GGUF(StateSource):
+    """A GGUF file, one tensor dequantized at a time (zo2tier.store.gguf_reader)."""
+
+    def __init__(self, model: nn.Module, tensors) -> None:
+        super().__init__(model)
+        self._tensors = tensors
+        tied: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(p), []).append(n)
+        self._tied = {n: names for names in tied.values() for n in names}
+
+    def get(self, name: str) -> torch.Tensor:
+        for n in self._tied.get(name, [name]):
+            if n in self._tensors:
+                return self._tensors.get(n)
+        raise KeyError(f"{self._tensors.path} has no tensor for parameter {name!r}")
+
+
+def gguf_skeleton_and_source(file: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, StateSource]:
+    """The model a GGUF file holds, parameters on meta, and a source that dequantizes one tensor at a time."""
+    from zo2tier.model_ref import gguf_config
+    from zo2tier.store.gguf_reader import GGUFTensors, gguf_skeleton
+
+    config = gguf_config(file)
+    model = gguf_skeleton(config, dtype or torch.float32)
+    return model, _GGUF(model, GGUFTensors(file, config, model))
+
+
 def pretrained_skeleton(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, StateSource]:
-    """A model built from ``path``'s config with parameters on meta, and a lazy source of its weights."""
+    """A model built from ``path``'s config with parameters on meta, and a lazy source of its weights.
+
+    ``path``: a Hugging Face folder, or a GGUF file (or a folder holding one and no other weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from zo2tier.model_ref import model_ref
+
+    if os.path.exists(path) and model_ref(path).kind == "gguf":
+        return gguf_skeleton_and_source(model_ref(path).gguf, dtype)
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a directory; give a Hugging Face model directory with config.json")
     config = AutoConfig.from_pretrained(path)

@@ -65,6 +65,7 @@ class BlockStore:
         self._draft: Manifest | None = None  # what commit() starts from before the first commit
         self._next_gen = 1
         self._locked = False
+        self.base: BlockStore | None = None  # an overlay's base store: its blocks name the base's files until changed
 
     # ---- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -90,13 +91,15 @@ class BlockStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify_reads: bool = True, allow_incomplete: bool = False,
-             lock: bool = True) -> "BlockStore":
-        """Lock and open an existing store; checks every block file's size (cheap) before returning."""
+             lock: bool = True, shared: bool = False) -> "BlockStore":
+        """Lock and open an existing store; checks every block file's size (cheap) before returning.
+
+        ``shared``: a read-only user (the base of :meth:`overlay`s), sharing the lock with other readers."""
         store = cls(path, verify_reads=verify_reads)
         if not os.path.isdir(store.path):
             raise StoreFormatError(f"store {store.path!r} does not exist; create it with `zo2tier convert SRC DST`")
         if lock:
-            store._lock()
+            store._lock(shared=shared)
         try:
             manifest = read_manifest(store.path)
             if not manifest.complete and not allow_incomplete:
@@ -114,8 +117,24 @@ class BlockStore:
             raise
         return store
 
-    def _lock(self) -> None:
-        lock_dir(self.path)
+    @classmethod
+    def overlay(cls, base: "BlockStore", path: str | os.PathLike, *, verify_reads: bool = True) -> "BlockStore":
+        """A new store at ``path`` holding ``base``'s model, whose blocks name ``base``'s files (by absolute
+        path) until they are written: a fine-tune's changed blocks land in ``path`` and ``base`` is never
+        changed. Nothing is copied. The overlay closes ``base`` when it is closed."""
+        if base.manifest is None:
+            raise StoreFormatError(f"store {base.path!r} has no committed manifest; it cannot be a base")
+        blocks = [replace(e, file=base.file_path(e)) for e in base.entries]
+        store = cls.create(path, base.manifest.with_blocks(blocks, pinned=()), verify_reads=verify_reads)
+        store.base = base
+        return store
+
+    def _owns(self, file: str) -> bool:
+        """True for a file in this store's directory (an overlay never deletes its base's files)."""
+        return os.path.dirname(os.path.join(self.path, file)) == self.path
+
+    def _lock(self, shared: bool = False) -> None:
+        lock_dir(self.path, shared=shared)
         self._locked = True
 
     def _scan_generations(self) -> None:
@@ -132,6 +151,9 @@ class BlockStore:
         if self._locked:
             unlock_dir(self.path)
             self._locked = False
+        if self.base is not None:
+            self.base.close()
+            self.base = None
 
     def __enter__(self) -> "BlockStore":
         return self
@@ -314,7 +336,7 @@ class BlockStore:
         with self._guard:
             self._current[index] = entry
             committed = {b.file for b in self.manifest.blocks} | set(self.manifest.pinned) if self.manifest else set()
-        if old.file is not None and old.file != name and old.file not in committed:
+        if old.file is not None and old.file != name and old.file not in committed and self._owns(old.file):
             _unlink_quiet(os.path.join(self.path, old.file))
         return entry
 
@@ -349,8 +371,8 @@ class BlockStore:
         entry = replace(entry, file=name, xxh3_64=digest, zstd=layout)
         with self._guard:
             self._current[index] = entry
-        if old.file is not None and old.file != name and (self.manifest is None or old.file not in
-                                                          {b.file for b in self.manifest.blocks}):
+        if old.file is not None and old.file != name and self._owns(old.file) and (
+                self.manifest is None or old.file not in {b.file for b in self.manifest.blocks}):
             _unlink_quiet(os.path.join(self.path, old.file))
         return entry
 

@@ -1,7 +1,7 @@
 """``zo2tier convert``: a Hugging Face checkpoint (or a bare config) -> a zo2tier store, streamed.
 
 One tensor at a time, in chunks: peak RSS stays near one chunk plus the interpreter, whatever the model
-size (GGUF excepted: transformers dequantizes it whole). Blocks are laid out exactly as the engine lays
+size (for a GGUF, near its largest tensor in fp32: each is dequantized whole, on its own). Blocks are laid out exactly as the engine lays
 them out, so the engine reads the store in place. A re-run with the same source and options skips blocks
 already written with a good checksum, so an interrupted convert resumes and a finished one is a no-op.
 """
@@ -17,10 +17,12 @@ from typing import Iterator
 import torch
 
 from zo2tier.model.blocks import describe
+from zo2tier.model_ref import HF_FILES_DIR, model_ref, with_architectures, write_model_files
 from zo2tier.store.blockstore import BlockStore, StoreCorruptError
 from zo2tier.store.format import MANIFEST, BlockEntry, Manifest, StoreFormatError, TensorEntry, read_manifest
 from zo2tier.store.sources import (
     DictSource,
+    GGUFSource,
     RandomSource,
     SafetensorsSource,
     TensorSource,
@@ -52,7 +54,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
     """Stream ``src`` into a store at ``dst``.
 
     ``src``: a Hugging Face model directory (safetensors, sharded or not; ``pytorch_model.bin``; a ``.gguf``
-    file, read through transformers) or a ``config.json`` (random init of that shape). ``dtype``: the
+    file, streamed tensor by tensor) or a ``config.json`` (random init of that shape). ``dtype``: the
     model's compute dtype (default: the source's, so a plain convert is lossless). ``disk_dtype``: how the
     decoder-layer blocks are stored (default ``dtype``; ``int8`` quantizes them); the resident set
     (embeddings, final norm, head) is stored in ``dtype``. ``compress="zstd"`` (or a ``Zstd``) stores the
@@ -71,7 +73,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         if value is not None and (value not in _TORCH and not (name == "disk_dtype" and value == "int8")):
             raise ValueError(f"{name}={value!r} is unknown; use fp32, bf16, fp16" + (" or int8" if name == "disk_dtype" else ""))
     spec = parse_compress(compress)
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"DST {dst!r} is a file; give a new or empty directory for the store")
     config, source, src_dtype = _open_source(src, seed)
+    config = with_architectures(config)
     try:
         compute = _TORCH[dtype] if dtype else src_dtype
         layer_dtype = check_storage(disk_dtype or dtype_name(compute))
@@ -80,16 +85,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
         model = skeleton_from_config(config, compute)
         if isinstance(source, RandomSource):
             source = RandomSource(config, compute, seed, {p.name: p.decay for p in describe(model).params})
-        entries = _layout(model, layer_dtype, dtype_name(compute))
+        entries = block_layout(model, layer_dtype, dtype_name(compute))
         src_info = {"src": src, **source.fingerprint(), "dtype": dtype_name(compute), "disk_dtype": layer_dtype}
         if spec is not None:  # only then: stores converted before v2 keep their source record
             src_info["compress"] = {"zstd": {"level": spec.level, "frame_bytes": spec.frame_bytes}}
         draft = Manifest(config, dtype_name(compute), tuple(entries), complete=False, source=src_info)
         store, done = _open_dst(dst, draft)
         try:
-            return _run(store, source, done, chunk_bytes, progress, t0, spec)
+            report = _run(store, source, done, chunk_bytes, progress, t0, spec)
         finally:
             store.close()
+        # the rest of a complete model: tokenizer, generation config, chat template, config.json
+        write_model_files(model_ref(src), os.path.join(dst, HF_FILES_DIR), config=config)
+        return report
     finally:
         source.close()
 
@@ -161,8 +169,11 @@ def _int8_piece(values: torch.Tensor, scales: list[torch.Tensor]) -> memoryview:
     return memoryview(raw[:n].numpy())
 
 
-def _layout(model, layer_dtype: str, resident_dtype: str) -> list[BlockEntry]:
-    """The engine's blocks: each decoder layer, then the resident set, parameters back to back."""
+def block_layout(model, layer_dtype: str, resident_dtype: str) -> list[BlockEntry]:
+    """The store's block entries for ``model`` (a skeleton on meta is enough), laid out as the engine lays
+    out its blocks: each decoder layer in ``layer_dtype``, then the resident set in ``resident_dtype``,
+    parameters back to back. Tools that write a store block by block (e.g. random weights made on a GPU)
+    start from these."""
     layout = describe(model)
     groups = [(name, layout.params_under(name)) for name in layout.block_names]
     in_blocks = {p.param_id for _, ps in groups for p in ps}
@@ -186,7 +197,7 @@ def _open_dst(dst: str, draft: Manifest) -> tuple[BlockStore, set[int]]:
         if previous.source != draft.source or [b.tensors for b in previous.blocks] != [b.tensors for b in draft.blocks]:
             raise ValueError(f"{dst!r} holds a store converted from another source or with other options "
                              f"({previous.source}); pick another DST or delete it")
-    elif os.path.isdir(dst) and [f for f in os.listdir(dst) if not f.startswith((".zo2tier", "block_"))]:
+    elif os.path.isdir(dst) and [f for f in os.listdir(dst) if not f.startswith((".zo2tier", "block_", HF_FILES_DIR))]:
         raise ValueError(f"{dst!r} exists and holds other files; convert into a new or empty directory")
     store = BlockStore.create(dst, draft if previous is None else previous)
     if previous is not None:
@@ -234,13 +245,13 @@ def _open_source(src: str, seed: int) -> tuple[dict, TensorSource, torch.dtype]:
 
 
 def _gguf(directory: str, file: str) -> tuple[dict, TensorSource, torch.dtype]:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A GGUF file streamed tensor by tensor (dequantized one at a time), as fp32."""
+    from zo2tier.model_ref import gguf_config
+    from zo2tier.store.gguf_reader import GGUFTensors, gguf_skeleton
 
-    config = AutoConfig.from_pretrained(directory, gguf_file=file).to_dict()
-    config.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file)  # dequantized, whole, in RAM
-    tensors = {k: v.detach() for k, v in model.state_dict().items()}
-    source = DictSource(tensors, _resolver_for(config), "gguf", [os.path.join(directory, file)])
+    config = gguf_config(os.path.join(directory, file))
+    tensors = GGUFTensors(os.path.join(directory, file), config, gguf_skeleton(config))
+    source = GGUFSource(tensors, _resolver_for(config))
     return config, source, source.common_dtype()
 
 
@@ -267,4 +278,4 @@ def _config_dtype(config: dict) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
 
 
-__all__ = ["ConvertReport", "StoreFormatError", "convert"]
+__all__ = ["ConvertReport", "StoreFormatError", "block_layout", "convert"]

@@ -83,11 +83,12 @@ class _ShardedWriter:
         if self._next != len(self._order):
             raise RuntimeError(f"export stopped after {self._next} of {len(self._order)} tensors")
         self.close()
-        if len(self._names) > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {n: self._names[i] for n, i in self._where.items()}}
-            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=1)
+        # the index even for one shard: readers that only look for the index (and tools that list the
+        # shards) find it
+        index = {"metadata": {"total_size": self.total_bytes},
+                 "weight_map": {n: self._names[i] for n, i in self._where.items()}}
+        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=1)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -98,7 +99,9 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def _write_config(out_dir: str, config: dict, dtype: torch.dtype) -> None:
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
+    from zo2tier.model_ref import with_architectures
+
+    cfg = with_architectures({k: v for k, v in config.items() if k != "quantization_config"})
     cfg["dtype"] = str(dtype).replace("torch.", "")
     cfg.pop("torch_dtype", None)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -143,7 +146,8 @@ def export_engine(engine, out_dir: str | os.PathLike, *, max_shard_bytes: int = 
 
 
 def export_store(store: str | os.PathLike, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 << 30) -> str:
-    """Write the model in ``store`` (every pending update applied) as a Hugging Face safetensors model.
+    """Write the model in ``store`` (every pending update applied) as a Hugging Face safetensors model, with
+    the store's tokenizer, generation config and chat template (``STORE/hf``, see zo2tier.model_ref).
 
     Example::
 
@@ -176,4 +180,8 @@ def export_store(store: str | os.PathLike, out_dir: str | os.PathLike, *, max_sh
                     yield t.name, flat[t.offset : t.offset + t.numel].view(t.shape).to(dtype)
             yield from buffers.items()
 
-        return _export(out_dir, m.config, dtype, specs, tensors(), max_shard_bytes)
+        out = _export(out_dir, m.config, dtype, specs, tensors(), max_shard_bytes)
+    from zo2tier.model_ref import copy_tokenizer_files, model_ref
+
+    copy_tokenizer_files(model_ref(store), out)
+    return out

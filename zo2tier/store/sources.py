@@ -3,7 +3,7 @@
 - safetensors (single or sharded): the header is parsed here and each chunk is read with ``pread`` into a
   reused buffer, so neither mmap nor a whole tensor ever counts against the converter's RSS;
 - ``pytorch_model.bin``: ``torch.load(mmap=True)``, sliced;
-- a dict of tensors (GGUF through transformers, which dequantizes the whole model in RAM first);
+- a GGUF file, memory-mapped, one tensor dequantized at a time (zo2tier.store.gguf_reader);
 - random init from a config: a normal(0, initializer_range) chunk keyed by (seed, tensor, chunk) for
   weights, ones for norm weights (zeros for Gemma's 1+w norms), zeros for biases. Honest for speed and
   memory, not for accuracy.
@@ -100,7 +100,7 @@ class SafetensorsSource(TensorSource):
 
 
 class DictSource(TensorSource):
-    """Tensors already loaded (or mmap-ed): ``pytorch_model.bin``, GGUF through transformers."""
+    """Tensors already loaded (or mmap-ed): ``pytorch_model.bin``."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], resolve, kind: str, files: list[str]) -> None:
         self._tensors = tensors
@@ -123,6 +123,33 @@ class DictSource(TensorSource):
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "files": {os.path.basename(f): os.path.getsize(f) for f in self._files}}
+
+
+class GGUFSource(TensorSource):
+    """A GGUF file, one tensor dequantized at a time (zo2tier.store.gguf_reader)."""
+
+    kind = "gguf"
+
+    def __init__(self, tensors, resolve) -> None:
+        self._tensors = tensors
+        self._resolve = resolve(set(tensors.keys()))
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return torch.float32
+
+    def common_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def chunks(self, name: str, numel: int, chunk_numel: int) -> Iterator[torch.Tensor]:
+        flat = self._tensors.get(self._resolve(name)).reshape(-1)
+        if flat.numel() != numel:
+            raise ValueError(f"tensor {name} of {self._tensors.path} has {flat.numel()} elements; the config wants {numel}")
+        for a in range(0, numel, chunk_numel):
+            yield flat[a : a + chunk_numel]
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "files": {os.path.basename(self._tensors.path): os.path.getsize(self._tensors.path)}}
 
 
 class RandomSource(TensorSource):

@@ -8,7 +8,7 @@ import time
 
 from zo2tier.store.lock import MARKER, StoreLockedError, lock_dir, unlock_dir  # noqa: F401 (re-exported)
 
-_OWN_PREFIXES = ("block_", ".zo2tier", "manifest")
+_OWN_PREFIXES = ("block_", ".zo2tier", "manifest", "hf")  # hf/: a store's tokenizer and config (zo2tier.model_ref)
 
 
 def claim_disk_dir(path: str) -> str:

@@ -1,9 +1,10 @@
-"""Resuming a fine-tune from its update log.
+"""Saving and resuming a fine-tune: one engine checkpoint, with the job's own state inside it.
 
-z is keyed by (seed, step, parameter), so the weights after step t are the starting weights plus the
-replay of t logged ``(step seed, projected grad, lr, weight decay)`` entries (DESIGN §3.2). A checkpoint is
-that list; on resume the engine starts from the original model with the entries pending, and each block
-replays them on its first arrival. For fp32 storage this is bit-identical to the uninterrupted run.
+``OUT/checkpoint`` is a :meth:`ZOEngine.save_checkpoint` directory (format ``zo2tier-checkpoint``): the
+block table of the engine's store, the update-log tail, and ``extra_state``, where the job keeps the
+settings that give the logged steps their meaning, the zero-shot accuracy and its format tag. Resuming is
+:meth:`ZOEngine.resume` on it: every block already holds its updates up to its last write-back, so only the
+log tail replays (no replay from step 0), and ``ZOEngine.resume("OUT/checkpoint")`` works outside the job too.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from zo2tier.zo.rng import step_seed
-from zo2tier.zo.update import LogEntry
-
-FORMAT = "zo2tier-finetune-log/1"
-FILENAME = "checkpoint.json"
+JOB_FORMAT = "zo2tier-finetune/2"
+DIRNAME = "checkpoint"
+_OLD_FORMAT = "zo2tier-finetune-log/1"
 # Settings that change what the logged steps mean; a resume with any of them different is refused.
 _MUST_MATCH = ("model", "train", "template", "label_words", "text_column", "label_column", "seed",
                "batch_size", "eps", "objective", "max_length", "dtype")
@@ -27,51 +26,50 @@ _MUST_MATCH = ("model", "train", "template", "label_words", "text_column", "labe
 class Resumed:
     step: int
     zero_shot_acc: float
-    entries: tuple[LogEntry, ...]
+
+
+def checkpoint_dir(out: str) -> str:
+    return os.path.join(out, DIRNAME)
+
+
+def exists(out: str) -> bool:
+    """True if ``out`` holds a fine-tune checkpoint (of this format)."""
+    refuse_old(out)
+    return os.path.isfile(os.path.join(checkpoint_dir(out), "checkpoint.json"))
+
+
+def refuse_old(out: str) -> None:
+    """Raise for the update-log checkpoint of zo2tier 0.1 (``OUT/checkpoint.json``), which is not resumable."""
+    path = os.path.join(out, "checkpoint.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            fmt = json.load(f).get("format")
+        if fmt == _OLD_FORMAT:
+            raise ValueError(f"{path} is a fine-tune log of an older zo2tier ({fmt}), which this one does not "
+                             "resume; start over with a fresh --out (or --overwrite)")
 
 
 def save(out: str, cfg: Any, engine: Any, zero_shot_acc: float) -> str:
-    """Write ``out/checkpoint.json`` atomically; returns its path."""
-    path = os.path.join(out, FILENAME)
-    data = {"format": FORMAT, "step": len(engine.log), "zero_shot_acc": zero_shot_acc,
-            "config": {k: getattr(cfg, k) for k in _MUST_MATCH},
-            "log": [e.to_json() for e in engine.log]}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write the engine checkpoint ``OUT/checkpoint`` with the job's state; returns its path."""
+    extra = {"format": JOB_FORMAT, "step": len(engine.log), "zero_shot_acc": zero_shot_acc,
+             "config": {k: getattr(cfg, k) for k in _MUST_MATCH}}
+    return engine.save_checkpoint(checkpoint_dir(out), extra_state=extra)
 
 
-def load(out: str, cfg: Any) -> Resumed | None:
-    """The checkpoint in ``out``, or None if there is none. Raises if it belongs to a different run."""
-    path = os.path.join(out, FILENAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        data = json.load(f)
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {data.get('format')!r}, not {FORMAT!r}; use a fresh --out")
+def check(out: str, cfg: Any, extra_state: dict) -> Resumed:
+    """The job state of a resumed engine; raises if the checkpoint belongs to a different run."""
+    path = os.path.join(checkpoint_dir(out), "checkpoint.json")
+    if extra_state.get("format") != JOB_FORMAT:
+        raise ValueError(f"{path} was not written by `zo2tier finetune` (its extra_state has format "
+                         f"{extra_state.get('format')!r}); use a fresh --out")
     for key in _MUST_MATCH:
-        if data["config"].get(key) != getattr(cfg, key):
-            raise ValueError(f"--resume: {path} was written with {key}={data['config'].get(key)!r} but this run "
-                             f"has {key}={getattr(cfg, key)!r}; use the same value or a fresh --out")
-    entries = tuple(LogEntry.from_json(row) for row in data["log"])
-    for i, e in enumerate(entries):
-        if e.step != i or e.step_seed != step_seed(cfg.seed, i):
-            raise ValueError(f"{path}: log entry {i} is not step {i} of seed {cfg.seed}; the file is damaged")
-    if len(entries) > cfg.steps:
-        raise ValueError(f"--resume: the checkpoint is at step {len(entries)}, past --steps {cfg.steps}; raise --steps")
-    return Resumed(len(entries), float(data["zero_shot_acc"]), entries)
-
-
-def restore(engine: Any, resumed: Resumed) -> None:
-    """Make the logged steps pending on a freshly built engine; blocks replay them on arrival."""
-    if engine.log:
-        raise RuntimeError("restore() needs a fresh engine (its update log is not empty)")
-    engine.log.extend(resumed.entries)
+        if extra_state["config"].get(key) != getattr(cfg, key):
+            raise ValueError(f"--resume: {path} was written with {key}={extra_state['config'].get(key)!r} but this "
+                             f"run has {key}={getattr(cfg, key)!r}; use the same value or a fresh --out")
+    step = int(extra_state["step"])
+    if step > cfg.steps:
+        raise ValueError(f"--resume: the checkpoint is at step {step}, past --steps {cfg.steps}; raise --steps")
+    return Resumed(step, float(extra_state["zero_shot_acc"]))
 
 
 def history(log_path: str, step: int) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,12 +109,18 @@ def load_examples(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist; give a .csv or .jsonl file")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".csv":
-        rows = _read_csv(path, encoding)
-    elif ext in (".jsonl", ".json"):
-        rows = _read_jsonl(path, encoding)
-    else:
+    if ext not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"data file {path!r} has extension {ext!r}; use .csv or .jsonl")
+    try:
+        rows = list(_read_csv(path, encoding) if ext == ".csv" else _read_jsonl(path, encoding))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not {encoding} text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                         "pass its encoding, e.g. --encoding latin-1") from None
+    except LookupError:
+        raise ValueError(f"encoding {encoding!r} is unknown; use e.g. utf-8 or latin-1") from None
+    if not rows:
+        raise ValueError(f"{path} has no data rows (it is empty or holds only a header); give a file with a "
+                         f"header row naming {text_column!r} and {label_column!r}, then labelled rows")
     out = []
     for i, row in enumerate(rows):
         missing = [c for c in (text_column, label_column) if c not in row]
@@ -219,9 +226,18 @@ def encode(examples: Sequence[Example], prompt: Prompt, tokenizer: Any, *, max_l
     """
     answers = [tuple(tokenizer(prompt.answer(i), add_special_tokens=False)["input_ids"])
                for i in range(len(prompt.label_words.labels))]
+    unk = getattr(tokenizer, "unk_token_id", None)
     for word, ids in zip(prompt.label_words.words, answers):
         if not ids:
             raise ValueError(f"label word {word!r} encodes to no tokens with this tokenizer; pick another word")
+        if unk is not None and unk in ids:
+            raise ValueError(f"label word {word!r} maps to the unknown token {tokenizer.unk_token!r} of this "
+                             "tokenizer; pick a word in the model's vocabulary")
+        if len(ids) > 1:
+            pieces = [tokenizer.decode([i]) for i in ids]
+            warnings.warn(f"label word {word!r} is {len(ids)} tokens {pieces}: accuracy and the classification "
+                          f"objective score its first token {pieces[0]!r} only (the lm objective trains on all "
+                          "of them); pick single-token words to score whole words", stacklevel=2)
     firsts = [a[0] for a in answers]
     if len(set(firsts)) != len(firsts):
         raise ValueError(f"label words {list(prompt.label_words.words)} start with the same token; "

@@ -14,12 +14,18 @@ logging/eval/save intervals and callbacks. Settings that only make sense with gr
 (gradient accumulation, fp16/bf16 AMP, DeepSpeed, FSDP, activation checkpointing, torch.compile,
 DataParallel over several GPUs, auto batch size) raise a ValueError that says what to do instead.
 ``max_grad_norm`` is ignored: there is no gradient to clip.
+
+``model`` may also be a path (a zo2tier store, a Hugging Face folder or a GGUF): the engine then streams it
+into its tiers and the model is never whole in RAM. ``save_model`` exports block by block (sharded
+safetensors, the tokenizer). Each Trainer save writes an engine checkpoint to ``checkpoint-N/zo2tier``;
+``train(resume_from_checkpoint=True)`` (the latest) or ``="OUT/checkpoint-N"`` continues from it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,8 +37,9 @@ from transformers.trainer_utils import EvalPrediction, TrainOutput
 from zo2tier.budget import BudgetLike
 from zo2tier.config import MeZOConfig
 from zo2tier.engine import ZOEngine
-from zo2tier.train.loading import save_hf_dir
 from zo2tier.zo.update import causal_lm_loss
+
+ENGINE_DIR = "zo2tier"  # the engine checkpoint inside a Trainer checkpoint folder
 
 
 def check_training_args(args: Any) -> None:
@@ -84,7 +91,7 @@ class ZOTrainer(Trainer):
 
     def __init__(self, model: Any = None, args: Any = None, *, budget: BudgetLike, disk_dir: str | None = None,
                  eps: float = 1e-3, perturbation: str = "gaussian", storage: Mapping[str, str] | None = None,
-                 placement: Mapping[str, str] | None = None, write_back_every: int = 1,
+                 placement: Mapping[str, str] | None = None, write_back_every: int | None = None,
                  zo_loss_fn: Callable[[torch.Tensor, Mapping[str, Any]], float] | None = None, **kwargs: Any):
         check_training_args(args)
         if kwargs.get("optimizers", (None, None)) != (None, None):
@@ -92,13 +99,31 @@ class ZOTrainer(Trainer):
                              "lr_scheduler_type in TrainingArguments")
         if model is None:
             raise ValueError("ZOTrainer needs model=; model_init is not supported")
+        self._model_ref = None
+        if isinstance(model, (str, os.PathLike)):  # streamed from a store, a folder or a GGUF into the tiers
+            from zo2tier.planning import planned_model
+
+            self._model_ref = os.fspath(model)
+            model = planned_model(self._model_ref).skeleton  # on meta: the Trainer's handle, never loaded
         super().__init__(model=model, args=args, **kwargs)
         check_training_args(self.args)
         config = MeZOConfig(lr=self.args.learning_rate, eps=eps, weight_decay=self.args.weight_decay,
                             seed=self.args.seed, perturbation=perturbation)
-        self.engine = ZOEngine(model, budget=budget, disk_dir=disk_dir, device=self.args.device, config=config,
-                               storage=storage, placement=placement, write_back_every=write_back_every)
+        self._engine_kwargs = dict(budget=budget, disk_dir=disk_dir, device=self.args.device, config=config,
+                                   storage=storage, placement=placement, write_back_every=write_back_every)
+        self._engine: ZOEngine | None = None
         self.zo_loss_fn = zo_loss_fn
+
+    @property
+    def engine(self) -> ZOEngine:
+        """The tiered engine, built at first use (so ``train(resume_from_checkpoint=...)`` in a new process
+        builds it from the checkpoint, never a fresh copy over the checkpoint's disk tier)."""
+        if self._engine is None:
+            if self._model_ref is not None:
+                self._engine = ZOEngine.from_pretrained(self._model_ref, **self._engine_kwargs)
+            else:
+                self._engine = ZOEngine(self.model, **self._engine_kwargs)
+        return self._engine
 
     def _move_model_to_device(self, model: Any, device: Any) -> None:
         pass  # the engine places every block in its tier
@@ -111,9 +136,8 @@ class ZOTrainer(Trainer):
     # ---- training -----------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: Any = None, trial: Any = None, **kwargs: Any) -> TrainOutput:
         """Run MeZO over the train dataloader with the Trainer's schedule, callbacks, logging and saving."""
-        if resume_from_checkpoint:
-            raise ValueError("ZOTrainer cannot resume a Trainer checkpoint yet; use `zo2tier finetune --resume`")
         args = self.args
+        start = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
         loader = self.get_train_dataloader()
         per_epoch = len(loader)
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
@@ -122,11 +146,18 @@ class ZOTrainer(Trainer):
                                   is_world_process_zero=self.is_world_process_zero())
         self.state.max_steps, self.state.num_train_epochs = max_steps, math.ceil(max_steps / per_epoch)
         self.state.compute_steps(args, max_steps)
+        self.state.global_step = start
+        for _ in range(start):  # the schedule where the checkpoint left it
+            self.lr_scheduler.step()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        t0, total_loss, since_log, epoch = time.perf_counter(), 0.0, [], 0
+        t0, total_loss, since_log, epoch = time.perf_counter(), 0.0, [], start // per_epoch
+        skip = start % per_epoch  # batches of the resumed epoch already trained on
         while self.state.global_step < max_steps and not self.control.should_training_stop:
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             for i, inputs in enumerate(loader):
+                if skip:
+                    skip -= 1
+                    continue
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 loss = self._zo_step(self._prepare_inputs(inputs))
                 total_loss += loss
@@ -167,6 +198,8 @@ class ZOTrainer(Trainer):
         if self.control.should_save:
             out = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
             self.save_model(out, _internal_call=True)
+            self.engine.save_checkpoint(os.path.join(out, ENGINE_DIR),
+                                        extra_state={"global_step": self.state.global_step})
             self.state.save_to_json(os.path.join(out, "trainer_state.json"))
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
             self.control.should_save = False
@@ -208,11 +241,36 @@ class ZOTrainer(Trainer):
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         raise ValueError("ZOTrainer.predict is not supported; call trainer.engine.logits(batch) per batch")
 
+    def _resume(self, checkpoint: str | bool) -> int:
+        """Rebuild the engine from a checkpoint this trainer saved; returns its global step."""
+        if checkpoint is True:
+            found = [d for d in os.listdir(self.args.output_dir) if re.fullmatch(r"checkpoint-\d+", d)] \
+                if os.path.isdir(self.args.output_dir) else []
+            if not found:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no checkpoint-N "
+                                 "folder; train without it, or pass a checkpoint folder")
+            checkpoint = os.path.join(self.args.output_dir, max(found, key=lambda d: int(d.split("-")[1])))
+        where = os.path.join(os.fspath(checkpoint), ENGINE_DIR)
+        if not os.path.isfile(os.path.join(where, "checkpoint.json")):
+            raise ValueError(f"{checkpoint!r} holds no ZOTrainer engine checkpoint ({ENGINE_DIR}/checkpoint.json); "
+                             "pass a checkpoint-N folder a ZOTrainer saved")
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = ZOEngine.resume(where, device=self.args.device)
+        return int(self._engine.extra_state["global_step"])
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        from zo2tier.model_ref import copy_tokenizer_files, model_ref
+
         out = output_dir or self.args.output_dir
-        save_hf_dir(out, self.engine.state_dict(), self.model.config, self.processing_class)
+        self.engine.export(out)  # streamed, one block at a time
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(out)
+        elif getattr(self, "_model_ref", None):
+            copy_tokenizer_files(model_ref(self._model_ref), out)
         torch.save(self.args, os.path.join(out, "training_args.bin"))
 
     def close(self) -> None:
         """Write back pending updates and stop the engine's I/O threads."""
-        self.engine.close()
+        if self._engine is not None:
+            self._engine.close()

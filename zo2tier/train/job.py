@@ -1,8 +1,11 @@
 """The fine-tune job: load a model into the tiers, measure zero-shot accuracy, run MeZO, measure again.
 
 Everything it writes goes into ``out``: ``log.jsonl`` (one record per step and per evaluation),
-``checkpoint.json`` (the update log, enough to resume), ``curves.png`` and ``model/`` (the final weights as
-a Hugging Face directory). Example::
+``checkpoint/`` (an engine checkpoint, see zo2tier.train.checkpoint), ``disk/`` (the disk tier, unless
+``disk_dir`` says otherwise), ``curves.png`` and ``model/`` (the final weights as a Hugging Face folder with
+its tokenizer, exported block by block). ``model`` is a zo2tier store, a Hugging Face folder or a GGUF; a
+store is left unchanged (its changed blocks go to the disk tier's own store) unless ``in_place``.
+Example::
 
     result = zo2tier.finetune(model="runs/smollm2", train="train.csv", test="test.csv", out="runs/out",
                               template="{text} It was", label_words="positive=great,negative=terrible",
@@ -17,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ from zo2tier.train.data import (
     keep_labels,
     load_examples,
 )
-from zo2tier.train.loading import find_gguf, load_gguf, save_hf_dir
+from zo2tier.model_ref import ModelRef, copy_tokenizer_files, model_ref
 from zo2tier.train.objective import OBJECTIVES, loss_fn_for, n_correct
 from zo2tier.train.progress import Meter, plot_curves
 
@@ -79,18 +83,24 @@ class FineTuneConfig:
     disk_dir: str | None = None
     storage: Mapping[str, str] = field(default_factory=dict)
     placement: Mapping[str, str] | None = None
-    write_back_every: int = 1
+    write_back_every: int | None = None  # None: the engine's measured default per tier
     compress: str | None = None
     dtype: str | None = None
     resume: bool = False
+    overwrite: bool = False
+    in_place: bool = False
     export: str = "hf"
     progress: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_batch_size", "max_length", "write_back_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-                raise ValueError(f"{name}={value!r} must be a positive int")
+            if name == "write_back_every" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other; pass one of them")
         for name in ("eval_every", "eval_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off / means all)")
@@ -135,7 +145,8 @@ class FineTuneResult:
 def finetune(**kwargs: Any) -> FineTuneResult:
     """Fine-tune a causal LM on a labelled CSV/JSONL with tiered MeZO; returns the accuracies.
 
-    Keywords are the fields of :class:`FineTuneConfig`: ``model`` (Hugging Face directory or ``.gguf``),
+    Keywords are the fields of :class:`FineTuneConfig`: ``model`` (a zo2tier store, a Hugging Face folder or a
+    ``.gguf``; a store is left unchanged unless ``in_place``),
     ``train``/``test`` (and optional ``dev``) files with ``text_column``/``label_column``, ``template`` with a
     ``{text}`` slot, ``label_words`` (``"positive=great,negative=terrible"``), ``objective`` (``"lm"``: LM loss
     on the label word; ``"classification"``: cross-entropy over the label words' logits), MeZO settings
@@ -143,7 +154,7 @@ def finetune(**kwargs: Any) -> FineTuneResult:
     (``device``, ``budget``, ``disk_dir``, ``storage``, ``placement``, ``write_back_every``, ``compress``:
     ``"zstd"`` frames on the disk tier), evaluation
     (``eval_every``, ``eval_max``; ``eval_test``: also log test accuracy at every eval point, for curves only)
-    and output (``out``, ``export``, ``resume``).
+    and output (``out``, ``export``, ``resume``; ``overwrite`` replaces an earlier run in ``out``).
     """
     return run(FineTuneConfig(**kwargs))
 
@@ -151,12 +162,11 @@ def finetune(**kwargs: Any) -> FineTuneResult:
 def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneResult:
     """Run the job ``cfg`` describes (see :func:`finetune`)."""
     t_start = time.perf_counter()
-    os.makedirs(cfg.out, exist_ok=True)
+    ref = model_ref(cfg.model)
+    tokenizer = ref.tokenizer()
+    resuming = _prepare_out(cfg, say)
     log_path = os.path.join(cfg.out, "log.jsonl")
-    resumed = ckpt.load(cfg.out, cfg) if cfg.resume else None
-    if cfg.resume and resumed is None:
-        say(f"--resume: no checkpoint in {cfg.out}; starting from step 0")
-    engine, tokenizer, hf_config = open_engine(cfg)
+    engine, resumed = (_resume_engine(cfg) if resuming else (open_engine(cfg, ref), None))
     try:
         train, test, dev = _load_sets(cfg, tokenizer)
         history = ckpt.history(log_path, resumed.step if resumed else 0)
@@ -164,23 +174,22 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
             log.writelines(json.dumps(rec) + "\n" for rec in history)
             if resumed is None:
                 say(f"zero-shot: evaluating {len(test)} test examples ...")
-                zero_shot = accuracy(engine, test, batch_size=cfg.eval_batch_size)
+                zero_shot = accuracy(engine, test, batch_size=cfg.eval_batch_size, progress=cfg.progress)
                 _write(log, {"event": "eval", "step": 0, "split": "test", "acc": zero_shot, "n": len(test)})
             else:
-                ckpt.restore(engine, resumed)
                 zero_shot = resumed.zero_shot_acc
-                say(f"resumed at step {resumed.step} from {cfg.out}")
+                say(f"resumed at step {resumed.step} from {ckpt.checkpoint_dir(cfg.out)}")
             say(f"zero-shot test accuracy: {zero_shot:.4f}")
             t_train = time.perf_counter()
             _train(engine, cfg, train, dev or test, log, zero_shot, start=resumed.step if resumed else 0,
                    testset=test)
             train_s = time.perf_counter() - t_train
             say(f"fine-tuned: evaluating {len(test)} test examples ...")
-            final = accuracy(engine, test, batch_size=cfg.eval_batch_size)
+            final = accuracy(engine, test, batch_size=cfg.eval_batch_size, progress=cfg.progress)
             _write(log, {"event": "eval", "step": cfg.steps, "split": "test", "acc": final, "n": len(test)})
             say(f"fine-tuned test accuracy after {cfg.steps} steps: {final:.4f}")
             if cfg.export == "hf":
-                save_hf_dir(os.path.join(cfg.out, "model"), engine.state_dict(), hf_config, tokenizer)
+                export_with_tokenizer(engine, os.path.join(cfg.out, "model"), ref)
             counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
             result = FineTuneResult(zero_shot, final, cfg.steps, time.perf_counter() - t_start, train_s,
                                     len(test), counts, dict(engine.storage), os.path.abspath(cfg.out))
@@ -192,23 +201,69 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
 
 
 # ---- pieces -----------------------------------------------------------------------------------------
-def open_engine(cfg: FineTuneConfig) -> tuple[ZOEngine, Any, Any]:
-    """(engine, tokenizer, model config) for ``cfg.model``: a Hugging Face directory or a GGUF file."""
-    from transformers import AutoConfig, AutoTokenizer
+def _prepare_out(cfg: FineTuneConfig, say: Callable[[str], None]) -> bool:
+    """Check ``out`` before any work; True if the run resumes from its checkpoint. Refuses to replace an
+    earlier run's files unless ``resume`` or ``overwrite``; ``overwrite`` removes only what a fine-tune writes."""
+    out = cfg.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; give a directory (new, or an earlier run's to --resume)")
+    ours = [f for f in ("log.jsonl", "checkpoint", "checkpoint.json", "model", "curves.png")
+            if os.path.exists(os.path.join(out, f))]
+    if cfg.overwrite:
+        for name in ours:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    elif ours and not cfg.resume:
+        raise ValueError(f"--out {out!r} already holds a fine-tune ({', '.join(ours)}); pass --resume to continue "
+                         "it, --overwrite to start over, or another --out")
+    os.makedirs(out, exist_ok=True)
+    if cfg.resume and not ckpt.exists(out):
+        say(f"--resume: no checkpoint in {out}; starting from step 0")
+        return False
+    return cfg.resume
 
-    if not os.path.exists(cfg.model):
-        raise FileNotFoundError(f"model {cfg.model!r} does not exist; give a Hugging Face directory or a .gguf")
-    dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
-    kwargs = dict(budget=cfg.budget, disk_dir=cfg.disk_dir, device=cfg.device, config=cfg.mezo(),
-                  placement=cfg.placement, storage=dict(cfg.storage) or None,
-                  write_back_every=cfg.write_back_every, compress=cfg.compress)
-    gguf = find_gguf(cfg.model)
-    if gguf is not None:
-        model, tokenizer = load_gguf(gguf, dtype=dtype)
-        return ZOEngine(model, **kwargs), tokenizer, model.config
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    engine = ZOEngine.from_pretrained(cfg.model, dtype=dtype, **kwargs)
-    return engine, tokenizer, AutoConfig.from_pretrained(cfg.model)
+
+def open_engine(cfg: FineTuneConfig, ref: ModelRef | None = None) -> ZOEngine:
+    """The engine for ``cfg.model`` (a store, a Hugging Face folder or a GGUF), streamed into its tiers.
+
+    The disk tier lives in ``cfg.disk_dir`` (default ``OUT/disk``). A store is only read: the blocks a run
+    changes are written to the disk tier's own store, unless ``cfg.in_place``."""
+    ref = ref or model_ref(cfg.model)
+    if ref.kind == "config":
+        raise ValueError(f"model {ref.path!r} is a config without weights; `zo2tier convert {ref.path} STORE` "
+                         "gives it random weights, then fine-tune STORE")
+    if cfg.in_place and ref.kind != "store":
+        raise ValueError(f"--in-place changes a zo2tier store, but {ref.path!r} is a {ref.kind}; drop --in-place "
+                         f"or convert it first (`zo2tier convert {ref.path} STORE`)")
+    disk_dir = ref.path if cfg.in_place else (cfg.disk_dir or os.path.join(cfg.out, "disk"))
+    return ZOEngine.from_pretrained(
+        ref.gguf or ref.path, dtype=_DTYPES[cfg.dtype] if cfg.dtype else None, budget=cfg.budget,
+        disk_dir=disk_dir, device=cfg.device, config=cfg.mezo(), placement=cfg.placement,
+        storage=dict(cfg.storage) or None, write_back_every=cfg.write_back_every, compress=cfg.compress)
+
+
+def _resume_engine(cfg: FineTuneConfig) -> tuple[ZOEngine, ckpt.Resumed]:
+    """The engine of ``OUT/checkpoint``, exactly where it stopped, and the job's state saved with it."""
+    engine = ZOEngine.resume(ckpt.checkpoint_dir(cfg.out), device=cfg.device)
+    try:
+        return engine, ckpt.check(cfg.out, cfg, engine.extra_state)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def export_with_tokenizer(engine: ZOEngine, out_dir: str, ref: ModelRef) -> str:
+    """The engine's weights (streamed block by block) plus ``ref``'s tokenizer files, as a Hugging Face
+    folder; an earlier export in ``out_dir`` is replaced once the new one is whole."""
+    partial = out_dir.rstrip("/") + ".partial"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)
+    engine.export(partial)
+    copy_tokenizer_files(ref, partial)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(partial, out_dir)
+    return out_dir
 
 
 def _load_sets(cfg: FineTuneConfig, tokenizer: Any) -> tuple[EncodedSet, EncodedSet, EncodedSet | None]:
@@ -218,11 +273,14 @@ def _load_sets(cfg: FineTuneConfig, tokenizer: Any) -> tuple[EncodedSet, Encoded
         if path is None:
             sets.append(None)
             continue
-        examples = keep_labels(load_examples(path, text_column=cfg.text_column, label_column=cfg.label_column,
-                                             encoding=cfg.encoding), prompt.label_words.labels)
+        rows = load_examples(path, text_column=cfg.text_column, label_column=cfg.label_column,
+                             encoding=cfg.encoding)
+        examples = keep_labels(rows, prompt.label_words.labels)
         if not examples:
-            raise ValueError(f"{path} has no rows labelled {list(prompt.label_words.labels)}; "
-                             "check --label-column and --label-words")
+            found = sorted({ex.label for ex in rows})
+            raise ValueError(f"{path} has {len(rows)} rows but none labelled {list(prompt.label_words.labels)} "
+                             f"(its {cfg.label_column!r} column holds {found[:6]}); check --label-column and "
+                             "--label-words")
         sets.append(encode(examples, prompt, tokenizer, max_length=cfg.max_length))
     if len(sets[0]) < cfg.batch_size:
         raise ValueError(f"{cfg.train} has {len(sets[0])} usable rows, fewer than batch_size={cfg.batch_size}")
@@ -230,13 +288,18 @@ def _load_sets(cfg: FineTuneConfig, tokenizer: Any) -> tuple[EncodedSet, Encoded
 
 
 @torch.no_grad()
-def accuracy(engine: ZOEngine, data: EncodedSet, *, batch_size: int = 32, max_examples: int = 0) -> float:
+def accuracy(engine: ZOEngine, data: EncodedSet, *, batch_size: int = 32, max_examples: int = 0,
+             progress: bool = False) -> float:
     """Fraction of ``data`` whose label word has the highest next-token log-probability, through the tiers."""
+    from tqdm import tqdm
+
     n = len(data) if max_examples <= 0 else min(max_examples, len(data))
     correct = 0
-    for start in range(0, n, batch_size):
-        batch = collate(data, range(start, min(start + batch_size, n)))
-        correct += n_correct(engine.logits(batch), batch)
+    with tqdm(total=n, unit="ex", desc="eval", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            batch = collate(data, range(start, min(start + batch_size, n)))
+            correct += n_correct(engine.logits(batch), batch)
+            bar.update(batch["input_ids"].shape[0])
     return correct / n
 
 
@@ -264,7 +327,8 @@ def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: En
             rec = meter.update(r, lr, int(batch["attention_mask"].sum()), time.perf_counter() - t0)
             _write(log, rec)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                acc = accuracy(engine, evalset, batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max)
+                acc = accuracy(engine, evalset, batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max,
+                               progress=cfg.progress)
                 _write(log, {"event": "eval", "step": step + 1, "split": split, "acc": acc,
                              "n": min(len(evalset), cfg.eval_max or len(evalset))})
                 meter.note(f"{split} acc {acc:.3f}")

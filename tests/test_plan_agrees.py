@@ -1,0 +1,101 @@
+"""One planner: `zo2tier plan` prints the placement ZOEngine.from_pretrained makes with the same inputs."""
+
+import random
+import subprocess
+import sys
+
+import pytest
+from tiny_task import save_tiny_model
+
+from zo2tier import TierBudget, ZOEngine
+from zo2tier.planning import plan_for_model
+
+
+def _plan_cli(model, budget, *extra):
+    done = subprocess.run([sys.executable, "-m", "zo2tier", "plan", model, "--budget", budget, *extra],
+                          capture_output=True, text=True, timeout=120)
+    return done
+
+
+def _runs(placement, names):
+    """'device 0-1, host 2, disk 3'-style text of a placement, as `zo2tier plan` prints it."""
+    from zo2tier.planning import placement_line
+    from zo2tier.plan import Plan
+
+    return placement_line(Plan(placement, {}, None, 0), names).removeprefix("placement: ")
+
+
+def _deep_model(path):
+    """A tiny Llama with 12 layers: enough that a device budget can hold some layers and not others."""
+    import torch
+    import transformers as tf
+
+    from tiny_models import _COMMON
+
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(**{**_COMMON, "num_hidden_layers": 12})).save_pretrained(path)
+    return path
+
+
+def test_plan_and_engine_place_alike_over_random_budgets(tmp_path):
+    model = _deep_model(str(tmp_path / "m"))
+    base, inp, _ = plan_for_model(model, TierBudget.parse("device=1GiB"))
+    names = [b.name for b in inp.blocks]
+    block = max(b.numel for b in inp.blocks) * inp.compute_bytes
+    from zo2tier.plan import block_bytes, working_bytes
+
+    # device bytes before its first block once the layers are split over tiers: resident set and buffers
+    floor = block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, len(names), len(names))
+    rng = random.Random(0)
+    agreed = outcomes = 0
+    seen = set()
+    for i in range(40):
+        dev = floor + rng.randint(-block // 2, len(names) * block)
+        host = rng.randint(0, len(names) * block)
+        budget = f"device={max(dev, 0)},host={host},disk={10 * len(names) * block}"
+        try:
+            plan = plan_for_model(model, TierBudget.parse(budget))[0]
+        except ValueError as exc:
+            plan, why = None, str(exc)
+        try:
+            with ZOEngine.from_pretrained(model, budget=budget, disk_dir=tmp_path / f"d{i}") as engine:
+                placed = dict(engine.placement)
+        except ValueError as exc:
+            assert plan is None, f"{budget}: plan placed it but the engine refused: {exc}"
+            assert str(exc) == why
+            continue
+        assert plan is not None, f"{budget}: the engine placed it but plan refused: {why}"
+        assert plan.placement == placed, budget
+        seen.add(tuple(plan.counts().values()))
+        agreed += 1
+    assert agreed >= 20 and len(seen) >= 5  # many budgets, many different placements
+    # the CLI prints the same placement as the engine (one case, a subprocess)
+    done = _plan_cli(model, budget)
+    assert done.returncode == 0, done.stderr
+    assert f"placement: {_runs(placed, names)}" in done.stdout
+
+
+def test_plan_takes_every_model_kind_and_device(tmp_path):
+    from zo2tier.store.convert import convert
+
+    model = save_tiny_model(str(tmp_path / "m"))
+    convert(model, tmp_path / "store", progress=False)
+    for given, device in ((model, "cuda"), (str(tmp_path / "store"), "cpu"), (str(tmp_path / "m/config.json"), "cpu")):
+        done = _plan_cli(given, "device=1GiB,host=1GiB,disk=1GiB", "--device", device)
+        assert done.returncode == 0, done.stderr
+        assert "placement: device 0-3" in done.stdout
+
+
+def test_plan_of_a_broken_gguf_is_one_line(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf")
+    done = _plan_cli(str(bad), "device=1GiB")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and str(bad) in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("given", ["missing", "file.txt"])
+def test_plan_of_a_non_model_names_it(tmp_path, given):
+    (tmp_path / "file.txt").write_text("x")
+    done = _plan_cli(str(tmp_path / given), "device=1GiB")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and given in done.stderr
