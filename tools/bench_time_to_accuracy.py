@@ -99,13 +99,18 @@ def card(device: str) -> str:
 
 # ---- inputs -------------------------------------------------------------------------------------------------
 def model_dir(cfg: dict) -> str:
-    """The Hugging Face directory of ``cfg['model']``: the SmolLM2 GGUF converted once under ``work``."""
+    """The model path of ``cfg['model']``: the SmolLM2 GGUF itself (streamed tensor by tensor by the engine)."""
     if cfg["model"] != "smollm2":
         return cfg["model"]
     from zo2tier.demo import GGUF, package_file
-    from zo2tier.train.loading import gguf_to_hf_dir
 
-    return gguf_to_hf_dir(package_file(*GGUF), os.path.join(cfg["work"], "smollm2"))
+    return package_file(*GGUF)
+
+
+def tokenizer_of(path: str):
+    from zo2tier.model_ref import model_ref
+
+    return model_ref(path).tokenizer()
 
 
 def task_files(cfg: dict) -> tuple[str, str, str]:
@@ -160,7 +165,7 @@ def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
                       estimator=cfg["estimator"], n_perturbations=q)
     return ZOEngine.from_pretrained(mdir, dtype=_dtype(cfg["dtype"]), budget=BUDGET, device=cfg["device"],
                                     config=mezo, placement=dict.fromkeys(blocks, cfg["placement"]),
-                                    disk_dir=os.path.join(run_dir, "disk") if cfg["placement"] == "disk" else None,
+                                    disk_dir=os.path.join(run_dir, "disk"),
                                     storage=_storage(cfg) or None, write_back_every=cfg["write_back_every"])
 
 
@@ -178,7 +183,6 @@ def _run_dir(cfg: dict, q) -> str:
 # ---- one run ------------------------------------------------------------------------------------------------
 def run_one(cfg: dict) -> dict:
     """Fine-tune once; the record with the accuracy curve on dev and test."""
-    from transformers import AutoTokenizer
 
     from zo2tier.train.data import (
         LabelWords,
@@ -196,7 +200,7 @@ def run_one(cfg: dict) -> dict:
     folder, template, words = task_files(cfg)
     q, auto = resolve_q(cfg, mdir)
     prompt = Prompt(template, LabelWords.parse(words))
-    tokenizer = AutoTokenizer.from_pretrained(mdir)
+    tokenizer = tokenizer_of(mdir)
     sets = {}
     for split in ("train", "dev", "test"):
         examples = keep_labels(load_examples(os.path.join(folder, f"{split}.csv")), prompt.label_words.labels)
@@ -289,7 +293,6 @@ def _command(cfg: dict) -> str:
 # ---- seconds per step with every layer on disk --------------------------------------------------------------
 def time_disk(cfg: dict) -> list[dict]:
     """Seconds per step for each ``estimator:q`` of ``cfg['methods']``, every layer on disk, one at a time."""
-    from transformers import AutoTokenizer
 
     from zo2tier.store.io import supports_direct_io
     from zo2tier.train.data import (
@@ -307,7 +310,7 @@ def time_disk(cfg: dict) -> list[dict]:
     folder, template, words = task_files(cfg)
     prompt = Prompt(template, LabelWords.parse(words))
     examples = keep_labels(load_examples(os.path.join(folder, "train.csv")), prompt.label_words.labels)
-    train = encode(examples, prompt, AutoTokenizer.from_pretrained(mdir), max_length=cfg["max_length"])
+    train = encode(examples, prompt, tokenizer_of(mdir), max_length=cfg["max_length"])
     records = []
     for item in cfg["methods"].split(","):
         estimator, _, q_text = item.partition(":")

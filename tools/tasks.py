@@ -99,12 +99,18 @@ def zero_shot(name: str, *, n_test: int, seed: int, max_length: int = 64) -> lis
 
     from zo2tier.demo import GGUF
     from zo2tier.train.data import LabelWords, Prompt, balanced_splits, collate, encode
-    from zo2tier.train.loading import load_gguf
     from zo2tier.train.objective import n_correct
 
     t = task(name)
     test = balanced_splits(t.load(package_file(*t.source)), [n_test], LABELS, seed=seed)[0]
-    model, tokenizer = load_gguf(package_file(*GGUF), dtype=torch.float32)
+    from transformers import AutoModelForCausalLM
+
+    from zo2tier.model_ref import model_ref
+
+    gguf = package_file(*GGUF)  # a whole-model load is fine for this 135M probe
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                 dtype=torch.float32).eval()
+    tokenizer = model_ref(gguf).tokenizer()
     out = []
     for template, words in t.candidates:
         data = encode(test, Prompt(template, LabelWords.parse(words)), tokenizer, max_length=max_length)

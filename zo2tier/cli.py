@@ -7,6 +7,7 @@ import re
 import sys
 
 from zo2tier.budget import TierBudget
+from zo2tier.zo.estimators import ESTIMATORS
 from zo2tier.store.io import BlockIOError
 from zo2tier.store.lock import StoreLockedError
 
@@ -28,6 +29,18 @@ def _compress_arg(text: str):
         return parse_compress(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _perturbations_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--perturbations {text!r} must be an int >= 1 or auto")
+    return value
 
 
 def _budget_arg(text: str) -> TierBudget:
@@ -74,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default=None, help="compute dtype: fp32, fp16 or bf16 (None: the model's)")
     plan.add_argument("--calibration", default=None, help="a calibration JSON from tools/bench_io.py")
     plan.add_argument("--batch", type=int, default=1, help="sequences per step, for the predicted step time")
+    plan.add_argument("--estimator", choices=tuple(sorted(ESTIMATORS)), default="mezo",
+                      help="the step's estimator (docs/estimators.md)")
+    plan.add_argument("--perturbations", type=_perturbations_arg, default=1, metavar="N|auto",
+                      help="perturbations per step; auto prints the q the engine would choose")
     plan.add_argument("--seq", type=int, default=2048, help="tokens per sequence, for the predicted step time")
     plan.add_argument("--write-back-every", type=int, default=None,
                       help="steps between write-backs (K; None: the engine's default for --device)")
@@ -110,6 +127,13 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--batch-size", type=int, default=16, help="examples per step")
     ft.add_argument("--lr", type=float, default=1e-6, help="learning rate")
     ft.add_argument("--eps", type=float, default=1e-3, help="perturbation size")
+    ft.add_argument("--estimator", choices=tuple(sorted(ESTIMATORS)), default="mezo",
+                    help="how a step estimates: mezo (two-sided, MeZO-SGD at q=1), fzoo (one-sided, q >= 2, step "
+                         "normalised by the losses' spread), fzoo-ema (the spread averaged over steps); "
+                         "docs/estimators.md")
+    ft.add_argument("--perturbations", type=_perturbations_arg, default=1, metavar="N|auto",
+                    help="perturbations per step, evaluated while each block is resident (auto: as many as "
+                         "hide under the transfers)")
     ft.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and norms)")
     ft.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
                     help="learning-rate schedule over --steps")
@@ -153,6 +177,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         text_column=args.text_column, label_column=args.label_column, encoding=args.encoding,
         template=args.template, label_words=args.label_words, objective=args.objective,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay,
+        estimator=args.estimator, perturbations=args.perturbations,
         lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, eval_max=args.eval_max,
         eval_test=args.eval_test, max_length=args.max_length, device=args.device, dtype=args.dtype, budget=args.budget,
         disk_dir=args.disk_dir, storage=args.storage, write_back_every=args.write_back_every, compress=args.compress,
@@ -301,7 +326,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     print(describe_plan(args.model, args.budget, storage=args.storage, dtype=args.dtype,
                         calibration=args.calibration, batch=args.batch, seq=args.seq,
-                        write_back_every=args.write_back_every, compress=args.compress, device=args.device))
+                        write_back_every=args.write_back_every, compress=args.compress, device=args.device,
+                        estimator=args.estimator, perturbations=args.perturbations))
     return 0
 
 

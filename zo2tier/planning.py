@@ -16,7 +16,8 @@ from zo2tier.budget import TIERS, TierBudget, format_size
 from zo2tier.model.blocks import ModelLayout, describe, scratch_spans
 from zo2tier.model_ref import ModelRef, model_ref
 from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, Plan, PlanInput, plan_placement, unplanned_device_bytes
-from zo2tier.predict import Calibration, predict_step
+from zo2tier.predict import Calibration, choose_perturbations, predict_step
+from zo2tier.zo.estimators import ESTIMATORS
 from zo2tier.store.zstd import parse_compress
 from zo2tier.tiers.codec import check_storage, dtype_name
 from zo2tier.tiers.write_back import resolve_write_back
@@ -134,11 +135,12 @@ def _config_dtype(config: Mapping[str, Any]) -> torch.dtype:
 
 def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, calibration=None,
                   batch: int = 1, seq: int = 2048, write_back_every: int | None = None, compress=None,
-                  device: str = "cpu") -> str:
+                  device: str = "cpu", estimator: str = "mezo", perturbations: int | str = 1) -> str:
     """The text ``zo2tier plan`` prints: the placement, and the predicted step time and its bound.
 
     ``compress``: zstd on the disk tier (anything ``zo2tier.store.zstd.parse_compress`` takes; default: as the
     engine, on for a store converted with zstd). ``write_back_every``: K (default: the engine's for ``device``).
+    ``estimator``/``perturbations``: the step's estimator and q (``"auto"``: the q the engine would choose).
     """
     plan, inp, pm = plan_for_model(model, budget, device=device, storage=storage, dtype=dtype)
     zstd = parse_compress(compress) is not None if compress is not None else pm.compress
@@ -151,14 +153,23 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
             f"{compute}{why}, device {device}, storage {inp.storage}"
             + (", disk tier zstd-compressed" if zstd else ""))
     cal = Calibration.load(calibration)
-    pred = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=k, compress=zstd)
+    if perturbations == "auto":
+        choice = choose_perturbations(inp, plan, cal, batch=batch, seq=seq, estimator=estimator,
+                                      write_back_every=k, compress=zstd)
+        q = choice.n_perturbations
+        chosen = (f"\nperturbations: auto chose q={q} for {estimator} (stopped by {choice.limit}; "
+                  f"activations of {ESTIMATORS[estimator].n_copies(q)} batch copies counted)")
+    else:
+        q, chosen = int(perturbations), f"\nperturbations: q={perturbations} for {estimator}"
+    pred = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=k, compress=zstd,
+                        estimator=estimator, n_perturbations=q)
     codec = (f", zstd {pred.zstd_s:.3f} s at ratio {getattr(cal, 'zstd_ratio_' + inp.storage['disk']):.3f}"
              + (" (zstd GB/s of the GPU machine's 16 cores, benchmarks/zstd_h100.json)" if calibration is None
                 else "") if zstd else "")
     tail = (f"predicted step ({batch}x{seq} tokens, write-back every host {ks['host']} / disk {ks['disk']} "
             f"steps): {pred.step_s:.3f} s = {batch * seq / pred.step_s:,.0f} tok/s, bound by {pred.bound} "
             f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s{codec}; "
-            f"rates from {calibration or 'docs/design.md defaults (H100 machine)'})")
+            f"rates from {calibration or 'docs/design.md defaults (H100 machine)'})" + chosen)
     extra = unplanned_device_bytes(inp, batch * seq)
     peak = (f"estimated GPU peak ({batch}x{seq} tokens): {format_size(plan.used_bytes['device'] + extra)} = "
             f"device {format_size(plan.used_bytes['device'])} + CUDA context, logits, loss and activations "

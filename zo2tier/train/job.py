@@ -71,6 +71,8 @@ class FineTuneConfig:
     eps: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    estimator: str = "mezo"
+    perturbations: int | str = 1
     objective: str = "lm"
     lr_schedule: str = "constant"
     eval_every: int = 0
@@ -121,7 +123,8 @@ class FineTuneConfig:
         return Prompt(self.template, LabelWords.parse(self.label_words))
 
     def mezo(self) -> MeZOConfig:
-        return MeZOConfig(lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed)
+        return MeZOConfig(lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, seed=self.seed,
+                          estimator=self.estimator, n_perturbations=self.perturbations)
 
 
 @dataclass(frozen=True)
