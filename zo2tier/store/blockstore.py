@@ -115,7 +115,7 @@ class BlockStore:
         return store
 
     def _lock(self) -> None:
-        lock_dir(self.path)
+        lock_dir(self.path, role="store")
         self._locked = True
 
     def _scan_generations(self) -> None:
@@ -130,7 +130,7 @@ class BlockStore:
         """Release the lock. Uncommitted block copies stay on disk until the next commit collects them."""
         self._frames.close()
         if self._locked:
-            unlock_dir(self.path)
+            unlock_dir(self.path, role="store")
             self._locked = False
 
     def __enter__(self) -> "BlockStore":

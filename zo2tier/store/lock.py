@@ -1,7 +1,13 @@
-"""One process at a time per store directory: an ``flock`` the kernel drops when its process dies.
+"""One owner at a time per store directory.
 
-Within one process the lock is counted: the engine's disk tier and the store it writes may both hold it,
-and it is released when the last holder lets go.
+Between processes: an ``flock`` on ``.zo2tier.lock``, which the kernel drops when its process dies.
+
+Within one process the flock cannot tell owners apart, so the process keeps a record per directory of the
+roles held on it. There are two roles, and an engine that trains on a directory holds both: ``"disk tier"``
+(zo2tier.tiers.store_dir.claim_disk_dir) and ``"store"`` (an open zo2tier.store.blockstore.BlockStore, the
+one the engine keeps in step with its disk tier). A role that is already held means a second engine, or a
+second open store, on a live directory, whose commits would delete the first one's files: it is refused
+with StoreLockedError. The flock goes when the last role is released.
 """
 
 from __future__ import annotations
@@ -9,24 +15,51 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+from dataclasses import dataclass, field
 
 MARKER = ".zo2tier-disk"
 LOCK = ".zo2tier.lock"
+ROLES = ("disk tier", "store")
 
-_held: dict[str, list[int]] = {}  # absolute path -> [fd, holders]
+_FIX = {
+    "disk tier": "close that engine first (engine.close(), or leave its `with` block), or give this one another disk_dir",
+    "store": "close the engine or store that has it open first (engine.close(), store.close()), or use another "
+             "directory (for a read-only look, BlockStore.open(path, lock=False))",
+}
+
+
+@dataclass
+class _Held:
+    fd: int
+    roles: set[str] = field(default_factory=set)
+
+
+_held: dict[str, _Held] = {}  # absolute path -> this process's flock on it and the roles it is held in
 _guard = threading.Lock()
 
 
 class StoreLockedError(RuntimeError):
-    """Another live process holds the store; the message names it."""
+    """Another live owner holds the store (another process, or another engine in this one); the message
+    names the directory and the fix."""
 
 
-def lock_dir(path: str) -> None:
-    """Take (or count once more) this process's exclusive lock on directory ``path``."""
+def lock_dir(path: str, *, role: str) -> None:
+    """Take this process's exclusive lock on directory ``path`` in ``role`` (one of :data:`ROLES`).
+
+    Raises StoreLockedError if another process holds the directory, or this process already holds it in
+    ``role``. Example: an engine claims its disk_dir as ``"disk tier"`` and opens the store there as
+    ``"store"``; a second engine on the same disk_dir is refused at its ``"disk tier"`` claim.
+    """
+    if role not in ROLES:
+        raise ValueError(f"lock role {role!r} is unknown; use one of {ROLES}")
     path = os.path.abspath(path)
     with _guard:
-        if path in _held:
-            _held[path][1] += 1
+        held = _held.get(path)
+        if held is not None:
+            if role in held.roles:
+                raise StoreLockedError(f"{path!r} is already in use as a {role} in this process (by another "
+                                       f"ZOEngine or store that is still open); {_FIX[role]}")
+            held.roles.add(role)
             return
         fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -40,18 +73,18 @@ def lock_dir(path: str) -> None:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _held[path] = [fd, 1]
+        _held[path] = _Held(fd, {role})
 
 
-def unlock_dir(path: str) -> None:
-    """Drop one hold on ``path``; the flock goes with the last one."""
+def unlock_dir(path: str, *, role: str) -> None:
+    """Release ``role`` on ``path`` (nothing if it is not held); the flock goes with the last role."""
     path = os.path.abspath(path)
     with _guard:
         held = _held.get(path)
-        if held is None:
+        if held is None or role not in held.roles:
             return
-        held[1] -= 1
-        if held[1] <= 0:
+        held.roles.discard(role)
+        if not held.roles:
             del _held[path]
-            fcntl.flock(held[0], fcntl.LOCK_UN)
-            os.close(held[0])
+            fcntl.flock(held.fd, fcntl.LOCK_UN)
+            os.close(held.fd)
