@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # ruff pinned: a new release brings new default rules, and CI must not change under us
 RUFF := ruff==0.17.5
+# Triton for the kernel tests in its interpreter on CPU-only machines: the version torch 2.13's CUDA build
+# pins (on CUDA, torch brings its own); see docs/dependencies.md
+TRITON := triton==3.7.1
 
 .PHONY: test demo install lint clean
 
@@ -14,7 +17,8 @@ $(STAMP): pyproject.toml
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		echo "CUDA found: installing torch from the package index"; $(BIN)/pip install -q torch; \
 	else \
-		echo "no CUDA: installing the CPU build torch==2.13.0"; $(BIN)/pip install -q torch==2.13.0; \
+		echo "no CUDA: installing the CPU build torch==2.13.0, and Triton for its interpreter"; \
+		$(BIN)/pip install -q torch==2.13.0 $(TRITON); \
 	fi
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)

@@ -61,7 +61,7 @@ def test_corrupted_block_file(tmp_path, batch):
             f.seek(100)
             f.write(bytes([byte[0] ^ 0xFF]))
 
-    engine, path, message = _damage_then_step(tmp_path / "again", batch, flip)
+    _, path, message = _damage_then_step(tmp_path, batch, flip)
     _assert_names_everything(message, path)
     assert "fails its checksum" in message
 

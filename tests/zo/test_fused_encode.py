@@ -1,7 +1,8 @@
 """The Triton int8 encoder gives the torch codec's bytes: same group scales, same rounding uniforms.
 
-Runs on CUDA with Triton, or on the CPU in the Triton interpreter (``TRITON_INTERPRET=1`` with Triton
-installed); skipped otherwise, as in CI, where Triton is not a dependency."""
+Runs on CUDA with Triton, or on the CPU in the Triton interpreter (``TRITON_INTERPRET=1``, which
+tests/conftest.py sets without CUDA; CI installs Triton for it, see docs/dependencies.md); skipped where
+Triton is not installed."""
 
 from __future__ import annotations
 

@@ -134,7 +134,8 @@ class BlockStore:
         return os.path.dirname(os.path.join(self.path, file)) == self.path
 
     def _lock(self, shared: bool = False) -> None:
-        lock_dir(self.path, shared=shared)
+        self._role = "base" if shared else "store"
+        lock_dir(self.path, role=self._role)
         self._locked = True
 
     def _scan_generations(self) -> None:
@@ -149,7 +150,7 @@ class BlockStore:
         """Release the lock. Uncommitted block copies stay on disk until the next commit collects them."""
         self._frames.close()
         if self._locked:
-            unlock_dir(self.path)
+            unlock_dir(self.path, role=self._role)
             self._locked = False
         if self.base is not None:
             self.base.close()

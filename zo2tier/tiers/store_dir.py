@@ -1,4 +1,4 @@
-"""The disk tier's directory: claimed once, checked before any work, locked against a second process."""
+"""The disk tier's directory: claimed once, checked before any work, locked against a second owner."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ _OWN_PREFIXES = ("block_", ".zo2tier", "manifest", "hf")  # hf/: a store's token
 def claim_disk_dir(path: str) -> str:
     """Create (if needed), check and lock ``path`` for the disk tier; return its absolute path.
 
-    Refuses a directory holding files zo2tier did not write, one it cannot write, and one another
-    process has locked. Files of an earlier zo2tier run in the same directory are reused (overwritten).
-    The lock is an ``flock``: the kernel drops it when its process dies, so a stale lock never blocks.
+    Refuses a directory holding files zo2tier did not write, one it cannot write, one another process has
+    locked, and one that is already the disk tier of a live engine in this process (StoreLockedError).
+    Files of an earlier zo2tier run in the same directory are reused (overwritten). The lock is an
+    ``flock``: the kernel drops it when its process dies, so a stale lock never blocks.
     """
     path = os.path.abspath(path)
     try:
@@ -52,9 +53,9 @@ def claim_disk_dir(path: str) -> str:
 
 
 def _lock(path: str) -> None:
-    lock_dir(path)  # the store owns locking (zo2tier/store/lock.py)
+    lock_dir(path, role="disk tier")  # the store owns locking (zo2tier/store/lock.py)
 
 
 def release_disk_dir(path: str) -> None:
-    """Drop this process's lock on ``path`` (called by ``ZOEngine.close``)."""
-    unlock_dir(path)
+    """Release this process's disk-tier claim on ``path`` (called by ``ZOEngine.close``)."""
+    unlock_dir(path, role="disk tier")

@@ -26,9 +26,10 @@ try:  # Triton is optional: CPU machines and CUDA without Triton use the generic
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
-# Box-Muller runs through the GPU's fast log / sin / cos (special-function units), not libdevice's correctly
-# rounded ones: 1.8-1.95x faster replays at the same distance from the spec (benchmarks/replay_h100.jsonl);
-# see _ln and _cos_sin_2pi for how each stays within float rounding of the spec.
+# On the GPU, Box-Muller runs through the fast log / sin / cos (special-function units), not libdevice's
+# correctly rounded ones: 1.8-1.95x faster replays at the same distance from the spec
+# (benchmarks/replay_h100.jsonl); see _ln and _cos_sin_2pi for how each stays within float rounding of the
+# spec. Triton's CPU interpreter has no fast functions: there (CPU tensors) the kernel uses tl.log/cos/sin.
 
 _SR_DOMAIN = 0x80000000
 _FLOAT_STORAGE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
@@ -100,7 +101,7 @@ def arrive(
         z_offset // 4, DECAY=decay, WRITE=write_to is not None, MINUS=minus is not None,
         STORE_KIND=_FLOAT_STORAGE[stored.dtype],
         OUT_KIND=_FLOAT_STORAGE[write_to.dtype] if write_to is not None else 0, RADEMACHER=kind == "rademacher", GROUPS=_GROUPS,
-        PERTURB=eps != 0.0,
+        PERTURB=eps != 0.0, FAST_Z=stored.device.type == "cuda",
     )
 
 
@@ -113,32 +114,39 @@ if triton is not None:
         return ((w >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # ((w >> 9) + 0.5) * 2**-23
 
     @triton.jit
-    def _ln(u):
+    def _ln(u, FAST: tl.constexpr):
         """ln u for u in (0, 1). The fast log's error is absolute (about 4e-7 near 1), which is large against
         ln u where u nears 1: there (v = 1 - u < 1/4, exact) a Horner series of log1p(-v) to v**11 serves,
         truncated below 1e-7 relative."""
-        v = 1.0 - u
-        p = 0.0909090909 * v + 0.1
-        p = p * v + 0.1111111111
-        p = p * v + 0.125
-        p = p * v + 0.1428571429
-        p = p * v + 0.1666666667
-        p = p * v + 0.2
-        p = p * v + 0.25
-        p = p * v + 0.3333333333
-        p = p * v + 0.5
-        p = p * v + 1.0
-        return tl.where(v < 0.25, -v * p, libdevice.fast_logf(u))
+        if FAST:
+            v = 1.0 - u
+            p = 0.0909090909 * v + 0.1
+            p = p * v + 0.1111111111
+            p = p * v + 0.125
+            p = p * v + 0.1428571429
+            p = p * v + 0.1666666667
+            p = p * v + 0.2
+            p = p * v + 0.25
+            p = p * v + 0.3333333333
+            p = p * v + 0.5
+            p = p * v + 1.0
+            return tl.where(v < 0.25, -v * p, libdevice.fast_logf(u))
+        else:
+            return tl.log(u)
 
     @triton.jit
-    def _cos_sin_2pi(u):
+    def _cos_sin_2pi(u, FAST: tl.constexpr):
         """cos and sin of t = 2π·u (t rounded to float32 as the spec does). The fast functions are accurate
         to about 5e-7 on [-π, π], so they take t - π and flip both signs."""
-        s = 6.2831854820251465 * u - 3.1415927410125732
-        return -libdevice.fast_cosf(s), -libdevice.fast_sinf(s)
+        t = 6.2831854820251465 * u
+        if FAST:
+            s = t - 3.1415927410125732
+            return -libdevice.fast_cosf(s), -libdevice.fast_sinf(s)
+        else:
+            return tl.cos(t), tl.sin(t)
 
     @triton.jit
-    def _z4(seed, groups, RADEMACHER: tl.constexpr):
+    def _z4(seed, groups, RADEMACHER: tl.constexpr, FAST: tl.constexpr):
         """The 4 values of each Philox group, in element order (4·GROUPS,)."""
         w0, w1, w2, w3 = tl.randint4x(seed, groups)
         if RADEMACHER:
@@ -148,10 +156,10 @@ if triton is not None:
             z3 = 1.0 - 2.0 * ((w3 >> 31) & 1).to(tl.float32)
         else:
             u0, u1, u2, u3 = _uniform(w0), _uniform(w1), _uniform(w2), _uniform(w3)
-            r01 = tl.sqrt(-2.0 * _ln(u0))
-            r23 = tl.sqrt(-2.0 * _ln(u2))
-            c1, s1 = _cos_sin_2pi(u1)
-            c3, s3 = _cos_sin_2pi(u3)
+            r01 = tl.sqrt(-2.0 * _ln(u0, FAST))
+            r23 = tl.sqrt(-2.0 * _ln(u2, FAST))
+            c1, s1 = _cos_sin_2pi(u1, FAST)
+            c3, s3 = _cos_sin_2pi(u3, FAST)
             z0, z1 = r01 * c1, r01 * s1
             z2, z3 = r23 * c3, r23 * s3
         # (G, 2, 2) with [g, i, j] = z_{2i + j}: flattening gives z0, z1, z2, z3 per group
@@ -186,7 +194,7 @@ if triton is not None:
         stored_ptr, out_ptr, plus_ptr, minus_ptr, n, new_seed, eps,
         seeds_ptr, grads_ptr, lrs_ptr, wds_ptr, n_log, key_hi, sr_seed, sr_offset, scales_ptr, group, z_group0,
         DECAY: tl.constexpr, WRITE: tl.constexpr, MINUS: tl.constexpr, STORE_KIND: tl.constexpr, OUT_KIND: tl.constexpr,
-        RADEMACHER: tl.constexpr, GROUPS: tl.constexpr, PERTURB: tl.constexpr,
+        RADEMACHER: tl.constexpr, GROUPS: tl.constexpr, PERTURB: tl.constexpr, FAST_Z: tl.constexpr,
     ):
         pid = tl.program_id(0)
         groups = z_group0 + pid.to(tl.int64) * GROUPS + tl.arange(0, GROUPS)  # (G,) Philox groups of the parameter
@@ -196,7 +204,7 @@ if triton is not None:
         if STORE_KIND == 3:  # int8: one fp32 scale per `group` elements of the flat block
             theta = theta * tl.load(scales_ptr + (idx + sr_offset) // group, mask=mask, other=0.0)
         for k in range(n_log):
-            z = _z4(key_hi | tl.load(seeds_ptr + k), groups.to(tl.uint32), RADEMACHER)
+            z = _z4(key_hi | tl.load(seeds_ptr + k), groups.to(tl.uint32), RADEMACHER, FAST_Z)
             g = tl.load(grads_ptr + k)
             lr = tl.load(lrs_ptr + k)
             if DECAY:
@@ -208,7 +216,7 @@ if triton is not None:
             u = _sr_uniform(sr_seed, idx + sr_offset)
             tl.store(out_ptr + idx, _round_stochastic(theta, u, OUT_KIND).to(out_ptr.dtype.element_ty), mask=mask)
         if PERTURB:
-            z = _z4(new_seed, groups.to(tl.uint32), RADEMACHER)
+            z = _z4(new_seed, groups.to(tl.uint32), RADEMACHER, FAST_Z)
             tl.store(plus_ptr + idx, (theta + eps * z).to(plus_ptr.dtype.element_ty), mask=mask)
             if MINUS:
                 tl.store(minus_ptr + idx, (theta - eps * z).to(minus_ptr.dtype.element_ty), mask=mask)
