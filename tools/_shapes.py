@@ -13,6 +13,7 @@ SHAPES = {  # hidden, ffn, layers, heads (OPT); Llama shapes add kv heads = head
     "opt-13b": (5120, 20480, 40, 40),
     "opt-30b": (7168, 28672, 48, 56),
     "opt-66b": (9216, 36864, 64, 72),
+    "opt-175b": (12288, 49152, 96, 96),
     "llama-7b": (4096, 11008, 32, 32),
     "llama-13b": (5120, 13824, 40, 40),
 }
