@@ -42,9 +42,9 @@ def _batch():
     return tiny_batch(batch=4, seq=12)  # the last row is left-padded
 
 
-def _run(disk_dir, data_parallel, steps=STEPS):
+def _run(disk_dir, data_parallel, steps=STEPS, **estimator):
     model = tiny_model("llama")
-    cfg = zo2tier.MeZOConfig(**CFG)
+    cfg = zo2tier.MeZOConfig(**CFG, **estimator)
     place = _spread(zo2tier.ZOEngine.block_names(model))
     with zo2tier.ZOEngine(model, budget=BIG, disk_dir=disk_dir, config=cfg, placement=place,
                           data_parallel=data_parallel) as engine:
@@ -89,6 +89,10 @@ def _worker(rank, world, port, out):
             res["ref"] = _run(os.path.join(out, "ref"), DataParallel(group=solo, check_every=0))
             res["plain"] = _run(os.path.join(out, "plain"), False)
         res["q2"] = _run(os.path.join(out, "q2"), DataParallel(n_perturbations=2, check_every=2), steps=3)
+        fzoo = {"estimator": "fzoo", "n_perturbations": 3}
+        res["fzoo"] = _run(os.path.join(out, "fzoo"), None, steps=2, **fzoo)  # every rank runs all 4 copies
+        if rank == 0:
+            res["fzoo_one"] = _run(os.path.join(out, "fzoo_one"), False, steps=2, **fzoo)
         res["guard"] = _guard(os.path.join(out, "guard"), rank)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -192,6 +196,18 @@ def test_n_perturbations(ranks):
             losses.append(causal_lm_loss(logits, batch["labels"][lo:hi]))
         g_ref = (losses[0] - losses[1]) / (2 * CFG["eps"])
         assert a["log"][k][2] == pytest.approx(g_ref, abs=2e-6 * max(losses) / CFG["eps"]), k
+
+
+def test_an_estimator_with_several_perturbations_matches_one_process(ranks):
+    """FZOO with q = 3 over 2 ranks (each runs the clean copy and the 3 perturbed ones on its half of the
+    batch, the rows are gathered): the same log as one process on the whole batch, to fp32 rounding."""
+    a, b, one = ranks[0]["fzoo"], ranks[1]["fzoo"], ranks[0]["fzoo_one"]
+    assert a["log"] == b["log"] and len(a["log"]) == 6
+    assert [e[:2] for e in a["log"]] == [e[:2] for e in one["log"]]  # same entries, same seeds
+    for got, want in zip(a["log"], one["log"]):
+        assert got[2] == pytest.approx(want[2], abs=2e-2), (got, want)  # g_k = (l_k - l_0)/σ is O(1)
+    for key in one["state"]:
+        torch.testing.assert_close(a["state"][key], one["state"][key], rtol=0, atol=5e-5)  # steps move ~lr = 1e-3
 
 
 def test_reduce_rows_is_order_free_and_token_weighted():

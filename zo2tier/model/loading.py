@@ -112,9 +112,9 @@ def params_on_meta() -> Iterator[None]:
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
         if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        original(module, name, param)
 
     nn.Module.register_parameter = register
     try:
@@ -124,7 +124,7 @@ def params_on_meta() -> Iterator[None]:
 
 
 class _GGUF(StateSource):
-    """A GGUF file, one tensor dequantized at a time (zo2tier.store.gguf_reader)."""
+    """A GGUF file, one tensor dequantized at a time (zo2tier.model.gguf)."""
 
     def __init__(self, model: nn.Module, tensors) -> None:
         super().__init__(model)
@@ -141,10 +141,21 @@ class _GGUF(StateSource):
         raise KeyError(f"{self._tensors.path} has no tensor for parameter {name!r}")
 
 
+def gguf_skeleton(config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The causal LM ``config`` describes, parameters on meta (tied weights tied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **cfg), dtype=dtype)
+    model.tie_weights()
+    return model.eval()
+
+
 def gguf_skeleton_and_source(file: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, StateSource]:
     """The model a GGUF file holds, parameters on meta, and a source that dequantizes one tensor at a time."""
     from zo2tier.model_ref import gguf_config
-    from zo2tier.store.gguf_reader import GGUFTensors, gguf_skeleton
+    from zo2tier.model.gguf import GGUFTensors
 
     config = gguf_config(file)
     model = gguf_skeleton(config, dtype or torch.float32)

@@ -273,7 +273,7 @@ class BlockStore:
         except FileNotFoundError:
             raise StoreCorruptError(f"block {entry.name}: file {path} is missing; {_FIX}") from None
         with f:
-            size = os.fstat(f._fd).st_size
+            size = f.size_bytes()
             if size < entry.offset + entry.file_bytes:
                 raise StoreCorruptError(f"block {entry.name}: file {path} is truncated ({size} bytes, needs "
                                         f"{entry.offset + entry.file_bytes}); {_FIX}")

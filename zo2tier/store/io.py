@@ -215,6 +215,10 @@ class BlockFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def size_bytes(self) -> int:
+        """The file's current size."""
+        return os.fstat(self._fd).st_size
+
     def read_into(self, buf: torch.Tensor, n_bytes: int, *, offset: int = 0, what: str = "block") -> None:
         """Fill ``buf[:n_bytes]`` from the file at ``offset`` (aligned); retries short reads and EIO."""
         size = os.fstat(self._fd).st_size

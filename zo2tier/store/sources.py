@@ -3,7 +3,7 @@
 - safetensors (single or sharded): the header is parsed here and each chunk is read with ``pread`` into a
   reused buffer, so neither mmap nor a whole tensor ever counts against the converter's RSS;
 - ``pytorch_model.bin``: ``torch.load(mmap=True)``, sliced;
-- a GGUF file, memory-mapped, one tensor dequantized at a time (zo2tier.store.gguf_reader);
+- a GGUF file, memory-mapped, one tensor dequantized at a time (zo2tier.model.gguf);
 - random init from a config: a normal(0, initializer_range) chunk keyed by (seed, tensor, chunk) for
   weights, ones for norm weights (zeros for Gemma's 1+w norms), zeros for biases. Honest for speed and
   memory, not for accuracy.
@@ -126,7 +126,7 @@ class DictSource(TensorSource):
 
 
 class GGUFSource(TensorSource):
-    """A GGUF file, one tensor dequantized at a time (zo2tier.store.gguf_reader)."""
+    """A GGUF file, one tensor dequantized at a time (zo2tier.model.gguf)."""
 
     kind = "gguf"
 

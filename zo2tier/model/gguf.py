@@ -64,16 +64,3 @@ class GGUFTensors:
         result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._to_hf,
                                          parsed_parameters={"tensors": {}, "config": {}})
         return torch.from_numpy(np.array(result.weights, dtype=np.float32))  # a copy: F32 tensors are the map
-
-
-def gguf_skeleton(config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The causal LM ``config`` describes, parameters on meta (tied weights tied)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from zo2tier.model.loading import params_on_meta
-
-    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
-    with params_on_meta():
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **cfg), dtype=dtype)
-    model.tie_weights()
-    return model.eval()
