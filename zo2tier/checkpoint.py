@@ -141,6 +141,20 @@ def place_from_store(engine, record: BlockRecord, source: StateSource) -> bool:
     return True
 
 
+def place_initial(engine, record: BlockRecord, source: StateSource) -> None:
+    """Place ``record`` in its tier: straight from a source store when it matches, else tensor by tensor
+    from ``source``, encoded in its stored dtype (and given its first copy in the engine's store)."""
+    if place_from_store(engine, record, source):
+        return
+    flat = torch.empty(record.numel, dtype=torch.float32, device=engine.device)
+    for slot in record.slots:
+        flat[slot.offset : slot.offset + slot.spec.numel] = source.get(slot.spec.name).reshape(-1)
+    raw = torch.empty(record.stored_bytes, dtype=torch.uint8, device=engine.device)
+    encode(flat, record.storage, raw, sr_seed=0, sr_key=record.index, stochastic=False)
+    engine.tiers.put_initial(record, raw)
+    persist_initial(engine, record, raw)
+
+
 def persist_initial(engine, record: BlockRecord, raw: torch.Tensor) -> None:
     """Give a device/host block built from tensors its first copy in the engine's store."""
     if engine.store is not None and record.tier != "disk":

@@ -29,12 +29,12 @@ from zo2tier.model.loading import StateSource, in_memory_source, pretrained_skel
 from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, Plan
 from zo2tier.planning import make_plan
 from zo2tier.store.zstd import Zstd, parse_compress
-from zo2tier.tiers.codec import check_storage, encode
+from zo2tier.tiers.codec import check_storage
 from zo2tier.tiers.manager import TierManager
-from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
+from zo2tier.tiers.records import BlockRecord, BlockTable, block_records
 from zo2tier.tiers.store_dir import claim_disk_dir, release_disk_dir
 from zo2tier.tiers.write_back import check_max_log, resolve_write_back
-from zo2tier.trace import Timeline
+from zo2tier.trace import Timeline, record_trace
 from zo2tier.visit.bindings import bind_model, release_weights
 from zo2tier.visit.runner import BlockRunner, Copies, Schedule, check_lr
 from zo2tier.zo import fused
@@ -115,7 +115,6 @@ class ZOEngine:
         self.disk_dir = None if not needs_disk else self.disk_policy.claim(os.fspath(disk_dir))
         self.model = model.eval()  # dropout would give the perturbed copies different masks
         self.log: list[LogEntry] = []
-        self.timeline: Timeline | None = None  # set while trace() records
         self.n_skipped = 0
         self.extra_state: dict = {}  # the caller's dict from save_checkpoint, given back by resume
         self.store = self.tiers = None
@@ -217,11 +216,7 @@ class ZOEngine:
         _log.info("n_perturbations='auto' chose q=%d (%s)", self.estimator.n_perturbations, choice)
 
     def _build(self, model: nn.Module, source: StateSource, lookahead: int | None) -> None:
-        records = [_record(i, name, self.placement[name], self.storage, self.layout.params_under(name))
-                   for i, name in enumerate(self.layout.block_names)]
-        in_blocks = {s.spec.param_id for r in records for s in r.slots}
-        resident = [p for p in self.layout.params if p.param_id not in in_blocks]
-        records.append(_record(len(records), RESIDENT, "device", self.storage, resident))
+        records = block_records(self.layout, self.placement, self.storage, RESIDENT)
         self.table = BlockTable(records)
         self.tiers = TierManager(self.table, device=self.device, disk_dir=self.disk_dir,
                                  lookahead_blocks=DISK_LOOKAHEAD if lookahead is None else lookahead,
@@ -230,16 +225,8 @@ class ZOEngine:
         self.tiers.store = self.store
         self.tiers.open()
         for record in records:  # one block at a time: load, encode, place
-            if (self.disk_policy.follower and record.tier == "disk") or store_glue.place_from_store(self, record, source):
-                continue
-            flat = torch.empty(record.numel, dtype=torch.float32, device=self.device)
-            for slot in record.slots:
-                flat[slot.offset : slot.offset + slot.spec.numel] = source.get(slot.spec.name).reshape(-1)
-            raw = torch.empty(record.stored_bytes, dtype=torch.uint8, device=self.device)
-            encode(flat, record.storage, raw, sr_seed=0, sr_key=record.index, stochastic=False)
-            self.tiers.put_initial(record, raw)
-            store_glue.persist_initial(self, record, raw)
-            del flat, raw
+            if not (self.disk_policy.follower and record.tier == "disk"):
+                store_glue.place_initial(self, record, source)
         self.tiers.drain()
         self.disk_policy.built(self)
         store_glue.finish_initial(self, source)
@@ -332,49 +319,29 @@ class ZOEngine:
         self._check_open()
         return self.runner.materialize(record, scratch=torch.empty(record.numel, device=self.device))
 
-    @contextlib.contextmanager
-    def trace(self, path: str | os.PathLike) -> Iterator[Timeline]:
-        """Record a per-block timeline of the steps run inside the ``with``; write it to ``path`` (Chrome trace).
+    @property
+    def timeline(self) -> Timeline | None:
+        """The timeline :meth:`trace` records into, while it records."""
+        return self.runner.timeline
 
-        Example::
+    def trace(self, path: str | os.PathLike) -> contextlib.AbstractContextManager[Timeline]:
+        """Record a per-block timeline of the steps run inside the ``with``; write it to ``path`` (Chrome trace:
+        Perfetto, chrome://tracing or tools/plot_trace.py). Example::
 
             with engine.trace("runs/steps.json"):
                 engine.step(batch)
         """
         self._check_open()
-        if self.timeline is not None:
-            raise RuntimeError("a trace is already being recorded; traces do not nest")
-        timeline = Timeline(self.device)
-        self.timeline = self.runner.timeline = timeline
-        self.tiers.set_timeline(timeline)
-        try:
-            yield timeline
-            self.tiers.drain()  # the write-backs started inside the trace land in it
-        finally:
-            self.timeline = self.runner.timeline = None
-            self.tiers.set_timeline(None)
-        timeline.export(os.fspath(path))
+        return record_trace(self, path)
 
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Current weights on the CPU with every pending update applied; same keys as ``model.state_dict()``.
         Holds the whole model in host RAM: :meth:`export` streams instead."""
         self._check_open()
-        self.tiers.drain()
-        values: dict[str, torch.Tensor] = {}
-        for record in self.table:
-            work = self.materialize(record)
-            for slot in record.slots:
-                t = work[slot.offset : slot.offset + slot.spec.numel].view(slot.spec.shape)
-                values[slot.spec.name] = t.to("cpu", self.compute_dtype, copy=True)
-        self.tiers.drain()
-        out = {}
-        for key, ref in self.buffer_keys.items():
-            if ref is None:
-                out[key] = values[self.layout.aliases.get(key, key)]
-            else:
-                out[key] = getattr(ref[0], ref[1]).to("cpu", copy=True)
-        return out
+        from zo2tier.store.export import engine_state_dict
+
+        return engine_state_dict(self)
 
     # ---- life cycle -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -418,12 +385,3 @@ class ZOEngine:
 
         return generate_ids(self, input_ids, attention_mask, sampling=Sampling(max_new_tokens, temperature, seed),
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-
-
-def _record(index: int, name: str, tier: str, storage: Mapping[str, str], params: list) -> BlockRecord:
-    slots, offset = [], 0
-    for spec in params:
-        slots.append(ParamSlot(spec, offset, ()))
-        offset += spec.numel
-    return BlockRecord(index, name, tier, storage[tier], tuple(slots), offset)
-

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -112,3 +114,21 @@ def _lane_order(lane: str) -> tuple[int, str]:
         if lane.startswith(prefix):
             return i, lane
     return 9, lane
+
+
+@contextlib.contextmanager
+def record_trace(engine: Any, path: str | os.PathLike) -> Iterator[Timeline]:
+    """``ZOEngine.trace``: the engine's runner (compute lane) and tiers (copy, reader and writer lanes) record
+    into one timeline until the ``with`` ends; then the write-backs in flight land in it and it is written."""
+    if engine.runner.timeline is not None:
+        raise RuntimeError("a trace is already being recorded; traces do not nest")
+    timeline = Timeline(engine.device)
+    engine.runner.set_timeline(timeline)
+    engine.tiers.set_timeline(timeline)
+    try:
+        yield timeline
+        engine.tiers.drain()  # the write-backs started inside the trace land in it
+    finally:
+        engine.runner.set_timeline(None)
+        engine.tiers.set_timeline(None)
+    timeline.export(os.fspath(path))

@@ -185,3 +185,23 @@ def export_store(store: str | os.PathLike, out_dir: str | os.PathLike, *, max_sh
 
     copy_tokenizer_files(model_ref(store), out)
     return out
+
+
+def engine_state_dict(engine) -> dict[str, torch.Tensor]:
+    """ZOEngine.state_dict: every weight on the CPU with every pending update applied, tied names included,
+    and the persistent buffers; the whole model in host RAM (``export_engine`` streams instead)."""
+    engine.tiers.drain()
+    values: dict[str, torch.Tensor] = {}
+    for record in engine.table:
+        work = engine.materialize(record)
+        for slot in record.slots:
+            t = work[slot.offset : slot.offset + slot.spec.numel].view(slot.spec.shape)
+            values[slot.spec.name] = t.to("cpu", engine.compute_dtype, copy=True)
+    engine.tiers.drain()
+    out = {}
+    for key, ref in engine.buffer_keys.items():
+        if ref is None:
+            out[key] = values[engine.layout.aliases.get(key, key)]
+        else:
+            out[key] = getattr(ref[0], ref[1]).to("cpu", copy=True)
+    return out

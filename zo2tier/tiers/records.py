@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zo2tier.budget import TIERS
-from zo2tier.model.blocks import ParamSpec
+from zo2tier.model.blocks import ModelLayout, ParamSpec
 from zo2tier.tiers.codec import encoded_bytes
 
 
@@ -85,3 +85,22 @@ class BlockTable:
                 f"block {record.name}: stored copy holds {record.applied_steps} updates; cannot go back to {n_steps}"
             )
         record.applied_steps = n_steps
+
+
+def block_records(layout: ModelLayout, placement: dict[str, str], storage: dict[str, str],
+                  resident_name: str) -> list[BlockRecord]:
+    """One record per block of ``layout`` in execution order, its parameters back to back, on the tier
+    ``placement`` names in ``storage``'s dtype for it; last, the resident set (every parameter outside the
+    blocks) on the device."""
+
+    def record(index: int, name: str, tier: str, params: list[ParamSpec]) -> BlockRecord:
+        slots, offset = [], 0
+        for spec in params:
+            slots.append(ParamSlot(spec, offset, ()))
+            offset += spec.numel
+        return BlockRecord(index, name, tier, storage[tier], tuple(slots), offset)
+
+    records = [record(i, name, placement[name], layout.params_under(name)) for i, name in enumerate(layout.block_names)]
+    in_blocks = {s.spec.param_id for r in records for s in r.slots}
+    resident = [p for p in layout.params if p.param_id not in in_blocks]
+    return records + [record(len(records), resident_name, "device", resident)]

@@ -117,6 +117,10 @@ class BlockRunner:
                                   encode_buffer=self._encode_buffer, on_encoded_sent=self._encoded_sent,
                                   range_buffer=self._range_buffer)
 
+    def set_timeline(self, timeline: Any) -> None:
+        """Record each bound module's compute span into ``timeline`` (a zo2tier.trace.Timeline; None: stop)."""
+        self.timeline = timeline
+
     # ---- a forward ----------------------------------------------------------------------------------
     def begin(self, copies: Copies) -> None:
         """Before the model's forward: the copies it runs; the resident set gets its pending updates."""
