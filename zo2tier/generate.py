@@ -19,11 +19,11 @@ Example::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
 
 KV_CACHE_PLACES = ("auto", "device", "host")
 _KV_MARGIN_BYTES = 1 << 30  # GPU memory left free besides the cache: activations, logits

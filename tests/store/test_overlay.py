@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from tiny_models import tiny_batch, tiny_model
+
 from zo2tier import MeZOConfig, ZOEngine, convert, export_store
 
 BUDGET = "device=1GiB,host=1GiB,disk=1GiB"
