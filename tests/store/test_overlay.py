@@ -79,6 +79,20 @@ def test_base_is_shared_with_other_processes_but_not_in_place(base, tmp_path):
     assert _digest(base) != before
 
 
+def test_a_reopened_overlay_keeps_its_base_shared(base, tmp_path):
+    """Resuming or reopening an overlay whose blocks still name base files locks the base again: no --in-place
+    run may change it meanwhile (the disk blocks are not written back yet: K = 16)."""
+    with ZOEngine.from_pretrained(base, budget=BUDGET, placement=_place(), disk_dir=tmp_path / "ft",
+                                  config=MeZOConfig(lr=1e-2), write_back_every={"disk": 16}) as engine:
+        engine.step(tiny_batch())
+        engine.save_checkpoint(tmp_path / "ckpt")
+    with ZOEngine.resume(tmp_path / "ckpt") as engine:
+        code = f"from zo2tier import ZOEngine; ZOEngine.from_store({base!r}, budget='device=1GiB')"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "StoreLockedError" in done.stderr
+        engine.step(tiny_batch())
+
+
 def test_in_place_holder_keeps_readers_out(base, tmp_path):
     with ZOEngine.from_store(base, budget=BUDGET, placement=_place()):
         code = (f"from zo2tier import ZOEngine; ZOEngine.from_store({base!r}, budget='device=1GiB', "
