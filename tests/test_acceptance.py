@@ -134,6 +134,7 @@ def test_hf_folder_convert_finetune_export_generate(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps"] == 2 and result["placement"]["disk"] > 0
     assert _digest(tmp_path / "store") == base  # the base store's bytes are unchanged
+    print(f"fine-tune + export peak RSS {peak / GIB:.2f} GiB for a {n_bytes / 1e9:.2f} GB model")
     assert peak <= host + 1.5 * GIB, f"peak RSS {peak / GIB:.2f} GiB for a {n_bytes / 1e9:.1f} GB model"
     _load_and_generate(tmp_path / "out" / "model")
 
@@ -152,6 +153,7 @@ def test_gguf_convert_finetune_export_generate(tmp_path):
     gguf = _smollm2()
     _, peak = _run(["convert", gguf, str(tmp_path / "store"), "--no-progress"], tmp_path, measure=True)
     largest = 49152 * 576 * 4  # the token embedding, dequantized to fp32
+    print(f"convert peak RSS {peak / GIB:.2f} GiB (largest tensor {largest / GIB:.2f} GiB)")
     assert peak <= largest + GIB, f"convert peaked at {peak / GIB:.2f} GiB"
     assert {"tokenizer.json", "chat_template.jinja", "generation_config.json", "config.json"} <= set(
         os.listdir(tmp_path / "store" / "hf"))
@@ -165,6 +167,3 @@ def test_gguf_convert_finetune_export_generate(tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["placement"]["disk"] > 0
     assert _digest(tmp_path / "store") == base
     _load_and_generate(tmp_path / "out" / "model")
-    gen, _ = _run(["generate", "--model", str(tmp_path / "out" / "model"), "--prompt", "The capital of France is",
-                   "--max-new-tokens", "4", "--budget", "device=650MB,host=30MB,disk=2GB"], tmp_path)
-    assert set(json.loads(gen.stdout.splitlines()[0])) == {"prompt", "text", "tokens"}

@@ -177,3 +177,21 @@ def test_convert_into_a_file_and_python_hints(tmp_path, capsys):
     assert rc == 2 and "is a file" in err and target.read_text() == "keep"
     assert cli.as_flags("some blocks are placed on disk but disk_dir is None; pass disk_dir='runs/disk'") == \
         "some blocks are placed on disk but disk_dir is None; pass --disk-dir runs/disk"
+
+
+def test_export_takes_a_folder_or_a_store_and_writes_a_loadable_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zo2tier import convert
+
+    model = save_tiny_model(str(tmp_path / "m"))
+    convert(model, tmp_path / "store", progress=False)
+    want = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    for src, out in ((model, tmp_path / "from-folder"), (str(tmp_path / "store"), tmp_path / "from-store")):
+        rc, err = _main(["export", src, str(out)], capsys)
+        assert rc == 0, err
+        assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        assert all(__import__("torch").equal(got[k], want[k]) for k in want)
+        AutoTokenizer.from_pretrained(out)

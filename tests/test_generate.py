@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from tiny_models import tiny_model
+
 from zo2tier import ZOEngine
 
 
@@ -55,3 +55,17 @@ def test_sampling_is_repeatable_and_checks_its_settings(tmp_path):
             engine.generate(ids, mask, max_new_tokens=0)
         with pytest.raises(ValueError, match="temperature=-1.0 must be"):
             engine.generate(ids, mask, max_new_tokens=1, temperature=-1.0)
+
+
+def test_kv_cache_size_and_place_are_checked():
+    from zo2tier.generate import kv_cache_bytes
+
+    model = tiny_model("llama")  # 4 layers, 2 KV heads of 8 dims
+    assert kv_cache_bytes(model.config, batch=3, tokens=10, itemsize=4) == 2 * 4 * 3 * 10 * 2 * 8 * 4
+    ids, mask = _prompts()
+    with ZOEngine(tiny_model("llama"), budget="device=1GiB") as engine:
+        with pytest.raises(ValueError, match="kv_cache='gpu' is unknown; use one of auto, device, host"):
+            engine.generate(ids, mask, max_new_tokens=1, kv_cache="gpu")
+        # on the CPU the device is host RAM: every place gives the same tokens
+        a = engine.generate(ids, mask, max_new_tokens=4, kv_cache="host")
+        assert torch.equal(a, engine.generate(ids, mask, max_new_tokens=4, kv_cache="device"))

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _options import parse_overrides  # noqa: E402
-from _shapes import model_config  # noqa: E402
+from _options import parse_overrides
+from _shapes import model_config
 
 DEFAULTS = {
     "model": "opt-13b",
@@ -41,6 +41,7 @@ DEFAULTS = {
     "budget": "device=24GiB,host=110GiB,disk=60GiB",
     "device": "cuda",
     "delete_store": 0,
+    "kv_cache": "auto",  # auto, device or host (zo2tier/generate.py)
     "seed": 0,
 }
 
@@ -92,7 +93,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generate(engine, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def timed_generate(engine, ids: torch.Tensor, new_tokens: int, kv_cache: str = "auto") -> tuple[float, float]:
     """(seconds of the whole call, mean seconds of a decoding step after the prefill)."""
     stamps = []
     forward = engine.forward
@@ -107,7 +108,7 @@ def timed_generate(engine, ids: torch.Tensor, new_tokens: int) -> tuple[float, f
     try:
         sync(engine.device)
         t0 = time.perf_counter()
-        engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+        engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, kv_cache=kv_cache)
         sync(engine.device)
         total = time.perf_counter() - t0
     finally:
@@ -136,7 +137,7 @@ def main() -> None:
             timed_generate(engine, ids[:, :8], 2)  # warm-up: kernels, the slots, the first reads
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            total_s, step_s = timed_generate(engine, ids, cfg["new_tokens"])
+            total_s, step_s = timed_generate(engine, ids, cfg["new_tokens"], cfg["kv_cache"])
             counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
             print(json.dumps({
                 "bench": "generate",
@@ -145,7 +146,7 @@ def main() -> None:
                 "batch": batch, "prompt_len": cfg["prompt_len"], "new_tokens": cfg["new_tokens"],
                 "placement": counts, "storage": dict(engine.storage), "compute": "fp16",
                 "tokens_per_s": round(batch * cfg["new_tokens"] / total_s, 3), "seconds": round(total_s, 3),
-                "decode_step_s": round(step_s, 4),
+                "decode_step_s": round(step_s, 4), "kv_cache": cfg["kv_cache"],
                 "gpu_peak_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda"
                 else None,
                 "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),

@@ -202,6 +202,9 @@ def _add_generate(sub) -> None:
     how.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
     gen.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    gen.add_argument("--kv-cache", choices=("auto", "device", "host"), default="auto",
+                     help="where the KV cache lives: the compute device, host RAM (layer by layer up to the GPU), "
+                          "or auto: the device if it fits in its free memory")
     gen.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                      help="compute dtype (None: the model's)")
@@ -245,7 +248,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                           dtype=dtypes[args.dtype] if args.dtype else None)
         try:
             for g in generate_text(engine, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, seed=args.seed, batch_size=args.batch_size):
+                                   temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                                   kv_cache=args.kv_cache):
                 print(json.dumps(g.to_json(), ensure_ascii=False), flush=True)
         finally:
             engine.close()

@@ -378,10 +378,11 @@ class ZOEngine:
     # ---- generation (logic in zo2tier/generate.py) -------------------------------------------------
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int, temperature: float = 0.0, seed: int = 0, eos_token_id=None,
-                 pad_token_id: int | None = None) -> torch.Tensor:
+                 pad_token_id: int | None = None, kv_cache: str = "auto") -> torch.Tensor:
         """New token ids (B, <= max_new_tokens) after left-padded ``input_ids``, KV-cached, through the tiers;
-        ``temperature`` 0 is greedy. Example: ``engine.generate(ids, mask, max_new_tokens=16)``."""
+        ``temperature`` 0 is greedy; ``kv_cache``: device, host or auto (zo2tier/generate.py).
+        Example: ``engine.generate(ids, mask, max_new_tokens=16)``."""
         from zo2tier.generate import Sampling, generate_ids
 
-        return generate_ids(self, input_ids, attention_mask, sampling=Sampling(max_new_tokens, temperature, seed),
-                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        return generate_ids(self, input_ids, attention_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                            sampling=Sampling(max_new_tokens, temperature, seed, kv_cache))

@@ -2,8 +2,10 @@
 decoding step for the whole batch.
 
 Prompts are batched with left padding. The first step (prefill) runs the prompts; each later step runs the
-batch's last tokens against the cache. The cache lives where the model's hidden states are, on the compute
-device. Greedy decoding picks the argmax token; sampling divides the logits by ``temperature`` and draws with
+batch's last tokens against the cache. The cache lives on the compute device; on a GPU where it would not fit
+(``kv_cache="auto"``: its bytes against the free memory, less a margin), or with ``kv_cache="host"``, it is
+kept in host RAM and each layer's part is brought up as the layer runs (transformers' offloaded
+``DynamicCache``). Greedy decoding picks the argmax token; sampling divides the logits by ``temperature`` and draws with
 a seeded generator, so a run is repeatable. Rows that produced an end-of-sequence token are padded until
 every row is done, as ``transformers``' ``generate`` does, so greedy output matches it token for token.
 
@@ -17,25 +19,55 @@ Example::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+
+KV_CACHE_PLACES = ("auto", "device", "host")
+_KV_MARGIN_BYTES = 1 << 30  # GPU memory left free besides the cache: activations, logits
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: ``temperature`` 0 is greedy (argmax); > 0 samples with ``seed``."""
+    """How the next token is chosen: ``temperature`` 0 is greedy (argmax); > 0 samples with ``seed``.
+    ``kv_cache``: where the KV cache lives, ``"device"``, ``"host"`` or ``"auto"`` (the device if it fits)."""
 
     max_new_tokens: int
     temperature: float = 0.0
     seed: int = 0
+    kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an int >= 1, e.g. 32")
         if not (self.temperature >= 0.0) or self.temperature == float("inf"):
             raise ValueError(f"temperature={self.temperature!r} must be a finite number >= 0 (0: greedy)")
+        if self.kv_cache not in KV_CACHE_PLACES:
+            raise ValueError(f"kv_cache={self.kv_cache!r} is unknown; use one of {', '.join(KV_CACHE_PLACES)}")
+
+
+def kv_cache_bytes(config: Any, batch: int, tokens: int, itemsize: int) -> int:
+    """Bytes of the keys and values of ``batch`` sequences of ``tokens`` tokens over every layer."""
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(1, heads)
+    return 2 * config.num_hidden_layers * batch * tokens * kv_heads * head_dim * itemsize
+
+
+def _initial_cache(engine, batch: int, tokens: int, place: str):
+    """None (the model makes its cache beside its hidden states) or an empty cache offloaded to host RAM."""
+    if engine.device.type != "cuda" or place == "device":
+        return None  # on the CPU the device is host RAM already
+    if place == "auto":
+        need = kv_cache_bytes(engine.model.config, batch, tokens, engine.compute_dtype.itemsize)
+        free_bytes, _ = torch.cuda.mem_get_info(engine.device)
+        if need + _KV_MARGIN_BYTES <= free_bytes:
+            return None
+    from transformers import DynamicCache
+
+    return DynamicCache(config=engine.model.config, offloading=True)
 
 
 @dataclass(frozen=True)
@@ -69,7 +101,8 @@ def generate_ids(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     cache_key = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x names it cache
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers builds them
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    cache, step_ids, step_pos, out = None, ids, positions, []
+    cache = _initial_cache(engine, ids.shape[0], ids.shape[1] + sampling.max_new_tokens, sampling.kv_cache)
+    step_ids, step_pos, out = ids, positions, []
     for _ in range(sampling.max_new_tokens):
         result = engine.forward(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                                 use_cache=True, **{cache_key: cache}, **extra)
@@ -95,13 +128,13 @@ def _choose(logits: torch.Tensor, temperature: float, gen: torch.Generator | Non
 
 
 def generate_text(engine, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
-                  seed: int = 0, batch_size: int = 32) -> list[Generation]:
+                  seed: int = 0, batch_size: int = 32, kv_cache: str = "auto") -> list[Generation]:
     """Generate a continuation for each prompt, ``batch_size`` prompts per batch (left padding)."""
     if not prompts:
         raise ValueError("no prompts given; pass --prompt TEXT or --prompts-file FILE")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
-    sampling = Sampling(max_new_tokens, temperature, seed)
+    sampling = Sampling(max_new_tokens, temperature, seed, kv_cache)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token

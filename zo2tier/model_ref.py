@@ -60,8 +60,8 @@ class ModelRef:
             return AutoTokenizer.from_pretrained(folder, gguf_file=name)
         where = self.files_dir
         if where is None or not any(os.path.exists(os.path.join(where, f)) for f in MODEL_FILES[:8]):
-            fix = ("re-convert it with `zo2tier convert SRC STORE` from a source that has one (zo2tier >= 0.2 "
-                   "copies the tokenizer into STORE/hf)" if self.kind == "store" else
+            fix = ("re-convert it with `zo2tier convert SRC STORE` from a source that has one (convert copies "
+                   "the tokenizer into STORE/hf; stores converted before it did have none)" if self.kind == "store" else
                    "give a Hugging Face folder with tokenizer files, a GGUF, or a store converted from one")
             raise ValueError(f"model {self.path!r} has no tokenizer; {fix}")
         return AutoTokenizer.from_pretrained(where)

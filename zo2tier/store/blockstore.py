@@ -112,6 +112,7 @@ class BlockStore:
             for entry in manifest.blocks:
                 if entry.file is not None or manifest.complete:
                     store.check_size(entry)
+            store._lock_base()
         except BaseException:
             store.close()
             raise
@@ -128,6 +129,17 @@ class BlockStore:
         store = cls.create(path, base.manifest.with_blocks(blocks, pinned=()), verify_reads=verify_reads)
         store.base = base
         return store
+
+    def _lock_base(self) -> None:
+        """An overlay whose blocks name another store's files holds that base shared while it is open, so no
+        --in-place run changes the files it reads."""
+        bases = {os.path.dirname(self.file_path(e)) for e in self._current if e.file is not None and not self._owns(e.file)}
+        if not self._locked or not bases or self.base is not None:
+            return
+        if len(bases) > 1:
+            raise StoreFormatError(f"store {self.path!r} names block files in {len(bases)} other stores "
+                                   f"({sorted(bases)[:2]}); an overlay has one base: re-create it")
+        self.base = BlockStore.open(bases.pop(), verify_reads=self.verify_reads, shared=True)
 
     def _owns(self, file: str) -> bool:
         """True for a file in this store's directory (an overlay never deletes its base's files)."""
@@ -202,6 +214,7 @@ class BlockStore:
                     "checkpoint of this store replaced it: resume from the latest checkpoint")
             self.check_size(new)
             self._current[i] = new
+        self._lock_base()
 
     # ---- checks -----------------------------------------------------------------------------------
     def check_size(self, entry: BlockEntry) -> None:

@@ -147,7 +147,9 @@ class ZOTrainer(Trainer):
         self.state.max_steps, self.state.num_train_epochs = max_steps, math.ceil(max_steps / per_epoch)
         self.state.compute_steps(args, max_steps)
         self.state.global_step = start
-        for _ in range(start):  # the schedule where the checkpoint left it
+        if start:  # the schedule where the checkpoint left it (the no-op optimizer steps first, as in _zo_step)
+            self.optimizer.step()
+        for _ in range(start):
             self.lr_scheduler.step()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         t0, total_loss, since_log, epoch = time.perf_counter(), 0.0, [], start // per_epoch
