@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from tiny_models import tiny_model
+
 from zo2tier import ZOEngine
 
 

@@ -19,8 +19,8 @@ def _plan_cli(model, budget, *extra):
 
 def _runs(placement, names):
     """'device 0-1, host 2, disk 3'-style text of a placement, as `zo2tier plan` prints it."""
-    from zo2tier.planning import placement_line
     from zo2tier.plan import Plan
+    from zo2tier.planning import placement_line
 
     return placement_line(Plan(placement, {}, None, 0), names).removeprefix("placement: ")
 
@@ -29,7 +29,6 @@ def _deep_model(path):
     """A tiny Llama with 12 layers: enough that a device budget can hold some layers and not others."""
     import torch
     import transformers as tf
-
     from tiny_models import _COMMON
 
     torch.manual_seed(0)

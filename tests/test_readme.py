@@ -12,13 +12,13 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def _blocks(lang: str) -> list[str]:
     text = open(README, encoding="utf-8").read()
-    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.DOTALL)
 
 
 def test_quick_start_has_exactly_the_two_commands():
     text = open(README, encoding="utf-8").read()
     first_screen = "\n".join(text.splitlines()[:40])
-    block = re.search(r"## Quick start\n\n```\n(.*?)```", first_screen, flags=re.S)
+    block = re.search(r"## Quick start\n\n```\n(.*?)```", first_screen, flags=re.DOTALL)
     assert block is not None
     commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
     assert commands == ["make demo", "make test"]

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _options import parse_overrides  # noqa: E402
-from _shapes import model_config  # noqa: E402
+from _options import parse_overrides
+from _shapes import model_config
 
 DEFAULTS = {
     "model": "opt-13b",

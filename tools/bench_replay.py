@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zo2tier.zo import fused  # noqa: E402
-from zo2tier.zo.rng import normal  # noqa: E402
-from zo2tier.zo.update import LogEntry  # noqa: E402
+from zo2tier.zo import fused
+from zo2tier.zo.rng import normal
+from zo2tier.zo.update import LogEntry
 
 LOG_LENGTHS = (0, 1, 4, 16)
 ACCURACY_NUMEL = 1 << 24

@@ -43,8 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _rates import measured_rates  # noqa: E402
-from _shapes import SHAPES, drop_page_cache, model_config  # noqa: E402  (bench_dp imports these from here)
+from _rates import measured_rates
+from _shapes import SHAPES, drop_page_cache, model_config  # bench_dp imports these from here
 
 
 class RandomInit:
@@ -100,7 +100,7 @@ class Sampler:
         """Forget the GPU peak so far (the build's): the next readings start a new window. RSS keeps its peak."""
         self.gpu_peak_bytes = 0
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -116,9 +116,10 @@ def sync(device: torch.device) -> None:
 
 def build_tiered(args, device: torch.device):
     """The engine over a random-init model, its blocks generated straight into their tiers."""
+    from transformers import AutoModelForCausalLM
+
     import zo2tier
     from zo2tier.model.loading import params_on_meta
-    from transformers import AutoModelForCausalLM
 
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float16 if device.type == "cuda" else torch.float32)
@@ -322,7 +323,7 @@ class Baseline:
         self.params = list(model.parameters())
 
     @classmethod
-    def build(cls, args, device: torch.device) -> "Baseline | None":
+    def build(cls, args, device: torch.device) -> Baseline | None:
         from transformers import AutoModelForCausalLM
 
         torch.cuda.empty_cache()

@@ -22,11 +22,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
 import tempfile
 import time
 
 import torch
+from _options import parse_overrides
 
 from zo2tier.store.io import BlockFile, aligned_empty
 from zo2tier.tiers.codec import encode, encoded_bytes

@@ -24,11 +24,11 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
 import time
 
 import torch
 import zstandard
+from _options import parse_overrides
 
 from zo2tier.store.io import BlockFile, aligned_empty
 from zo2tier.store.zstd import ZSTD_FRAME_BYTES, ZSTD_LEVEL, FramePool, Zstd

@@ -20,7 +20,7 @@ def modules() -> dict[str, str]:
             if f.endswith(".py"):
                 path = os.path.join(dirpath, f)
                 rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
-                out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = path
+                out[rel.removesuffix(".__init__")] = path
     return out
 
 

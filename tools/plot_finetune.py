@@ -17,7 +17,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
+from _options import parse_overrides
 
 RUNS = "runs/gpu"
 PNG = "benchmarks/finetune_curves.png"

@@ -17,19 +17,20 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
 import tempfile
 import time
 from unittest import mock
 
 import torch
+from _options import parse_overrides
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-import zo2tier  # noqa: E402
-from zo2tier.tiers import codec  # noqa: E402
-from tiny_models import tiny_batch, tiny_model  # noqa: E402
+from tiny_models import tiny_batch, tiny_model
+
+import zo2tier
+from zo2tier.tiers import codec
 
 STEPS = 300
 LR = 2e-5

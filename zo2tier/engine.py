@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,6 @@ from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import check_storage, encode
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, ParamSlot
-from zo2tier.tiers.store_dir import claim_disk_dir, release_disk_dir
 from zo2tier.tiers.write_back import check_max_log, resolve_write_back
 from zo2tier.trace import Timeline
 from zo2tier.visit.bindings import bind_model, release_weights

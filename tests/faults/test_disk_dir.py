@@ -96,9 +96,8 @@ def test_directory_without_read_permission(engine_args, shared_tmp):
     disk = os.path.join(shared_tmp, "disk")
     os.mkdir(disk)
     os.chmod(disk, 0o333)
-    with as_nobody():
-        with pytest.raises(ValueError, match="not readable and writable"):
-            build(engine_args, disk)
+    with as_nobody(), pytest.raises(ValueError, match="not readable and writable"):
+        build(engine_args, disk)
 
 
 def test_read_only_files_of_another_user(engine_args, shared_tmp):

@@ -20,7 +20,7 @@ def run(store: str, ckpt: str, n_steps: int, out: str, fault_delay_s: float = 0.
     from tiny_models import tiny_batch
 
     import zo2tier
-    import zo2tier.store.blockstore as blockstore
+    from zo2tier.store import blockstore
 
     blockstore._fault_delay_s = fault_delay_s
     torch.set_num_threads(1)  # tiny matmuls: threads only add contention

@@ -6,7 +6,7 @@ import contextlib
 import glob
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

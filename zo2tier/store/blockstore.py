@@ -69,7 +69,7 @@ class BlockStore:
 
     # ---- opening ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, manifest: Manifest, *, verify_reads: bool = True) -> "BlockStore":
+    def create(cls, path: str | os.PathLike, manifest: Manifest, *, verify_reads: bool = True) -> BlockStore:
         """Lock ``path`` (created if needed) as a new store whose blocks are described by ``manifest``.
 
         Nothing is committed until :meth:`commit`; files of an earlier store in ``path`` stay until then.
@@ -91,7 +91,7 @@ class BlockStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify_reads: bool = True, allow_incomplete: bool = False,
-             lock: bool = True, shared: bool = False) -> "BlockStore":
+             lock: bool = True, shared: bool = False) -> BlockStore:
         """Lock and open an existing store; checks every block file's size (cheap) before returning.
 
         ``shared``: a read-only user (the base of :meth:`overlay`s), sharing the lock with other readers."""
@@ -118,7 +118,7 @@ class BlockStore:
         return store
 
     @classmethod
-    def overlay(cls, base: "BlockStore", path: str | os.PathLike, *, verify_reads: bool = True) -> "BlockStore":
+    def overlay(cls, base: BlockStore, path: str | os.PathLike, *, verify_reads: bool = True) -> BlockStore:
         """A new store at ``path`` holding ``base``'s model, whose blocks name ``base``'s files (by absolute
         path) until they are written: a fine-tune's changed blocks land in ``path`` and ``base`` is never
         changed. Nothing is copied. The overlay closes ``base`` when it is closed."""
@@ -156,7 +156,7 @@ class BlockStore:
             self.base.close()
             self.base = None
 
-    def __enter__(self) -> "BlockStore":
+    def __enter__(self) -> BlockStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -30,8 +30,12 @@ class GGUFTensors:
 
     def __init__(self, path: str, config: dict, model: torch.nn.Module) -> None:
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                               get_gguf_hf_weights_map, read_field)
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+            read_field,
+        )
 
         self.path = os.path.abspath(path)
         self._reader = GGUFReader(self.path)  # np.memmap: pages come and go with the reads

@@ -193,7 +193,7 @@ class BlockFile:
     _fd: int = -1
 
     @classmethod
-    def open(cls, path: str, *, write: bool, direct: bool) -> "BlockFile":
+    def open(cls, path: str, *, write: bool, direct: bool) -> BlockFile:
         flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
         use_direct = direct and bool(getattr(os, "O_DIRECT", 0))
         if use_direct:
@@ -209,7 +209,7 @@ class BlockFile:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "BlockFile":
+    def __enter__(self) -> BlockFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Iterable, Mapping
 
 import zstandard
 
@@ -105,7 +105,7 @@ class FramePool:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
 
-    def open(self) -> "FramePool":
+    def open(self) -> FramePool:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="zo2tier-zstd")
         return self
@@ -115,7 +115,7 @@ class FramePool:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def __enter__(self) -> "FramePool":
+    def __enter__(self) -> FramePool:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
