@@ -62,7 +62,7 @@ def _reference(model, specs, aliases, cfg, batches, engine_log):
                 weights[s.name] = w.view(s.shape)
             for alias, canonical in aliases.items():
                 weights[alias] = weights[canonical]
-            kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
             logits = functional_call(model, weights, (), kwargs).logits  # (B, T, V)
             losses.append(causal_lm_loss(logits, batch["labels"]))
         estimates.append((losses, est.estimate(losses, start=start, seeds=seeds, eps=cfg.eps, lr=cfg.lr,

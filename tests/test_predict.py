@@ -59,7 +59,7 @@ def test_int8_write_backs_cost_encode_compute():
     device-tier int8 (and the int8 resident set) every step; float storage adds nothing."""
     cal = Calibration(h2d_gbps=1e6, d2h_gbps=1e6, bus_both_gbps=1e6, forward_tflops=1e9, fused_pass_gbps=1e9,
                       int8_encode_gnps=2.0, rng_gnps=1e9)
-    base = dict(tokens=1, write_back_every=4)
+    base = {"tokens": 1, "write_back_every": 4}
     fp16 = _inp()
     host = {f"b{i}": "host" for i in range(4)}
     assert predict_step(fp16, plan_placement(fp16, TierBudget(10**11, 10**11, 0), host), cal, **base).compute_s < 1e-3

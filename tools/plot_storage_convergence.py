@@ -42,7 +42,7 @@ RUNS = ("fp32", "bf16+SR", "int8+SR", "bf16 nearest")
 
 
 def _args() -> dict:
-    cfg = dict(steps=STEPS, lr=LR, eps=EPS, eval_every=EVAL_EVERY, init_scale=INIT_SCALE, out=OUT)
+    cfg = {"steps": STEPS, "lr": LR, "eps": EPS, "eval_every": EVAL_EVERY, "init_scale": INIT_SCALE, "out": OUT}
     return parse_overrides(cfg)
 
 
@@ -82,10 +82,10 @@ def main() -> None:
     for run in RUNS:
         curves[run] = _curve(run, cfg, batch)
         print(f"{run}: {curves[run][0][1]:.4f} -> {curves[run][-1][1]:.4f}", file=sys.stderr, flush=True)
-    result = dict(bench="storage_convergence", model=f"tiny llama (tests/tiny_models.py, seed 5), init x{cfg['init_scale']:g}",
-                  task="tiny_batch(batch=4, seq=16), one fixed batch", config=cfg, write_back_every=1,
-                  torch=torch.__version__, seconds=time.perf_counter() - start_s, curves=curves,
-                  time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    result = {"bench": "storage_convergence", "model": f"tiny llama (tests/tiny_models.py, seed 5), init x{cfg['init_scale']:g}",
+              "task": "tiny_batch(batch=4, seq=16), one fixed batch", "config": cfg, "write_back_every": 1,
+              "torch": torch.__version__, "seconds": time.perf_counter() - start_s, "curves": curves,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(cfg["out"] + ".json", "w") as f:
         json.dump(result, f, indent=1)
     import matplotlib

@@ -80,8 +80,8 @@ def budget_sets():
     """name -> (card bytes, host bytes, disk bytes, Calibration, description)."""
     from zo2tier.predict import Calibration
 
-    consumer_gpu = dict(h2d_gbps=25.0, d2h_gbps=25.0, bus_both_gbps=45.0, forward_tflops=150.0,
-                        fused_pass_gbps=800.0)
+    consumer_gpu = {"h2d_gbps": 25.0, "d2h_gbps": 25.0, "bus_both_gbps": 45.0, "forward_tflops": 150.0,
+                    "fused_pass_gbps": 800.0}
     return {
         "consumer-1nvme": (24 * GIB, 56 * GB, 3600 * GB,
                            Calibration(disk_read_gbps=3.5, disk_write_gbps=3.0, **consumer_gpu),

@@ -29,7 +29,7 @@ def engine_args(monkeypatch):
 
     monkeypatch.setattr(zo2tier.ZOEngine, "_build", no_work)
     model = tiny_model("llama")
-    return dict(model=model, budget=BIG, config=CFG, placement=all_on_disk(model))
+    return {"model": model, "budget": BIG, "config": CFG, "placement": all_on_disk(model)}
 
 
 def build(engine_args, disk_dir):

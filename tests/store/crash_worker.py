@@ -6,7 +6,7 @@ import os
 
 import torch
 
-CFG = dict(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=7)
+CFG = {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "seed": 7}
 STORAGE = {"host": "bf16", "disk": "fp16"}
 BUDGET = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
 
