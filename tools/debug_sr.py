@@ -1,5 +1,7 @@
 """Debug: is the fused kernel's stochastic rounding unbiased for a constant offset?"""
-import sys; sys.path.insert(0, ".")
+import sys
+
+sys.path.insert(0, ".")
 import torch
 
 from zo2tier.zo import fused

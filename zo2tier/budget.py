@@ -10,7 +10,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Union
 
 TIERS = ("device", "host", "disk")
 
@@ -28,7 +27,7 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
-SizeLike = Union[int, str]
+SizeLike = int | str
 MAX_BYTES = 2**63 - 1  # sizes must fit in an int64 (8 EiB); anything larger is a typo
 
 
@@ -128,7 +127,7 @@ class TierBudget:
         return cls(**sizes)
 
 
-BudgetLike = Union[TierBudget, Mapping[str, SizeLike], str]
+BudgetLike = TierBudget | Mapping[str, SizeLike] | str
 
 
 def _split_budget_string(text: str) -> dict[str, str]:

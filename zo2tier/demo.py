@@ -41,7 +41,7 @@ def package_file(package: str, relative: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed; {INSTALL_HINT}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), relative)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it: {INSTALL_HINT}")
     return path

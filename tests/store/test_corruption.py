@@ -68,7 +68,7 @@ def test_truncated_file_fails_on_open(store):
 
 
 def test_reconvert_repairs_a_damaged_block(store, tmp_path):
-    name, path = _victim(store)
+    _name, path = _victim(store)
     os.truncate(path, 5)
     r = zo2tier.convert(tmp_path / "hf", store, progress=False)
     assert r.n_written == 1

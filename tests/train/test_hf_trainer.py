@@ -84,7 +84,7 @@ def test_train_evaluate_save(tmp_path):
     ({"torch_compile": True}, "torch_compile"),
 ])  # fmt: skip
 def test_settings_that_need_gradients_are_refused(tmp_path, setting, match):
-    tok, data = _dataset(4)
+    _tok, data = _dataset(4)
     with pytest.raises(ValueError, match=match):
         ZOTrainer(model=tiny_model("llama"), args=_args(tmp_path, **setting), train_dataset=data,
                   budget="device=1GiB")
