@@ -14,7 +14,7 @@ from zo2tier import cli
 
 
 def _zo2tier(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "zo2tier", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "zo2tier", *args], capture_output=True, check=False, text=True, timeout=300,
                           cwd=cwd)
 
 

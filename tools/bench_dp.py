@@ -226,7 +226,7 @@ def _agree(
 
 
 def launch(args) -> None:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False, text=True)
     rev_s = os.environ.get("GIT_REV") or rev.stdout.strip()  # the GPU machine's copy may carry a stale .git
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     batch, seq, lr = args.batch, args.seq, args.lr

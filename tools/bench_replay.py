@@ -79,7 +79,7 @@ def main() -> None:
     plus, minus = torch.empty_like(stored), torch.empty_like(stored)
     record = {"card": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
               "git_rev": os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                      capture_output=True, text=True).stdout.strip(),
+                                                                      capture_output=True, check=False, text=True).stdout.strip(),
               "command": " ".join(sys.argv), "numel": args.numel, "torch": torch.__version__}
     for kind in ("gaussian", "rademacher"):
         secs = {n: time_arrive(stored, plus, minus, n, kind, args.repeats) for n in LOG_LENGTHS}

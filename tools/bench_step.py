@@ -86,7 +86,7 @@ class Sampler:
             return int(torch.cuda.device_memory_used())
         except Exception:  # noqa: BLE001 - NVML missing: ask nvidia-smi
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout
+                                 capture_output=True, check=False, text=True).stdout
             return int(out.split()[0]) * 2**20 if out.strip() else 0
 
     def _loop(self) -> None:
@@ -443,7 +443,7 @@ def main() -> None:
     record = {
         "card": torch.cuda.get_device_name(device) if cuda else "cpu",
         "date": datetime.date.today().isoformat(),
-        "git_rev": os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "git_rev": os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False, text=True).stdout.strip(),
         "command": " ".join(sys.argv), "model": args.model, "batch": args.batch, "seq": args.seq, "phase": args.phase,
         "torch": torch.__version__, "budget": args.budget, "write_back_every": args.write_back_every, "repeat": args.repeat,
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),

@@ -56,7 +56,7 @@ def _card(device: str) -> str:
 def _git_rev() -> str:
     if os.environ.get("GIT_REV"):
         return os.environ["GIT_REV"]
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False, text=True)
     return r.stdout.strip() or "unknown"
 
 
