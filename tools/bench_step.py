@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -45,6 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _rates import measured_rates
 from _shapes import SHAPES, drop_page_cache, model_config  # bench_dp imports these from here
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class RandomInit:
@@ -100,7 +104,7 @@ class Sampler:
         """Forget the GPU peak so far (the build's): the next readings start a new window. RSS keeps its peak."""
         self.gpu_peak_bytes = 0
 
-    def __enter__(self) -> Sampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

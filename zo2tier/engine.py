@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from zo2tier.zo import fused
 from zo2tier.zo.estimators import ESTIMATORS, Estimator, make_estimator
 from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import LogEntry, causal_lm_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 RESIDENT = "<resident>"
 DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
@@ -398,7 +401,7 @@ class ZOEngine:
             self.disk_policy.release(self.disk_dir)
         self._closed = True
 
-    def __enter__(self) -> ZOEngine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

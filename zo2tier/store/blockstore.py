@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,9 @@ from zo2tier.store.format import (
 from zo2tier.store.io import BlockFile, aligned_empty, raise_if_no_space
 from zo2tier.store.lock import MARKER, lock_dir, unlock_dir
 from zo2tier.store.zstd import ZSTD_THREADS, FrameCorruptError, FramePool, Zstd
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 _GEN = re.compile(r"^block_(\d+)_g(\d+)\.bin$")
 _FIX = ("restore it from a backup, re-run `zo2tier convert` into this store to rewrite damaged blocks, "
@@ -156,7 +160,7 @@ class BlockStore:
             self.base.close()
             self.base = None
 
-    def __enter__(self) -> BlockStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,8 +13,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 ALIGN_BYTES = 4096
 READ_RETRIES = 3
@@ -209,7 +213,7 @@ class BlockFile:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> BlockFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
