@@ -64,14 +64,17 @@ def _curve(run: str, cfg: dict, batch: dict) -> list[tuple[int, float]]:
         return real_encode(*a, **kw)
 
     curve = []
-    with mock.patch("zo2tier.engine.encode", encode), tempfile.TemporaryDirectory() as tmp:
-        with zo2tier.ZOEngine(model, budget={"device": "1GiB", "host": "1GiB"}, disk_dir=tmp, config=config,
-                              placement=placement, storage=storage, write_back_every=1) as engine:
-            for t in range(cfg["steps"] + 1):
-                if t % cfg["eval_every"] == 0:
-                    curve.append((t, engine.evaluate(batch)))
-                if t < cfg["steps"]:
-                    engine.step(batch)
+    with (
+        mock.patch("zo2tier.engine.encode", encode),
+        tempfile.TemporaryDirectory() as tmp,
+        zo2tier.ZOEngine(model, budget={"device": "1GiB", "host": "1GiB"}, disk_dir=tmp, config=config,
+                         placement=placement, storage=storage, write_back_every=1) as engine,
+    ):
+        for t in range(cfg["steps"] + 1):
+            if t % cfg["eval_every"] == 0:
+                curve.append((t, engine.evaluate(batch)))
+            if t < cfg["steps"]:
+                engine.step(batch)
     return curve
 
 

@@ -113,6 +113,8 @@ def test_in_memory_engine_checkpoint_writes_its_store_once(tmp_path):
 
 
 def test_extra_state_must_be_json(tmp_path):
-    with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=CFG) as e:
-        with pytest.raises(ValueError, match="JSON"):
-            e.save_checkpoint(tmp_path / "ck", extra_state={"t": torch.zeros(1)})
+    with (
+        zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=CFG) as e,
+        pytest.raises(ValueError, match="JSON"),
+    ):
+        e.save_checkpoint(tmp_path / "ck", extra_state={"t": torch.zeros(1)})

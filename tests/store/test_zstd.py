@@ -112,9 +112,11 @@ def test_corrupted_frame_names_block_file_and_frame(tmp_path, where):
             engine.step(tiny_batch())
     msg = str(err.value)
     assert entry.name in msg and path in msg and "zstd frame 1" in msg and "checksum" in msg
-    with BlockStore.open(tmp_path / "store", lock=engine is None) as s:
-        with pytest.raises(StoreCorruptError, match="zstd frame 1"):
-            s.verify(1)
+    with (
+        BlockStore.open(tmp_path / "store", lock=engine is None) as s,
+        pytest.raises(StoreCorruptError, match="zstd frame 1"),
+    ):
+        s.verify(1)
     if engine is not None:  # let go without close(), which would write back through the damaged block
         from zo2tier.tiers.store_dir import release_disk_dir
 
