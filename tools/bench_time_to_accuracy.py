@@ -356,7 +356,7 @@ def _worker_init(threads: int) -> None:
 def _safe_run(cfg: dict) -> dict:
     try:
         return run_one(cfg)
-    except Exception as exc:  # one failed run must not lose the others' records
+    except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others' records
         return {"kind": "error", "config": cfg, "error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -186,7 +186,7 @@ class TierManager:
     def _recycle(self, fut: Future) -> None:
         try:
             self._read_pool.put(fut.result())
-        except Exception:  # _read_task gave the buffer back; the block's next fetch retries the read
+        except Exception:  # noqa: BLE001, S110 - _read_task gave the buffer back; the block's next fetch retries the read
             pass
 
     def release(self, staging: torch.Tensor | None, after: torch.cuda.Event | None = None) -> None:
@@ -330,7 +330,7 @@ class TierManager:
                 continue
             try:
                 self.table.mark_applied(r, fut.result())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every write-back is waited for; the first error is returned
                 first = first or exc
         return first
 
