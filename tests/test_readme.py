@@ -11,12 +11,14 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def _blocks(lang: str) -> list[str]:
-    text = open(README, encoding="utf-8").read()
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
     return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.DOTALL)
 
 
 def test_quick_start_has_exactly_the_two_commands():
-    text = open(README, encoding="utf-8").read()
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
     first_screen = "\n".join(text.splitlines()[:40])
     block = re.search(r"## Quick start\n\n```\n(.*?)```", first_screen, flags=re.DOTALL)
     assert block is not None

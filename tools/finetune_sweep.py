@@ -74,15 +74,16 @@ def main() -> None:
         grid = list(itertools.product(cfg["placements"].split(","), cfg["lrs"].split(","), cfg["seeds"].split(",")))
     os.makedirs(cfg["out"], exist_ok=True)
     # convert once (and warm every cache) before the runs start side by side
-    subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
-                   stdout=open(os.path.join(cfg["out"], "convert.txt"), "w"), stderr=subprocess.STDOUT)
+    with open(os.path.join(cfg["out"], "convert.txt"), "w") as convert_log:
+        subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
+                       stdout=convert_log, stderr=subprocess.STDOUT)
     pending, running, done = list(grid), [], []
     card, rev, date = _card(cfg["device"]), _git_rev(), datetime.date.today().isoformat()
     while pending or running:
         while pending and len(running) < int(cfg["parallel"]):
             placement, lr, seed = pending.pop(0)
             argv = _demo_argv(cfg, placement, lr, seed, int(cfg["steps"]))
-            log = open(os.path.join(cfg["out"], f"stdout-{placement.replace('/', '-')}-lr{float(lr):g}-seed{seed}.txt"), "w")
+            log = open(os.path.join(cfg["out"], f"stdout-{placement.replace('/', '-')}-lr{float(lr):g}-seed{seed}.txt"), "w")  # noqa: SIM115 - closed when its run ends
             proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, time.monotonic(), (placement, lr, seed), argv, log))
         time.sleep(2)

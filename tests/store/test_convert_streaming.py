@@ -131,7 +131,8 @@ def _check_through_engine(src: str, dst: str, label: str) -> None:
     finally:
         engine.close()
     files = {}
-    index = json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"]
+    with open(os.path.join(src, "model.safetensors.index.json")) as f:
+        index = json.load(f)["weight_map"]
     block_max = {t.name: 0.0 for b in blocks for t in b.tensors}
     if label == "int8":  # the quantization bound: half a scale, scale <= (1 + 2**-16) * absmax / 127
         for b in blocks:

@@ -59,7 +59,8 @@ def test_export_store_applies_pending_updates(tmp_path):
         e.step(tiny_batch())
     e.save_checkpoint(tmp_path / "ck")  # device blocks stay at step 0 in the store: 4 pending updates
     state = e.state_dict()
-    manifest = json.load(open(tmp_path / "store" / "manifest.json"))
+    with open(tmp_path / "store" / "manifest.json") as f:
+        manifest = json.load(f)
     assert manifest["step"] == 4 and len(manifest["log"]) == 4
     e.tiers.close()  # simulate a crash: no close(), just let go of the store
     e.store.close()

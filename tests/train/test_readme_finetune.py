@@ -12,7 +12,8 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 
 
 def test_cli_snippet_runs(tmp_path):
-    text = open(README, encoding="utf-8").read()
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
     section = text.split("## Fine-tune on your data: `zo2tier finetune`", 1)[1]
     script = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL).group(1)
     assert "--steps 1000" in script
