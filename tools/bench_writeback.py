@@ -76,15 +76,18 @@ def main() -> None:
         n_bytes = encoded_bytes(numel, dtype)
         raw = torch.empty(n_bytes, dtype=torch.uint8, device=device)
         host = aligned_empty(n_bytes, pin=pin)
-        encode_s = _timed(lambda: encode(work, dtype, raw, sr_seed=1, sr_key=2), device, cfg["repeats"])
-        host_s = _timed(lambda: host[:n_bytes].copy_(raw), device, cfg["repeats"])
+        # the closures run inside this iteration (in _timed); defaults bind this iteration's values
+        encode_s = _timed(lambda dtype=dtype, raw=raw: encode(work, dtype, raw, sr_seed=1, sr_key=2), device,
+                          cfg["repeats"])
+        host_s = _timed(lambda host=host, n_bytes=n_bytes, raw=raw: host[:n_bytes].copy_(raw), device,
+                        cfg["repeats"])
 
-        def write() -> None:
+        def write(host=host, n_bytes=n_bytes) -> None:
             with BlockFile.open(path, write=True, direct=True) as f:
                 f.write_from(host, n_bytes)
                 f.sync()
 
-        def read() -> None:
+        def read(host=host, n_bytes=n_bytes) -> None:
             with BlockFile.open(path, write=False, direct=True) as f:
                 f.read_into(host, n_bytes)
 
