@@ -69,7 +69,7 @@ class _Checkpoint(StateSource):
             self._open = lambda f: safe_open(f, framework="pt")
             for f in files:
                 with safe_open(f, framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118 (a safetensors safe_open handle is not iterable)
+                    for key in handle.keys():  # noqa: SIM118 - a safetensors safe_open handle is not iterable
                         self._where[key] = f
             self._kind = "safetensors"
         elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
