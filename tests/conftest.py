@@ -3,7 +3,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     # Where Triton is installed (the Makefile installs it beside the CPU torch), its kernels run in Triton's

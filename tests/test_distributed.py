@@ -29,7 +29,7 @@ from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import causal_lm_loss
 
 BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
-CFG = dict(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=3)
+CFG = {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "seed": 3}
 STEPS = 4
 
 
@@ -56,7 +56,7 @@ def _run(disk_dir, data_parallel, steps=STEPS, **estimator):
         log = [e.to_json() for e in engine.log]
         state = engine.state_dict()
         disk = engine.disk_dir
-    return dict(results=results, rows=rows, log=log, state=state, disk=disk)
+    return {"results": results, "rows": rows, "log": log, "state": state, "disk": disk}
 
 
 def _guard(disk_dir, rank):

@@ -62,8 +62,8 @@ def test_lr_zero_is_bit_identical(tmp_path):
         for _ in range(10):
             engine.step(tiny_batch())
         after = engine.state_dict()
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
 
 
 def test_zo_lowers_the_loss(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_engine import BIG, spread
@@ -70,7 +72,7 @@ def test_fused_kernel_with_eps_zero_gives_the_replayed_weights():
     n = 4096 + 5
     stored = torch.randn(n, device="cuda")
     log = fused.PendingLog.build([LogEntry(t, 100 + t, 0.5 - t, 1e-2, 0.1) for t in range(3)], torch.device("cuda"))
-    kw = dict(param_id=4, decay=True, log=log, new_seed=9, sr_seed=0, sr_key=0, sr_offset=0)
+    kw = {"param_id": 4, "decay": True, "log": log, "new_seed": 9, "sr_seed": 0, "sr_key": 0, "sr_offset": 0}
     plus, minus, out = (torch.full((n,), float("nan"), device="cuda") for _ in range(3))
     fused.arrive(stored, eps=0.0, plus=plus, minus=minus, write_to=out, **kw)
     assert torch.equal(plus, out) and torch.equal(minus, out)  # fp32 write-back: no rounding
@@ -191,11 +193,11 @@ def test_fused_kernel_pieces_match_one_pass():
     g = torch.Generator(device="cuda").manual_seed(0)
     stored = torch.randn(n, device="cuda", generator=g)
     log = fused.PendingLog.build([LogEntry(4, 11, 0.5, 1e-2, 0.1), LogEntry(5, 12, -0.25, 1e-2, 0.1)], dev)
-    kw = dict(param_id=3, decay=True, log=log, new_seed=99, eps=1e-2, sr_seed=5, sr_key=2)
+    kw = {"param_id": 3, "decay": True, "log": log, "new_seed": 99, "eps": 1e-2, "sr_seed": 5, "sr_key": 2}
 
     def run(cuts):
         plus, minus, out = (torch.zeros(n, device="cuda") for _ in range(3))
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             fused.arrive(stored[a:b], plus=plus[a:b], minus=minus[a:b], write_to=out[a:b], sr_offset=10 + a,
                          z_offset=a, **kw)
         return plus, minus, out

@@ -3,9 +3,9 @@
 import threading
 
 import pytest
+from tiny_models import tiny_batch, tiny_model
 
 import zo2tier
-from tiny_models import tiny_batch, tiny_model
 from zo2tier.model.loading import in_memory_source
 
 BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}

@@ -62,7 +62,7 @@ def _reference(model, specs, aliases, cfg, batches, engine_log):
                 weights[s.name] = w.view(s.shape)
             for alias, canonical in aliases.items():
                 weights[alias] = weights[canonical]
-            kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
             logits = functional_call(model, weights, (), kwargs).logits  # (B, T, V)
             losses.append(causal_lm_loss(logits, batch["labels"]))
         estimates.append((losses, est.estimate(losses, start=start, seeds=seeds, eps=cfg.eps, lr=cfg.lr,
@@ -145,8 +145,8 @@ def test_lr_zero_does_not_drift(name, q, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, log, _, after, _ = _run(model, tmp_path, spread, _config(name, q, 0.0), steps=5)
     assert len(log) == 5 * q and all(e.lr == 0.0 for e in log)
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
 
 
 @pytest.mark.parametrize(("name", "q", "lr"), ALL_Q3)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 from tiny_task import save_tiny_model, tiny_rows, write_csv
@@ -13,7 +14,7 @@ from zo2tier import cli
 
 
 def _zo2tier(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "zo2tier", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "zo2tier", *args], capture_output=True, check=False, text=True, timeout=300,
                           cwd=cwd)
 
 
@@ -108,7 +109,7 @@ def test_finetune_bad_input_is_one_line(task, tmp_path, capsys):
 
 
 def test_data_errors_name_the_file_and_the_fix(task, tmp_path, capsys):
-    model, train, test = task
+    model, _train, test = task
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     rc, err = _main(_finetune((model, str(empty), test), tmp_path / "o1"), capsys)
@@ -141,7 +142,7 @@ class _PieceTokenizer:
     """A stand-in tokenizer: known words are one token, 'terrible' is two pieces, anything else is <unk>."""
 
     unk_token, unk_token_id, bos_token_id, pad_token_id, eos_token_id = "<unk>", 1, None, 0, 0
-    vocab = {"<pad>": 0, "<unk>": 1, " great": 2, " terr": 3, "ible": 4, " It": 5, " was": 6, " film": 7}
+    vocab: ClassVar[dict[str, int]] = {"<pad>": 0, "<unk>": 1, " great": 2, " terr": 3, "ible": 4, " It": 5, " was": 6, " film": 7}
 
     def __call__(self, text, add_special_tokens=True):
         ids = []

@@ -59,7 +59,7 @@ def test_int8_write_backs_cost_encode_compute():
     device-tier int8 (and the int8 resident set) every step; float storage adds nothing."""
     cal = Calibration(h2d_gbps=1e6, d2h_gbps=1e6, bus_both_gbps=1e6, forward_tflops=1e9, fused_pass_gbps=1e9,
                       int8_encode_gnps=2.0, rng_gnps=1e9)
-    base = dict(tokens=1, write_back_every=4)
+    base = {"tokens": 1, "write_back_every": 4}
     fp16 = _inp()
     host = {f"b{i}": "host" for i in range(4)}
     assert predict_step(fp16, plan_placement(fp16, TierBudget(10**11, 10**11, 0), host), cal, **base).compute_s < 1e-3
@@ -99,8 +99,8 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     """Scratch ±, the fp32 resident copy, upload slots for host blocks, one disk block in flight; the fp32
     replay buffer and the encoded buffer only off the fused path; on it, int8 storage adds the encoded
     buffer and one write-back range."""
-    from zo2tier.visit.runner import WRITE_BACK_RANGE_NUMEL
     from zo2tier.plan import WRITE_BACK_RANGE_BYTES, working_bytes
+    from zo2tier.visit.runner import WRITE_BACK_RANGE_NUMEL
 
     assert WRITE_BACK_RANGE_BYTES == WRITE_BACK_RANGE_NUMEL * 32  # the planner counts the range the engine uses
 
@@ -130,10 +130,10 @@ def test_plan_from_config_counts_the_upload_slots_the_engine_opens(tmp_path, k):
     """`zo2tier plan` and the engine agree on the host upload lookahead for a given write-back interval
     (2 slots, whatever the interval), so the CLI's device figure is the engine's."""
     import transformers as tf
+    from tiny_models import tiny_model
 
     import zo2tier
     from zo2tier.planning import plan_from_config
-    from tiny_models import tiny_model
 
     cfg = tf.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
                        max_position_embeddings=64, word_embed_proj_dim=32)

@@ -6,8 +6,8 @@ import torch
 
 ARCHS = ("opt", "llama", "llama_untied", "qwen2", "qwen3", "mistral", "gpt2", "gemma3")
 
-_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+_COMMON = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
 def tiny_config(arch: str):

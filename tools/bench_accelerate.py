@@ -33,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shapes import SHAPES, drop_page_cache, model_config  # noqa: E402
+from _shapes import SHAPES, drop_page_cache, model_config
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 INDEX = "model.safetensors.index.json"

@@ -53,8 +53,8 @@ DISK = "none"  # none | own | shared
 DISK_BLOCKS = 0  # blocks on the disk tier with --disk=own|shared, the last ones (0: half of them)
 WRITE_BACK_DISK = 0  # write_back_every["disk"], the consolidation interval when shared (0: engine default)
 N_SAMPLES = 4096  # sampled weights per block for the cross-run comparison
-TINY = dict(batch=8, seq=64, lr=1e-3, budget="device=1GiB,host=1GiB,disk=0",
-            budget_disk="device=1GiB,host=1GiB,disk=1GiB", write_back_disk=4)
+TINY = {"batch": 8, "seq": 64, "lr": 1e-3, "budget": "device=1GiB,host=1GiB,disk=0",
+        "budget_disk": "device=1GiB,host=1GiB,disk=1GiB", "write_back_disk": 4}
 
 
 def _tiny_config():
@@ -183,24 +183,24 @@ def worker(args) -> None:
     dist.all_gather_object(everyone, mine)
     if rank == 0:
         card = torch.cuda.get_device_name(device) if cuda else "cpu"
-        summary = dict(
-            card=card,
-            n_gpus=world if cuda else 0,
-            n_ranks=world,
-            step_s=max(e["step_s"] for e in everyone),
-            blocks_per_tier=counts,
-            storage=storage,
-            consolidations=consolidations,
-            disk_read_bytes=sum(e["disk_read_bytes"] for e in everyone),
-            disk_written_bytes=sum(e["disk_written_bytes"] for e in everyone),
-            grads=grads,
-            replicas_equal=replicas_equal,
-            gpu_peak_torch_gib=None if not cuda else max(e["gpu_peak_torch_gib"] for e in everyone),
-            gpu_peak_nvml_gib=None if not cuda else max(e["gpu_peak_nvml_gib"] for e in everyone),
-            host_rss_peak_gib=max(e["host_rss_peak_gib"] for e in everyone),
-            host_rss_total_gib=sum(e["host_rss_peak_gib"] for e in everyone),
-            ranks=everyone,
-        )
+        summary = {
+            "card": card,
+            "n_gpus": world if cuda else 0,
+            "n_ranks": world,
+            "step_s": max(e["step_s"] for e in everyone),
+            "blocks_per_tier": counts,
+            "storage": storage,
+            "consolidations": consolidations,
+            "disk_read_bytes": sum(e["disk_read_bytes"] for e in everyone),
+            "disk_written_bytes": sum(e["disk_written_bytes"] for e in everyone),
+            "grads": grads,
+            "replicas_equal": replicas_equal,
+            "gpu_peak_torch_gib": None if not cuda else max(e["gpu_peak_torch_gib"] for e in everyone),
+            "gpu_peak_nvml_gib": None if not cuda else max(e["gpu_peak_nvml_gib"] for e in everyone),
+            "host_rss_peak_gib": max(e["host_rss_peak_gib"] for e in everyone),
+            "host_rss_total_gib": sum(e["host_rss_peak_gib"] for e in everyone),
+            "ranks": everyone,
+        }
         with open(os.path.join(args.result_dir, "summary.json"), "w") as f:
             json.dump(summary, f)
         torch.save(samples, os.path.join(args.result_dir, "samples.pt"))
@@ -226,7 +226,7 @@ def _agree(
 
 
 def launch(args) -> None:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False, text=True)
     rev_s = os.environ.get("GIT_REV") or rev.stdout.strip()  # the GPU machine's copy may carry a stale .git
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     batch, seq, lr = args.batch, args.seq, args.lr
@@ -275,44 +275,44 @@ def launch(args) -> None:
             base = batch * seq / ref[0]["step_s"]
             print(
                 json.dumps(
-                    dict(
-                        card=got["card"],
-                        date=datetime.date.today().isoformat(),
-                        git_rev=rev_s,
-                        command=" ".join(
+                    {
+                        "card": got["card"],
+                        "date": datetime.date.today().isoformat(),
+                        "git_rev": rev_s,
+                        "command": " ".join(
                             ["NCCL_NVLS_ENABLE=0", "python", "tools/bench_dp.py", *sys.argv[1:]]
                         ),
-                        model="opt-tiny" if args.tiny else args.model,
-                        batch=batch,
-                        seq=seq,
-                        phase="train",
-                        blocks_per_tier=got["blocks_per_tier"],
-                        storage=got["storage"],
-                        disk=args.disk,
-                        disk_store_bytes=disk_bytes,
-                        disk_read_bytes=got["disk_read_bytes"],
-                        disk_written_bytes=got["disk_written_bytes"],
-                        consolidations=got["consolidations"],
-                        write_back_disk=args.write_back_disk or None,
-                        tok_per_s=tok_per_s,
-                        step_s=got["step_s"],
-                        baseline_tok_per_s=base,
-                        scaling=tok_per_s / base,
-                        gpu_peak_nvml_gib=got["gpu_peak_nvml_gib"],
-                        gpu_peak_torch_gib=got["gpu_peak_torch_gib"],
-                        host_rss_peak_gib=got["host_rss_peak_gib"],
-                        host_rss_total_gib=got["host_rss_total_gib"],
-                        n_gpus=got["n_gpus"],
-                        n_ranks=got["n_ranks"],
-                        weights_agree=bool(agree and got["replicas_equal"]),
-                        replicas_equal=got["replicas_equal"],
-                        weights_max_abs_diff=worst,
-                        weights_tol_g_part=g_part,
-                        grads=got["grads"],
-                        steps=args.steps,
-                        lr=lr,
-                        torch=torch.__version__,
-                    )
+                        "model": "opt-tiny" if args.tiny else args.model,
+                        "batch": batch,
+                        "seq": seq,
+                        "phase": "train",
+                        "blocks_per_tier": got["blocks_per_tier"],
+                        "storage": got["storage"],
+                        "disk": args.disk,
+                        "disk_store_bytes": disk_bytes,
+                        "disk_read_bytes": got["disk_read_bytes"],
+                        "disk_written_bytes": got["disk_written_bytes"],
+                        "consolidations": got["consolidations"],
+                        "write_back_disk": args.write_back_disk or None,
+                        "tok_per_s": tok_per_s,
+                        "step_s": got["step_s"],
+                        "baseline_tok_per_s": base,
+                        "scaling": tok_per_s / base,
+                        "gpu_peak_nvml_gib": got["gpu_peak_nvml_gib"],
+                        "gpu_peak_torch_gib": got["gpu_peak_torch_gib"],
+                        "host_rss_peak_gib": got["host_rss_peak_gib"],
+                        "host_rss_total_gib": got["host_rss_total_gib"],
+                        "n_gpus": got["n_gpus"],
+                        "n_ranks": got["n_ranks"],
+                        "weights_agree": bool(agree and got["replicas_equal"]),
+                        "replicas_equal": got["replicas_equal"],
+                        "weights_max_abs_diff": worst,
+                        "weights_tol_g_part": g_part,
+                        "grads": got["grads"],
+                        "steps": args.steps,
+                        "lr": lr,
+                        "torch": torch.__version__,
+                    }
                 ),
                 flush=True,
             )

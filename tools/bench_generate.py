@@ -15,6 +15,7 @@ the whole ``engine.generate`` call, prefill included; ``decode_step_s`` is the m
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import resource
@@ -113,7 +114,7 @@ def timed_generate(engine, ids: torch.Tensor, new_tokens: int, kv_cache: str = "
         total = time.perf_counter() - t0
     finally:
         del engine.forward
-    decode = [b - a for a, b in zip(stamps, stamps[1:])]
+    decode = [b - a for a, b in itertools.pairwise(stamps)]
     return total, sum(decode) / max(1, len(decode))
 
 

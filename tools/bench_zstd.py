@@ -24,11 +24,11 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
 import time
 
 import torch
 import zstandard
+from _options import parse_overrides
 
 from zo2tier.store.io import BlockFile, aligned_empty
 from zo2tier.store.zstd import ZSTD_FRAME_BYTES, ZSTD_LEVEL, FramePool, Zstd
@@ -49,9 +49,9 @@ CALIBRATION_DTYPE = "bf16"
 
 
 def _args() -> dict:
-    cfg = dict(hidden=HIDDEN, ffn=FFN, scale_numel=SCALE_NUMEL, dtypes=DTYPES, threads=THREADS, level=LEVEL,
-               frame_bytes=FRAME_BYTES, repeats=REPEATS, dir=DIR, direct=DIRECT, calibration_out=CALIBRATION_OUT,
-               calibration_dtype=CALIBRATION_DTYPE)
+    cfg = {"hidden": HIDDEN, "ffn": FFN, "scale_numel": SCALE_NUMEL, "dtypes": DTYPES, "threads": THREADS, "level": LEVEL,
+           "frame_bytes": FRAME_BYTES, "repeats": REPEATS, "dir": DIR, "direct": DIRECT, "calibration_out": CALIBRATION_OUT,
+           "calibration_dtype": CALIBRATION_DTYPE}
     return parse_overrides(cfg)
 
 
@@ -90,13 +90,13 @@ def _one_dtype(weights: torch.Tensor, dtype: str, threads: list[int], cfg: dict)
                 dec_s, _ = _best(lambda: read(layout), cfg["repeats"])  # noqa: B023 - called right here
                 if not torch.equal(staging[:n_bytes], raw[:n_bytes]):
                     raise SystemExit(f"{dtype}: the block read back differs from the one written")
-            per_threads[n] = dict(compress_gbps=n_bytes / comp_s / 1e9, decompress_gbps=n_bytes / dec_s / 1e9)
+            per_threads[n] = {"compress_gbps": n_bytes / comp_s / 1e9, "decompress_gbps": n_bytes / dec_s / 1e9}
     finally:
         if os.path.exists(path):
             os.unlink(path)
     one_frame = len(zstandard.ZstdCompressor(level=cfg["level"]).compress(src))
-    return dict(stored_bytes=n_bytes, n_frames=len(layout.frames), ratio=layout.stored_bytes / n_bytes,
-                ratio_file=layout.extent_bytes / n_bytes, ratio_one_frame=one_frame / n_bytes, threads=per_threads)
+    return {"stored_bytes": n_bytes, "n_frames": len(layout.frames), "ratio": layout.stored_bytes / n_bytes,
+            "ratio_file": layout.extent_bytes / n_bytes, "ratio_one_frame": one_frame / n_bytes, "threads": per_threads}
 
 
 def main() -> None:
@@ -105,8 +105,8 @@ def main() -> None:
     weights = torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 0.02
     threads = [int(t) for t in cfg["threads"].split(",")]
     rows = {dtype: _one_dtype(weights, dtype, threads, cfg) for dtype in cfg["dtypes"].split(",")}
-    print(json.dumps(dict(bench="zstd", cpus=os.cpu_count(), zstandard=zstandard.__version__, torch=torch.__version__,
-                          config=cfg, numel=numel, dtypes=rows, time=time.strftime("%Y-%m-%dT%H:%M:%S"))))
+    print(json.dumps({"bench": "zstd", "cpus": os.cpu_count(), "zstandard": zstandard.__version__, "torch": torch.__version__,
+                      "config": cfg, "numel": numel, "dtypes": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     if cfg["calibration_out"]:
         top = rows[cfg["calibration_dtype"]]["threads"][max(threads)]
         calibration = {f"zstd_ratio_{d}": r["ratio"] for d, r in rows.items()}

@@ -20,7 +20,7 @@ def modules() -> dict[str, str]:
             if f.endswith(".py"):
                 path = os.path.join(dirpath, f)
                 rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
-                out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = path
+                out[rel.removesuffix(".__init__")] = path
     return out
 
 
@@ -70,9 +70,14 @@ def private_reads(tree: ast.AST) -> list[tuple[int, str]]:
     return out
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def main() -> int:
     mods = modules()
-    trees = {n: ast.parse(open(p, encoding="utf-8").read()) for n, p in mods.items()}
+    trees = {n: ast.parse(_read(p)) for n, p in mods.items()}
     graph = {n: {m for m in imports(n, t, set(mods)) if not (n.startswith(m + ".") and mods[m].endswith("__init__.py"))}
              for n, t in trees.items()}
     bad = 0
@@ -83,7 +88,7 @@ def main() -> int:
         for line, what in private_reads(t):
             print(f"{mods[n]}:{line}: private attribute {what}")
             bad += 1
-        src = open(mods[n], encoding="utf-8").read()
+        src = _read(mods[n])
         for i, l in enumerate(src.splitlines(), 1):
             if "os.environ" in l and "setdefault" not in l:
                 print(f"{mods[n]}:{i}: os.environ: {l.strip()}")

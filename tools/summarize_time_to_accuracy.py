@@ -29,8 +29,8 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(__file__))
 from _options import parse_overrides
 
-DEFAULTS = dict(records="benchmarks/time_to_accuracy.jsonl", png="", summary="", mezo_lr=-1.0,
-                targets="")  # e.g. "tweets=0.790": a task's target from longer MeZO-SGD runs elsewhere
+DEFAULTS = {"records": "benchmarks/time_to_accuracy.jsonl", "png": "", "summary": "", "mezo_lr": -1.0,
+            "targets": ""}  # e.g. "tweets=0.790": a task's target from longer MeZO-SGD runs elsewhere
 SPEEDUP_BAR = 3.0
 ACC_BAR = 0.02
 GAIN_BAR = 0.08

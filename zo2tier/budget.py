@@ -7,9 +7,9 @@ Size strings follow the Hugging Face accelerate conventions: ``"GiB"`` is 2**30 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Mapping, Union
 
 TIERS = ("device", "host", "disk")
 
@@ -27,7 +27,7 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
-SizeLike = Union[int, str]
+SizeLike = int | str
 MAX_BYTES = 2**63 - 1  # sizes must fit in an int64 (8 EiB); anything larger is a typo
 
 
@@ -105,7 +105,7 @@ class TierBudget:
         return getattr(self, f"{tier}_bytes")
 
     @classmethod
-    def parse(cls, budget: "BudgetLike") -> "TierBudget":
+    def parse(cls, budget: BudgetLike) -> TierBudget:
         """Accept a TierBudget, a mapping of tier -> size, or ``"device=8GiB,host=16GiB,disk=100GiB"``."""
         if isinstance(budget, TierBudget):
             return budget
@@ -127,7 +127,7 @@ class TierBudget:
         return cls(**sizes)
 
 
-BudgetLike = Union[TierBudget, Mapping[str, SizeLike], str]
+BudgetLike = TierBudget | Mapping[str, SizeLike] | str
 
 
 def _split_budget_string(text: str) -> dict[str, str]:

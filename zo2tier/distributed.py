@@ -55,8 +55,8 @@ __all__ = [
     "DataParallel",
     "ReplicaDivergenceError",
     "check_replicas",
-    "reduce_rows",
     "per_sample_token_losses",
+    "reduce_rows",
     "shard_rows",
 ]
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,7 +33,6 @@ from zo2tier.store.zstd import Zstd, parse_compress
 from zo2tier.tiers.codec import check_storage
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable, block_records
-from zo2tier.tiers.store_dir import claim_disk_dir, release_disk_dir
 from zo2tier.tiers.write_back import check_max_log, resolve_write_back
 from zo2tier.trace import Timeline, record_trace
 from zo2tier.visit.bindings import bind_model, release_weights
@@ -41,6 +41,9 @@ from zo2tier.zo import fused
 from zo2tier.zo.estimators import ESTIMATORS, Estimator, make_estimator
 from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import LogEntry, causal_lm_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 RESIDENT = "<resident>"
 DISK_LOOKAHEAD = 2  # disk reads in flight by default (lookahead_blocks=None)
@@ -365,7 +368,7 @@ class ZOEngine:
             self.disk_policy.release(self.disk_dir)
         self._closed = True
 
-    def __enter__(self) -> ZOEngine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

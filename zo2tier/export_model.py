@@ -41,9 +41,11 @@ def export_model(model: str | os.PathLike, out_dir: str | os.PathLike, *, max_sh
 
     names = describe(planned_model(ref.path).skeleton).block_names
     os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".zo2tier-export-", dir=os.path.dirname(out_dir)) as tmp:
-        with ZOEngine.from_pretrained(ref.gguf or ref.path, budget=_ALL_ON_DISK, disk_dir=tmp,
-                                      placement={n: "disk" for n in names}) as engine:
-            engine.export(out_dir, max_shard_bytes=max_shard_bytes)
+    with (
+        tempfile.TemporaryDirectory(prefix=".zo2tier-export-", dir=os.path.dirname(out_dir)) as tmp,
+        ZOEngine.from_pretrained(ref.gguf or ref.path, budget=_ALL_ON_DISK, disk_dir=tmp,
+                                 placement={n: "disk" for n in names}) as engine,
+    ):
+        engine.export(out_dir, max_shard_bytes=max_shard_bytes)
     copy_tokenizer_files(ref, out_dir)
     return out_dir

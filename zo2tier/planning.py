@@ -7,21 +7,29 @@ the placement the engine makes with the same inputs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from zo2tier.budget import TIERS, TierBudget, format_size
 from zo2tier.model.blocks import ModelLayout, describe, scratch_spans
 from zo2tier.model_ref import ModelRef, model_ref
-from zo2tier.plan import DEFAULT_HOST_LOOKAHEAD, BlockSize, Plan, PlanInput, plan_placement, unplanned_device_bytes
+from zo2tier.plan import (
+    DEFAULT_HOST_LOOKAHEAD,
+    BlockSize,
+    Plan,
+    PlanInput,
+    plan_placement,
+    unplanned_device_bytes,
+)
 from zo2tier.predict import Calibration, choose_perturbations, predict_step
-from zo2tier.zo.estimators import ESTIMATORS
 from zo2tier.store.zstd import parse_compress
 from zo2tier.tiers.codec import check_storage, dtype_name
 from zo2tier.tiers.write_back import resolve_write_back
 from zo2tier.zo import fused
+from zo2tier.zo.estimators import ESTIMATORS
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

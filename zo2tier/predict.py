@@ -61,7 +61,7 @@ class Calibration:
     zstd_ratio_int8: float = 0.937
 
     @classmethod
-    def load(cls, path: str | None) -> "Calibration":
+    def load(cls, path: str | None) -> Calibration:
         """Read a calibration JSON (unknown keys ignored, missing keys default); ``None`` gives defaults."""
         if path is None:
             return cls()

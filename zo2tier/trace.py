@@ -96,11 +96,11 @@ class Timeline:
             rows.append((g.lane, g.name, start_us, self._ref.elapsed_time(g.end) * 1e3 - start_us))
         lanes = sorted({r[0] for r in rows}, key=_lane_order)
         tid = {lane: i + 1 for i, lane in enumerate(lanes)}
-        meta = [dict(ph="M", name="thread_name", pid=1, tid=tid[lane], args=dict(name=lane)) for lane in lanes]
-        meta += [dict(ph="M", name="thread_sort_index", pid=1, tid=tid[lane], args=dict(sort_index=tid[lane]))
+        meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid[lane], "args": {"name": lane}} for lane in lanes]
+        meta += [{"ph": "M", "name": "thread_sort_index", "pid": 1, "tid": tid[lane], "args": {"sort_index": tid[lane]}}
                  for lane in lanes]
-        spans = [dict(ph="X", name=name, cat=lane.split(" zo2tier")[0], pid=1, tid=tid[lane], ts=round(ts, 3),
-                      dur=round(max(dur, 0.0), 3)) for lane, name, ts, dur in sorted(rows, key=lambda r: r[2])]
+        spans = [{"ph": "X", "name": name, "cat": lane.split(" zo2tier")[0], "pid": 1, "tid": tid[lane], "ts": round(ts, 3),
+                  "dur": round(max(dur, 0.0), 3)} for lane, name, ts, dur in sorted(rows, key=lambda r: r[2])]
         return meta + spans
 
     def export(self, path: str) -> str:

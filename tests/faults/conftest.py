@@ -32,7 +32,7 @@ def disk_engine(disk_dir, placement=all_on_disk, **kw) -> zo2tier.ZOEngine:
     return zo2tier.ZOEngine(model, budget=BIG, disk_dir=disk_dir, config=CFG, placement=placement(model), **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(n_steps: int) -> tuple[tuple[float, ...], dict[str, torch.Tensor]]:
     with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=CFG) as engine:  # every block on the device
         losses = tuple(engine.step(tiny_batch()).loss_plus for _ in range(n_steps))

@@ -29,7 +29,7 @@ def engine_args(monkeypatch):
 
     monkeypatch.setattr(zo2tier.ZOEngine, "_build", no_work)
     model = tiny_model("llama")
-    return dict(model=model, budget=BIG, config=CFG, placement=all_on_disk(model))
+    return {"model": model, "budget": BIG, "config": CFG, "placement": all_on_disk(model)}
 
 
 def build(engine_args, disk_dir):
@@ -87,18 +87,19 @@ def test_directory_without_write_permission(engine_args, shared_tmp):
     disk = os.path.join(shared_tmp, "disk")
     os.mkdir(disk)
     os.chmod(disk, 0o555)
-    with as_nobody():
-        with pytest.raises(ValueError, match="not readable and writable by this user; fix its permissions"):
-            build(engine_args, disk)
+    with (
+        as_nobody(),
+        pytest.raises(ValueError, match="not readable and writable by this user; fix its permissions"),
+    ):
+        build(engine_args, disk)
 
 
 def test_directory_without_read_permission(engine_args, shared_tmp):
     disk = os.path.join(shared_tmp, "disk")
     os.mkdir(disk)
     os.chmod(disk, 0o333)
-    with as_nobody():
-        with pytest.raises(ValueError, match="not readable and writable"):
-            build(engine_args, disk)
+    with as_nobody(), pytest.raises(ValueError, match="not readable and writable"):
+        build(engine_args, disk)
 
 
 def test_read_only_files_of_another_user(engine_args, shared_tmp):
@@ -112,9 +113,11 @@ def test_read_only_files_of_another_user(engine_args, shared_tmp):
         os.chmod(os.path.join(disk, name), 0o444)
     if os.geteuid() != 0:
         pytest.skip("needs root to make files owned by another user")
-    with as_nobody():
-        with pytest.raises(ValueError, match="lock file cannot be opened .*fix its owner/permissions"):
-            build(engine_args, disk)
+    with (
+        as_nobody(),
+        pytest.raises(ValueError, match="lock file cannot be opened .*fix its owner/permissions"),
+    ):
+        build(engine_args, disk)
 
 
 def test_foreign_files_are_refused(engine_args, tmp_path):

@@ -94,9 +94,8 @@ def test_write_back_real_enospc_on_small_tmpfs(tmp_path, batch):
 
 def test_store_creation_on_full_disk_names_store_and_releases_lock(tmp_path):
     disk_dir = tmp_path / "store"
-    with file_size_cap(CAP_BYTES):
-        with pytest.raises(BlockIOError) as info:
-            disk_engine(disk_dir)
+    with file_size_cap(CAP_BYTES), pytest.raises(BlockIOError) as info:
+        disk_engine(disk_dir)
     assert str(disk_dir) in str(info.value) and "needs" in str(info.value)
     _no_tmp(disk_dir)
     fd = os.open(disk_dir / ".zo2tier.lock", os.O_RDWR)  # a failed start must not keep the store locked
@@ -120,9 +119,8 @@ def _tiny_config_file(directory) -> str:
 def test_convert_on_full_disk_then_resume(tmp_path):
     src = _tiny_config_file(tmp_path / "src")
     dst = tmp_path / "store"
-    with file_size_cap(CAP_BYTES):
-        with pytest.raises(BlockIOError) as info:
-            convert(src, dst, progress=False)
+    with file_size_cap(CAP_BYTES), pytest.raises(BlockIOError) as info:
+        convert(src, dst, progress=False)
     message = str(info.value)
     assert str(dst) in message and "needs" in message and "bytes" in message
     _no_tmp(dst)

@@ -3,6 +3,7 @@ one warning; the engine never crashes for it. Pinning is faked (CPU-only torch c
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -51,7 +52,7 @@ def test_one_chunk_when_pinning_works(monkeypatch):
     assert len(fake.asked) == 1 and pool.pin and pool.pageable_bytes == 0
     assert all(b.data_ptr() % ALIGN_BYTES == 0 and b.numel() == io.align_up(MiB + 5) for b in bufs)
     ptrs = sorted(b.data_ptr() for b in bufs)
-    assert all(q - p >= io.align_up(MiB + 5) for p, q in zip(ptrs, ptrs[1:]))  # disjoint
+    assert all(q - p >= io.align_up(MiB + 5) for p, q in itertools.pairwise(ptrs))  # disjoint
 
 
 def test_halves_the_chunk_until_pinning_succeeds(monkeypatch, caplog):
@@ -105,5 +106,5 @@ def test_exact_chunks_hold_whole_buffers_and_no_more(monkeypatch):
     assert fake.asked == [5 * size, 2 * size]  # 5 fit in 16 MiB; the last chunk holds the 2 left
     assert pool.pinned_bytes == 7 * size and pool.pageable_bytes == 0
     ptrs = sorted(b.data_ptr() for b in bufs)
-    assert all(q - p >= size for p, q in zip(ptrs, ptrs[1:]))  # disjoint
+    assert all(q - p >= size for p, q in itertools.pairwise(ptrs))  # disjoint
     pool.close()

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-CFG = dict(lr=1e-3, eps=1e-3, weight_decay=0.01, seed=7)
+CFG = {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "seed": 7}
 STORAGE = {"host": "bf16", "disk": "fp16"}
 BUDGET = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
 
@@ -20,7 +20,7 @@ def run(store: str, ckpt: str, n_steps: int, out: str, fault_delay_s: float = 0.
     from tiny_models import tiny_batch
 
     import zo2tier
-    import zo2tier.store.blockstore as blockstore
+    from zo2tier.store import blockstore
 
     blockstore._fault_delay_s = fault_delay_s
     torch.set_num_threads(1)  # tiny matmuls: threads only add contention

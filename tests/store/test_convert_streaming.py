@@ -20,9 +20,9 @@ import torch
 import zo2tier
 from zo2tier.store.format import read_manifest
 
-CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5504,
-              num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
-              max_position_embeddings=256, dtype="float32", architectures=["LlamaForCausalLM"])
+CONFIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504,
+          "num_hidden_layers": 10, "num_attention_heads": 16, "num_key_value_heads": 16, "tie_word_embeddings": False,
+          "max_position_embeddings": 256, "dtype": "float32", "architectures": ["LlamaForCausalLM"]}
 SHARD_BYTES = 700 << 20
 OPTIONS = [("fp32", []), ("fp16", ["--dtype", "fp16"]), ("bf16", ["--dtype", "bf16"]),
            ("int8", ["--disk-dtype", "int8"])]
@@ -131,7 +131,8 @@ def _check_through_engine(src: str, dst: str, label: str) -> None:
     finally:
         engine.close()
     files = {}
-    index = json.load(open(os.path.join(src, "model.safetensors.index.json")))["weight_map"]
+    with open(os.path.join(src, "model.safetensors.index.json")) as f:
+        index = json.load(f)["weight_map"]
     block_max = {t.name: 0.0 for b in blocks for t in b.tensors}
     if label == "int8":  # the quantization bound: half a scale, scale <= (1 + 2**-16) * absmax / 127
         for b in blocks:

@@ -36,9 +36,9 @@ def test_flipped_byte_names_block_and_file(store):
     with pytest.raises(StoreCorruptError) as err:  # every block is read (and checked) to place it
         zo2tier.ZOEngine.from_store(store, budget=BIG)
     assert name in str(err.value) and path in str(err.value) and "checksum" in str(err.value)
-    with BlockStore.open(store) as s:  # the store itself opens (sizes are fine) but the read fails
-        with pytest.raises(StoreCorruptError, match=name):
-            s.read_bytes(2)
+    # the store itself opens (sizes are fine) but the read fails
+    with BlockStore.open(store) as s, pytest.raises(StoreCorruptError, match=name):
+        s.read_bytes(2)
 
 
 def test_flipped_byte_on_disk_tier_read(store):
@@ -68,7 +68,7 @@ def test_truncated_file_fails_on_open(store):
 
 
 def test_reconvert_repairs_a_damaged_block(store, tmp_path):
-    name, path = _victim(store)
+    _name, path = _victim(store)
     os.truncate(path, 5)
     r = zo2tier.convert(tmp_path / "hf", store, progress=False)
     assert r.n_written == 1

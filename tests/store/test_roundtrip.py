@@ -59,7 +59,8 @@ def test_export_store_applies_pending_updates(tmp_path):
         e.step(tiny_batch())
     e.save_checkpoint(tmp_path / "ck")  # device blocks stay at step 0 in the store: 4 pending updates
     state = e.state_dict()
-    manifest = json.load(open(tmp_path / "store" / "manifest.json"))
+    with open(tmp_path / "store" / "manifest.json") as f:
+        manifest = json.load(f)
     assert manifest["step"] == 4 and len(manifest["log"]) == 4
     e.tiers.close()  # simulate a crash: no close(), just let go of the store
     e.store.close()
@@ -113,6 +114,8 @@ def test_in_memory_engine_checkpoint_writes_its_store_once(tmp_path):
 
 
 def test_extra_state_must_be_json(tmp_path):
-    with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=CFG) as e:
-        with pytest.raises(ValueError, match="JSON"):
-            e.save_checkpoint(tmp_path / "ck", extra_state={"t": torch.zeros(1)})
+    with (
+        zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=CFG) as e,
+        pytest.raises(ValueError, match="JSON"),
+    ):
+        e.save_checkpoint(tmp_path / "ck", extra_state={"t": torch.zeros(1)})

@@ -44,8 +44,11 @@ def test_compressed_disk_tier_equals_plain(tmp_path, storage):
         assert torch.equal(state[key], ref_state[key]), key
     assert all(x is None for x in plain)
     assert layouts and all(x is not None and len(x.frames) > 1 for x in layouts)
-    manifest = json.load(open(tmp_path / "zstd" / "manifest.json"))
-    assert manifest["version"] == 2 and json.load(open(tmp_path / "plain" / "manifest.json"))["version"] == 1
+    with open(tmp_path / "zstd" / "manifest.json") as f:
+        manifest = json.load(f)
+    with open(tmp_path / "plain" / "manifest.json") as f:
+        plain_manifest = json.load(f)
+    assert manifest["version"] == 2 and plain_manifest["version"] == 1
 
 
 def test_convert_from_store_round_trip_and_resume(tmp_path):
@@ -112,9 +115,11 @@ def test_corrupted_frame_names_block_file_and_frame(tmp_path, where):
             engine.step(tiny_batch())
     msg = str(err.value)
     assert entry.name in msg and path in msg and "zstd frame 1" in msg and "checksum" in msg
-    with BlockStore.open(tmp_path / "store", lock=engine is None) as s:
-        with pytest.raises(StoreCorruptError, match="zstd frame 1"):
-            s.verify(1)
+    with (
+        BlockStore.open(tmp_path / "store", lock=engine is None) as s,
+        pytest.raises(StoreCorruptError, match="zstd frame 1"),
+    ):
+        s.verify(1)
     if engine is not None:  # let go without close(), which would write back through the damaged block
         from zo2tier.tiers.store_dir import release_disk_dir
 
@@ -138,9 +143,11 @@ def test_unknown_version_and_compress_values_are_refused(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     zo2tier.convert(tmp_path / "hf", tmp_path / "store", progress=False)
     path = tmp_path / "store" / "manifest.json"
-    data = json.load(open(path))
+    with open(path) as f:
+        data = json.load(f)
     data["version"] = 3
-    json.dump(data, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(data, f)
     with pytest.raises(StoreFormatError, match="version 3.*reads versions 1, 2"):
         BlockStore.open(tmp_path / "store")
     with pytest.raises(ValueError, match="'lz4' is unknown; use 'zstd' or 'none'"):

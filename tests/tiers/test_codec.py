@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -155,7 +157,7 @@ def test_int8_range_by_range_equals_one_encode(keep_scales, numel):
                   prev_scales=prev)
     got = torch.full((encoded_bytes(numel, "int8"),), 0xAB, dtype=torch.uint8)  # garbage must not survive
     cuts = [0, 3 * INT8_GROUP, 4 * INT8_GROUP, 20 * INT8_GROUP, numel]
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         codec.encode_int8_range(x[lo:hi], got, numel, lo, sr_seed=9, sr_key=4, prev_scales=prev)
     assert torch.equal(got, want)
     for lo, n in [(5, INT8_GROUP), (0, INT8_GROUP + 1)]:

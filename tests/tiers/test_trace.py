@@ -55,10 +55,12 @@ def test_trace_lanes_and_order(tmp_path):
 
 def test_trace_does_not_nest(tmp_path):
     with _engine(tmp_path) as engine:
-        with engine.trace(tmp_path / "a.json"):
-            with pytest.raises(RuntimeError, match="nest"):
-                with engine.trace(tmp_path / "b.json"):
-                    pass
+        with (
+            engine.trace(tmp_path / "a.json"),
+            pytest.raises(RuntimeError, match="nest"),
+            engine.trace(tmp_path / "b.json"),
+        ):
+            pass
         r = engine.step(tiny_batch())  # tracing off again: runs as before
         assert engine.timeline is None and engine.tiers.timeline is None
     assert (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()

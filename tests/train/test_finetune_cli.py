@@ -58,7 +58,7 @@ def test_cli_contract_flags(tmp_path):
         "--device", "cpu", "--budget", "device=2GiB,host=4GiB,disk=20GiB",
         "--disk-dir", str(tmp_path / "runs/disk"), "--out", str(tmp_path / "runs/out"),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run(cmd, capture_output=True, check=False, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"zero_shot_acc", "finetuned_acc", "steps", "seconds"} <= result.keys()
@@ -80,7 +80,7 @@ def test_bad_flag_value_is_a_clear_error(tmp_path):
     model, train, test = _task(tmp_path)
     cmd = _zo2tier() + ["finetune", "--model", model, "--train", train, "--test", test, "--template", "no slot",
                         "--budget", "device=1GiB", "--out", str(tmp_path / "out")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, check=False, text=True, timeout=300)
     assert done.returncode == 2 and "{text}" in done.stderr
 
 

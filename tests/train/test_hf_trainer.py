@@ -20,9 +20,9 @@ def _dataset(n=16):
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "hf"), max_steps=6, learning_rate=1e-3, per_device_train_batch_size=4,
-                per_device_eval_batch_size=8, logging_steps=2, eval_strategy="steps", eval_steps=3,
-                save_strategy="no", report_to=[], use_cpu=True, seed=0)
+    base = {"output_dir": str(tmp_path / "hf"), "max_steps": 6, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8, "logging_steps": 2, "eval_strategy": "steps", "eval_steps": 3,
+            "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": 0}
     return TrainingArguments(**(base | kw))
 
 
@@ -84,7 +84,7 @@ def test_train_evaluate_save(tmp_path):
     ({"torch_compile": True}, "torch_compile"),
 ])  # fmt: skip
 def test_settings_that_need_gradients_are_refused(tmp_path, setting, match):
-    tok, data = _dataset(4)
+    _tok, data = _dataset(4)
     with pytest.raises(ValueError, match=match):
         ZOTrainer(model=tiny_model("llama"), args=_args(tmp_path, **setting), train_dataset=data,
                   budget="device=1GiB")

@@ -65,9 +65,9 @@ def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     candidates: list[tuple[str, nn.ModuleList]] = []
     if no_split:
         for name, module in model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) > 0:
-                if all(type(child).__name__ in no_split for child in module):
-                    candidates.append((name, module))
+            if (isinstance(module, nn.ModuleList) and len(module) > 0
+                    and all(type(child).__name__ in no_split for child in module)):
+                candidates.append((name, module))
     if len(candidates) == 1:
         return candidates[0]
     if len(candidates) > 1:

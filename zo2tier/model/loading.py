@@ -6,7 +6,7 @@ import contextlib
 import glob
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class _Checkpoint(StateSource):
             self._open = lambda f: safe_open(f, framework="pt")
             for f in files:
                 with safe_open(f, framework="pt") as handle:
-                    for key in handle.keys():
+                    for key in handle.keys():  # noqa: SIM118 - a safetensors safe_open handle is not iterable
                         self._where[key] = f
             self._kind = "safetensors"
         elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
@@ -154,8 +154,8 @@ def gguf_skeleton(config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.
 
 def gguf_skeleton_and_source(file: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, StateSource]:
     """The model a GGUF file holds, parameters on meta, and a source that dequantizes one tensor at a time."""
-    from zo2tier.model_ref import gguf_config
     from zo2tier.model.gguf import GGUFTensors
+    from zo2tier.model_ref import gguf_config
 
     config = gguf_config(file)
     model = gguf_skeleton(config, dtype or torch.float32)

@@ -8,7 +8,8 @@ copies. Each decoder layer, and each module outside the layer list that owns par
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

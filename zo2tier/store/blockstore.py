@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,9 @@ from zo2tier.store.format import (
 from zo2tier.store.io import BlockFile, aligned_empty, raise_if_no_space
 from zo2tier.store.lock import MARKER, lock_dir, unlock_dir
 from zo2tier.store.zstd import ZSTD_THREADS, FrameCorruptError, FramePool, Zstd
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 _GEN = re.compile(r"^block_(\d+)_g(\d+)\.bin$")
 _FIX = ("restore it from a backup, re-run `zo2tier convert` into this store to rewrite damaged blocks, "
@@ -69,7 +73,7 @@ class BlockStore:
 
     # ---- opening ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, manifest: Manifest, *, verify_reads: bool = True) -> "BlockStore":
+    def create(cls, path: str | os.PathLike, manifest: Manifest, *, verify_reads: bool = True) -> BlockStore:
         """Lock ``path`` (created if needed) as a new store whose blocks are described by ``manifest``.
 
         Nothing is committed until :meth:`commit`; files of an earlier store in ``path`` stay until then.
@@ -91,7 +95,7 @@ class BlockStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify_reads: bool = True, allow_incomplete: bool = False,
-             lock: bool = True, shared: bool = False) -> "BlockStore":
+             lock: bool = True, shared: bool = False) -> BlockStore:
         """Lock and open an existing store; checks every block file's size (cheap) before returning.
 
         ``shared``: a read-only user (the base of :meth:`overlay`s), sharing the lock with other readers."""
@@ -119,7 +123,7 @@ class BlockStore:
         return store
 
     @classmethod
-    def overlay(cls, base: "BlockStore", path: str | os.PathLike, *, verify_reads: bool = True) -> "BlockStore":
+    def overlay(cls, base: BlockStore, path: str | os.PathLike, *, verify_reads: bool = True) -> BlockStore:
         """A new store at ``path`` holding ``base``'s model, whose blocks name ``base``'s files (by absolute
         path) until they are written: a fine-tune's changed blocks land in ``path`` and ``base`` is never
         changed. Nothing is copied. The overlay closes ``base`` when it is closed."""
@@ -168,7 +172,7 @@ class BlockStore:
             self.base.close()
             self.base = None
 
-    def __enter__(self) -> "BlockStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -246,9 +246,9 @@ def _open_source(src: str, seed: int) -> tuple[dict, TensorSource, torch.dtype]:
 
 def _gguf(directory: str, file: str) -> tuple[dict, TensorSource, torch.dtype]:
     """A GGUF file streamed tensor by tensor (dequantized one at a time), as fp32."""
-    from zo2tier.model_ref import gguf_config
     from zo2tier.model.gguf import GGUFTensors
     from zo2tier.model.loading import gguf_skeleton
+    from zo2tier.model_ref import gguf_config
 
     config = gguf_config(os.path.join(directory, file))
     tensors = GGUFTensors(os.path.join(directory, file), config, gguf_skeleton(config))

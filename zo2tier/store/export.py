@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -68,7 +68,7 @@ class _ShardedWriter:
             offset += n
         body = json.dumps(header, separators=(",", ":")).encode()
         body += b" " * (-len(body) % 8)
-        self._file = open(os.path.join(self.out_dir, self._names[shard]), "wb")
+        self._file = open(os.path.join(self.out_dir, self._names[shard]), "wb")  # noqa: SIM115 - kept open across calls, closed by close()
         self._file.write(struct.pack("<Q", len(body)) + body)
         self._shard = shard
 

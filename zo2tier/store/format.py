@@ -27,7 +27,6 @@ from typing import Any
 import xxhash
 
 from zo2tier.store.io import align_up, raise_if_no_space
-
 from zo2tier.tiers.codec import INT8_GROUP  # one source of truth for the int8 group size
 
 FORMAT = "zo2tier-store"
@@ -78,7 +77,7 @@ class TensorEntry:
                 "param_id": self.param_id, "decay": self.decay}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TensorEntry":
+    def from_json(cls, d: dict[str, Any]) -> TensorEntry:
         return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), int(d["offset"]), int(d["numel"]),
                    int(d["param_id"]), bool(d["decay"]))
 
@@ -126,7 +125,7 @@ class FrameLayout:
         """One xxh3_64 for the block (the manifest's ``xxh3_64``): the hash of the frame hashes."""
         return checksum(",".join(d for _, d in self.frames).encode())
 
-    def check(self, nbytes: int, name: str) -> "FrameLayout":
+    def check(self, nbytes: int, name: str) -> FrameLayout:
         n = -(-nbytes // self.frame_bytes)
         if self.frame_bytes <= 0 or self.frame_bytes % ALIGN_BYTES or len(self.frames) != n:
             raise StoreFormatError(f"block {name}: zstd layout of {len(self.frames)} frames of {self.frame_bytes} "
@@ -140,7 +139,7 @@ class FrameLayout:
                 "stored_bytes": self.stored_bytes, "frames": [list(f) for f in self.frames]}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "FrameLayout":
+    def from_json(cls, d: dict[str, Any]) -> FrameLayout:
         return cls(int(d["level"]), int(d["frame_bytes"]), tuple((int(c), str(h)) for c, h in d["frames"]))
 
 
@@ -183,7 +182,7 @@ class BlockEntry:
         return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "BlockEntry":
+    def from_json(cls, d: dict[str, Any]) -> BlockEntry:
         entry = cls(int(d["index"]), str(d["name"]), str(d["dtype"]), int(d["numel"]),
                     tuple(TensorEntry.from_json(t) for t in d["tensors"]), d.get("file"), int(d.get("offset", 0)),
                     d.get("xxh3_64"), int(d.get("applied_steps", 0)),
@@ -226,7 +225,7 @@ class Manifest:
     def log_start(self) -> int:
         return self.step - len(self.log)
 
-    def with_blocks(self, blocks: list[BlockEntry] | tuple[BlockEntry, ...], **kw: Any) -> "Manifest":
+    def with_blocks(self, blocks: list[BlockEntry] | tuple[BlockEntry, ...], **kw: Any) -> Manifest:
         return replace(self, blocks=tuple(blocks), **kw)
 
     def to_json(self) -> dict[str, Any]:
@@ -237,7 +236,7 @@ class Manifest:
                 "blocks": [b.to_json() for b in self.blocks]}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str) -> "Manifest":
+    def from_json(cls, d: dict[str, Any], where: str) -> Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise StoreFormatError(f"{where} is not a zo2tier store manifest (format={d.get('format')!r}); "
                                    "create one with `zo2tier convert SRC DST`")

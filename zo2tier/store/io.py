@@ -13,8 +13,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 ALIGN_BYTES = 4096
 READ_RETRIES = 3
@@ -193,7 +197,7 @@ class BlockFile:
     _fd: int = -1
 
     @classmethod
-    def open(cls, path: str, *, write: bool, direct: bool) -> "BlockFile":
+    def open(cls, path: str, *, write: bool, direct: bool) -> BlockFile:
         flags = (os.O_RDWR | os.O_CREAT) if write else os.O_RDONLY
         use_direct = direct and bool(getattr(os, "O_DIRECT", 0))
         if use_direct:
@@ -209,7 +213,7 @@ class BlockFile:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "BlockFile":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,7 @@ import json
 import os
 import struct
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import zstandard
 
 from zo2tier.store.format import FrameLayout, StoreFormatError, checksum, slot_bytes
 from zo2tier.store.io import ALIGN_BYTES, BlockFile, align_up, aligned_empty
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 # Off: on every machine measured so far zstd decompresses slower than the disk reads (2.2 GB/s), so it
 # would lengthen the step. docs/io.md, "zstd on the disk tier", has the numbers and when to turn it on.
@@ -105,7 +109,7 @@ class FramePool:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
 
-    def open(self) -> "FramePool":
+    def open(self) -> FramePool:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="zo2tier-zstd")
         return self
@@ -115,7 +119,7 @@ class FramePool:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def __enter__(self) -> "FramePool":
+    def __enter__(self) -> Self:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,6 @@ in place in its slot and copied down from there: the slot is refilled only once 
 from __future__ import annotations
 
 import contextlib
-
 from collections import deque
 
 import torch
@@ -28,7 +27,7 @@ class CudaTransfers:
         self.d2h_bytes = 0
         self.timeline = None  # a zo2tier.trace.Timeline while ZOEngine.trace() records
 
-    def open(self) -> "CudaTransfers":
+    def open(self) -> CudaTransfers:
         self._copy = torch.cuda.Stream(self.device)
         self._back = torch.cuda.Stream(self.device)
         self._free: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque(

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from zo2tier.store.io import BlockFile, BlockIOError, PinnedPool, aligned_empty, align_up
+from zo2tier.store.io import BlockFile, BlockIOError, PinnedPool, align_up, aligned_empty
 from zo2tier.store.zstd import Zstd
 from zo2tier.tiers.cuda_path import CudaTransfers
 from zo2tier.tiers.records import BlockRecord, BlockTable
@@ -71,7 +71,7 @@ class TierManager:
         self._host_next = 0
 
     # ---- life cycle -------------------------------------------------------------------------------
-    def open(self) -> "TierManager":
+    def open(self) -> TierManager:
         disk = self.table.by_tier("disk")
         if disk and self.compress is not None and self.store is None:
             raise ValueError("compress needs the disk tier to be a store (zo2tier.store.blockstore.BlockStore); "
@@ -186,7 +186,7 @@ class TierManager:
     def _recycle(self, fut: Future) -> None:
         try:
             self._read_pool.put(fut.result())
-        except Exception:  # _read_task gave the buffer back; the block's next fetch retries the read
+        except Exception:  # noqa: BLE001, S110 - _read_task gave the buffer back; the block's next fetch retries the read
             pass
 
     def release(self, staging: torch.Tensor | None, after: torch.cuda.Event | None = None) -> None:
@@ -330,7 +330,7 @@ class TierManager:
                 continue
             try:
                 self.table.mark_applied(r, fut.result())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every write-back is waited for; the first error is returned
                 first = first or exc
         return first
 

@@ -20,7 +20,7 @@ choice below are in ``docs/io.md`` ("Update log and write-back").
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

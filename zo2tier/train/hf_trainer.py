@@ -109,8 +109,8 @@ class ZOTrainer(Trainer):
         check_training_args(self.args)
         config = MeZOConfig(lr=self.args.learning_rate, eps=eps, weight_decay=self.args.weight_decay,
                             seed=self.args.seed, perturbation=perturbation)
-        self._engine_kwargs = dict(budget=budget, disk_dir=disk_dir, device=self.args.device, config=config,
-                                   storage=storage, placement=placement, write_back_every=write_back_every)
+        self._engine_kwargs = {"budget": budget, "disk_dir": disk_dir, "device": self.args.device, "config": config,
+                               "storage": storage, "placement": placement, "write_back_every": write_back_every}
         self._engine: ZOEngine | None = None
         self.zo_loss_fn = zo_loss_fn
 

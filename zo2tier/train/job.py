@@ -31,6 +31,7 @@ import torch
 from zo2tier.budget import BudgetLike
 from zo2tier.config import MeZOConfig
 from zo2tier.engine import ZOEngine
+from zo2tier.model_ref import ModelRef, copy_tokenizer_files, model_ref
 from zo2tier.train import checkpoint as ckpt
 from zo2tier.train.data import (
     EncodedSet,
@@ -42,7 +43,6 @@ from zo2tier.train.data import (
     keep_labels,
     load_examples,
 )
-from zo2tier.model_ref import ModelRef, copy_tokenizer_files, model_ref
 from zo2tier.train.objective import OBJECTIVES, loss_fn_for, n_correct
 from zo2tier.train.progress import Meter, plot_curves
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from zo2tier.dtypes import TORCH_DTYPES
+from zo2tier.model.proxy import Runner, run_groups
 from zo2tier.tiers.codec import WRITE_BACK_RANGE_NUMEL, decode, encode, int8_scales
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable
-from zo2tier.model.proxy import Runner, run_groups
 from zo2tier.visit.bindings import Binding, ModelBindings
 from zo2tier.visit.fused_visit import FusedVisits, Visit
 from zo2tier.zo import fused

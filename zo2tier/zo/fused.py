@@ -51,7 +51,7 @@ class PendingLog:
     n: int
 
     @classmethod
-    def build(cls, entries, device: torch.device) -> "PendingLog":
+    def build(cls, entries, device: torch.device) -> PendingLog:
         live = [e for e in entries if e.lr != 0.0]
         rows = torch.tensor([[float(e.projected_grad), float(e.lr), float(e.weight_decay)] for e in live] or [[0.0] * 3],
                             dtype=torch.float32)

@@ -26,7 +26,7 @@ class LogEntry:
         return [self.step, self.step_seed, self.projected_grad, self.lr, self.weight_decay]
 
     @classmethod
-    def from_json(cls, row: list) -> "LogEntry":
+    def from_json(cls, row: list) -> LogEntry:
         step, seed, g, lr, wd = row
         return cls(int(step), int(seed), float(g), float(lr), float(wd))
 
