@@ -134,18 +134,14 @@ def _bars(methods: dict, mezo_name: str, task: str) -> dict:
     return out
 
 
-def mean_curves(runs: list[dict], disk: dict) -> dict[str, list[tuple[int, float, float]]]:
-    """Per method: (step, seconds, mean test accuracy over seeds) at the eval steps every seed has."""
-    out = {}
-    by = defaultdict(list)
+def run_curves(runs: list[dict], disk: dict) -> dict[str, list[list[tuple[int, float, float]]]]:
+    """Per method: each seed's (step, seconds on the disk clock, test accuracy) curve. Seeds are drawn one by
+    one, not averaged: runs stopped by a deadline end at different steps."""
+    out: dict[str, list] = defaultdict(list)
     for r in runs:
-        by[_key(r)].append(r)
-    for name, rows in by.items():
-        sps, _ = _seconds_per_step(rows[0], disk)
-        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in rows)))
-        accs = {s: _mean(p["test_acc"] for r in rows for p in r["curve"] if p["step"] == s) for s in steps}
-        out[name] = [(s, s * sps, accs[s]) for s in steps]
-    return out
+        sps, _ = _seconds_per_step(r, disk)
+        out[_key(r)].append([(p["step"], p["step"] * sps, p["test_acc"]) for p in r["curve"]])
+    return dict(out)
 
 
 def plot(summary: dict, curves: dict, png: str) -> None:
@@ -159,11 +155,13 @@ def plot(summary: dict, curves: dict, png: str) -> None:
     for row, task in enumerate(tasks):
         for col, (xi, xlabel) in enumerate(((0, "steps"), (1, "seconds (every layer on disk)"))):
             ax = axes[row][col]
-            for name, pts in sorted(curves[task].items()):
-                ax.plot([p[xi] for p in pts], [p[2] for p in pts], marker=".", label=name)
+            for color, (name, seeds) in enumerate(sorted(curves[task].items())):
+                for i, pts in enumerate(seeds):
+                    ax.plot([p[xi] for p in pts], [p[2] for p in pts], marker=".", color=f"C{color}", alpha=0.8,
+                            label=name if i == 0 else None)
             ax.axhline(summary[task]["target_acc"], color="grey", ls="--", lw=1, label="target (MeZO-SGD final)")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy (mean over seeds)")
+            ax.set_ylabel("test accuracy (one line per seed)")
             ax.set_title(task)
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=7)
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"steps {m['mean_steps_to_target']}  s {m['mean_seconds_to_target']}  "
                   f"in MeZO's budget {m['mean_acc_in_mezo_budget']}")
     if cfg["png"]:
-        plot(summary, {t: mean_curves(rs, disk) for t, rs in by_task.items()}, cfg["png"])
+        plot(summary, {t: run_curves(rs, disk) for t, rs in by_task.items()}, cfg["png"])
     return 0
 
 
