@@ -180,31 +180,32 @@ def _run_dir(cfg: dict, q) -> str:
     return os.path.join(cfg["work"], "runs", name)
 
 
+def encoded_splits(cfg: dict, mdir: str, splits: tuple[str, ...]) -> tuple[dict, str, str]:
+    """The task's ``splits`` (``train``, ``dev``, ``test``), labelled rows only, encoded with the model's
+    tokenizer and the task's prompt; and that prompt's template and label words."""
+    from zo2tier.train.data import LabelWords, Prompt, encode, keep_labels, load_examples
+
+    folder, template, words = task_files(cfg)
+    prompt = Prompt(template, LabelWords.parse(words))
+    tokenizer = tokenizer_of(mdir)
+    out = {}
+    for split in splits:
+        examples = keep_labels(load_examples(os.path.join(folder, f"{split}.csv")), prompt.label_words.labels)
+        out[split] = encode(examples, prompt, tokenizer, max_length=cfg["max_length"])
+    return out, template, words
+
+
 # ---- one run ------------------------------------------------------------------------------------------------
 def run_one(cfg: dict) -> dict:
     """Fine-tune once; the record with the accuracy curve on dev and test."""
 
-    from zo2tier.train.data import (
-        LabelWords,
-        Prompt,
-        batch_indices,
-        collate,
-        encode,
-        keep_labels,
-        load_examples,
-    )
+    from zo2tier.train.data import batch_indices, collate
     from zo2tier.train.job import accuracy, lr_at
     from zo2tier.train.objective import loss_fn_for
 
     mdir = model_dir(cfg)
-    folder, template, words = task_files(cfg)
     q, auto = resolve_q(cfg, mdir)
-    prompt = Prompt(template, LabelWords.parse(words))
-    tokenizer = tokenizer_of(mdir)
-    sets = {}
-    for split in ("train", "dev", "test"):
-        examples = keep_labels(load_examples(os.path.join(folder, f"{split}.csv")), prompt.label_words.labels)
-        sets[split] = encode(examples, prompt, tokenizer, max_length=cfg["max_length"])
+    sets, template, words = encoded_splits(cfg, mdir, ("train", "dev", "test"))
     run_dir = _run_dir(cfg, q)
     os.makedirs(run_dir, exist_ok=True)
     loss_fn = loss_fn_for(cfg["objective"])
@@ -295,22 +296,11 @@ def time_disk(cfg: dict) -> list[dict]:
     """Seconds per step for each ``estimator:q`` of ``cfg['methods']``, every layer on disk, one at a time."""
 
     from zo2tier.store.io import supports_direct_io
-    from zo2tier.train.data import (
-        LabelWords,
-        Prompt,
-        batch_indices,
-        collate,
-        encode,
-        keep_labels,
-        load_examples,
-    )
+    from zo2tier.train.data import batch_indices, collate
     from zo2tier.train.objective import loss_fn_for
 
     mdir = model_dir(cfg)
-    folder, template, words = task_files(cfg)
-    prompt = Prompt(template, LabelWords.parse(words))
-    examples = keep_labels(load_examples(os.path.join(folder, "train.csv")), prompt.label_words.labels)
-    train = encode(examples, prompt, tokenizer_of(mdir), max_length=cfg["max_length"])
+    train = encoded_splits(cfg, mdir, ("train",))[0]["train"]
     records = []
     for item in cfg["methods"].split(","):
         estimator, _, q_text = item.partition(":")

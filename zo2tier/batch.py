@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -26,3 +27,10 @@ def unpack(batch: Mapping[str, torch.Tensor], device: torch.device):
     if labels is None:
         labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     return ids.to(device), None if mask is None else mask.to(device), labels.to(device)
+
+
+def check_lr(lr: float | None) -> None:
+    """A step's ``lr`` override: None (the config's) or a finite number >= 0."""
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0
+                           or not math.isfinite(lr)):
+        raise ValueError(f"lr={lr!r} must be a finite number >= 0; pass e.g. lr=1e-6, or None for config.lr")

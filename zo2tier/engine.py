@@ -19,7 +19,7 @@ from torch import nn
 
 from zo2tier import checkpoint as store_glue
 from zo2tier import shared_disk
-from zo2tier.batch import unpack
+from zo2tier.batch import check_lr, unpack
 from zo2tier.budget import BudgetLike, TierBudget
 from zo2tier.collective import Local
 from zo2tier.config import MeZOConfig
@@ -36,7 +36,7 @@ from zo2tier.tiers.records import BlockRecord, BlockTable, block_records
 from zo2tier.tiers.write_back import check_max_log, resolve_write_back
 from zo2tier.trace import Timeline, record_trace
 from zo2tier.visit.bindings import bind_model, release_weights
-from zo2tier.visit.runner import BlockRunner, Copies, Schedule, check_lr
+from zo2tier.visit.runner import BlockRunner, Copies, Schedule
 from zo2tier.zo import fused
 from zo2tier.zo.estimators import ESTIMATORS, Estimator, make_estimator
 from zo2tier.zo.rng import step_seed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +114,3 @@ def release_weights(modules: list[nn.Module], device: torch.device) -> None:
             setattr(module, key, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
         for key, b in list(module.named_buffers(recurse=False)):
             setattr(module, key, b.to(device))  # stays a buffer, persistent or not
-
-
-ViewsFn = Callable[[int], dict[str, torch.Tensor]]

@@ -8,7 +8,6 @@ replayed, written back when due. θ itself is never perturbed in place, so nothi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,10 +63,6 @@ class Copies:
     groups: tuple[tuple[int, float], ...]
     rows: int  # dim 0 of the repeated batch
     flat_rows: int  # its tokens, flattened
-
-    @property
-    def clean(self) -> bool:
-        return len(self.groups) == 1 and self.groups[0][1] == 0.0
 
 
 @dataclass
@@ -406,8 +401,3 @@ def _pair_up(groups: Sequence[tuple[int, float]]) -> list[int]:
         first.append(i - 1 if paired else i)
     return first
 
-
-def check_lr(lr: float | None) -> None:
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0
-                           or not math.isfinite(lr)):
-        raise ValueError(f"lr={lr!r} must be a finite number >= 0; pass e.g. lr=1e-6, or None for config.lr")
