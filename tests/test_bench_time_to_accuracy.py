@@ -31,7 +31,7 @@ def test_sweep_and_disk_timing_write_records(tmp_path):
     common = [f"--model={model}", f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16",
               f"--out={out}", f"--work={tmp_path / 'work'}"]
     assert bench.main([*common, "--steps=3", "--eval_every=2", f"--sweep={sweep}", "--workers=2",
-                       "--target_acc=0.0"]) == 0
+                       "--target_acc=0.0", f"--progress_dir={tmp_path / 'progress'}"]) == 0
     assert bench.main([*common, "--time_disk=1", "--time_steps=1", "--methods=mezo:1,fzoo:auto"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     runs = sorted((r for r in records if r["kind"] == "accuracy"), key=lambda r: r["estimator"])
@@ -41,6 +41,10 @@ def test_sweep_and_disk_timing_write_records(tmp_path):
         assert [p["step"] for p in r["curve"]] == [0, 2, 3]  # zero-shot, every 2 steps, the last step
         assert r["steps_to_target"] == 0 and r["seconds_to_target"] == 0.0  # target 0: reached at once
         assert r["final_acc"] == r["curve"][-1]["test_acc"] and r["zero_shot_acc"] == r["curve"][0]["test_acc"]
+    # each run's snapshot, rewritten at every evaluation, ends as its record
+    snapshots = [json.loads((tmp_path / "progress" / f).read_text()) for f in os.listdir(tmp_path / "progress")]
+    assert sorted(json.dumps(s, sort_keys=True) for s in snapshots) == sorted(
+        json.dumps(r, sort_keys=True) for r in runs)
     timed = [r for r in records if r["kind"] == "time_disk"]
     assert [(r["estimator"], r["q_requested"]) for r in timed] == [("mezo", "1"), ("fzoo", "auto")]
     assert timed[1]["q"] >= 2 and timed[1]["q_auto"]["limit"] in ("transfer", "memory", "max", "compute")

@@ -16,7 +16,7 @@ data seed under ``--work``; ``--data=DIR`` takes ready ``train/dev/test.csv`` in
 and ``--label_words``). Dev and test stay apart: ``best_dev_acc`` and ``test_at_best_dev`` are chosen on dev,
 ``final_acc`` is the test accuracy after the last step. ``seconds`` counts the training steps only (evaluation
 excluded). ``q=auto`` is resolved by ``zo2tier.predict.choose_perturbations`` for the every-layer-on-disk
-plan of the same model (the regime the method is meant for), whatever the run's own placement.
+plan of the same model (the regime the method is meant for; every layer on the host for a host run).
 
 Records (``--out``, appended) carry the issue's keys: card, model, task, method, estimator, q, placement,
 storage, seed, lr, steps, seconds, zero_shot_acc, final_acc, target_acc, steps_to_target, seconds_to_target,
@@ -60,9 +60,9 @@ DEFAULTS = {
     "n_dev": 200,
     "n_test": 200,
     "objective": "classification",
-    "placement": "device",  # device: every layer on the compute device; disk: every layer on disk
+    "placement": "device",  # every layer on the compute device, in pinned host RAM (host) or on disk
     "storage": "",  # stored dtype per tier, e.g. "disk=bf16" (default: the compute dtype, so tiers stay exact)
-    "write_back_every": 1,
+    "write_back_every": 0,  # K for host and disk blocks (0: the engine's default, 16 for disk on CUDA)
     "device": "cpu",
     "dtype": "fp32",
     "target_acc": -1.0,  # < 0: none (summarize_time_to_accuracy.py computes MeZO's)
@@ -74,6 +74,9 @@ DEFAULTS = {
     "methods": "mezo:1,fzoo:8,fzoo:auto",  # --time_disk: estimator:q list
     "time_steps": 10,  # --time_disk: timed steps after 2 warm-up steps
     "threads": 0,  # torch CPU threads per process (0: cores / workers)
+    "tf32": 0,  # 1: fp32 matmuls on TF32 tensor cores (CUDA; the same kernels on every placement, so tiers stay exact)
+    "time_placement": "disk",  # --time_disk: where every layer sits while timed (disk, host, or device)
+    "progress_dir": "",  # a folder: each run rewrites its record so far there at every evaluation
     "deadline_s": 0.0,  # > 0: every run stops training this many seconds after the start (a sweep's start), evaluates
     # and writes its record with completed=false, so a call with a hard time limit loses no run
 }
@@ -130,7 +133,8 @@ def task_files(cfg: dict) -> tuple[str, str, str]:
 
 
 def resolve_q(cfg: dict, mdir: str) -> tuple[int, dict | None]:
-    """``cfg['q']`` as an int; "auto": the planner's choice for every layer on disk (and what it predicted)."""
+    """``cfg['q']`` as an int; "auto": the planner's choice for every layer on disk (on the host for a host
+    run), and what it predicted."""
     if str(cfg["q"]) != "auto":
         return int(cfg["q"]), None
     from zo2tier.budget import TierBudget
@@ -140,12 +144,22 @@ def resolve_q(cfg: dict, mdir: str) -> tuple[int, dict | None]:
 
     budget = TierBudget.parse(BUDGET)
     _, inp = plan_from_config(mdir, budget, storage=_storage(cfg) or None, dtype=cfg["dtype"])
-    plan = plan_placement(inp, budget, {b.name: "disk" for b in inp.blocks})
+    tier = "host" if cfg["placement"] == "host" else "disk"
+    plan = plan_placement(inp, budget, {b.name: tier for b in inp.blocks})
     choice = choose_perturbations(inp, plan, Calibration(), batch=cfg["batch_size"], seq=cfg["max_length"],
-                                  estimator=cfg["estimator"], write_back_every=cfg["write_back_every"])
+                                  estimator=cfg["estimator"], write_back_every=write_back_k(cfg, tier))
     p = choice.prediction
     return choice.n_perturbations, {"limit": choice.limit, "step_s": p.step_s, "compute_s": p.compute_s,
                                     "disk_s": p.disk_s, "bus_s": p.bus_s}
+
+
+def write_back_k(cfg: dict, tier: str) -> int:
+    """K of ``tier`` for this run: ``--write_back_every``, or the engine's default on ``--device``."""
+    import torch
+
+    from zo2tier.tiers.write_back import resolve_write_back
+
+    return resolve_write_back(cfg["write_back_every"] or None, torch.device(cfg["device"]), _storage(cfg))[tier]
 
 
 def _storage(cfg: dict) -> dict[str, str]:
@@ -158,15 +172,15 @@ def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
     from zo2tier.engine import ZOEngine
     from zo2tier.model.loading import pretrained_skeleton
 
-    if cfg["placement"] not in ("device", "disk"):
-        raise ValueError(f"placement={cfg['placement']!r} is unknown; use device or disk")
+    if cfg["placement"] not in ("device", "host", "disk"):
+        raise ValueError(f"placement={cfg['placement']!r} is unknown; use device, host or disk")
     blocks = ZOEngine.block_names(pretrained_skeleton(mdir)[0])
     mezo = MeZOConfig(lr=cfg["lr"], eps=cfg["eps"], weight_decay=cfg["weight_decay"], seed=cfg["seed"],
                       estimator=cfg["estimator"], n_perturbations=q)
     return ZOEngine.from_pretrained(mdir, dtype=_dtype(cfg["dtype"]), budget=BUDGET, device=cfg["device"],
                                     config=mezo, placement=dict.fromkeys(blocks, cfg["placement"]),
                                     disk_dir=os.path.join(run_dir, "disk"),
-                                    storage=_storage(cfg) or None, write_back_every=cfg["write_back_every"])
+                                    storage=_storage(cfg) or None, write_back_every=cfg["write_back_every"] or None)
 
 
 def _dtype(name: str):
@@ -210,14 +224,22 @@ def run_one(cfg: dict) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     loss_fn = loss_fn_for(cfg["objective"])
     engine = open_engine(cfg, mdir, q, run_dir)
+    run = {"storage": dict(engine.storage), "peak": None, "done": 0, "seconds": 0.0, "skipped": 0}
+    snapshot = os.path.join(cfg["progress_dir"], os.path.basename(run_dir) + ".json") if cfg["progress_dir"] else ""
+
+    def record(curve: list[dict]) -> dict:
+        return _accuracy_record(cfg, q, auto, sets, template, words, curve, run)
+
     try:
 
-        def evaluate() -> tuple[float, float]:
-            return accuracy(engine, sets["dev"]), accuracy(engine, sets["test"])
+        def evaluate(done: int) -> None:
+            dev, test = accuracy(engine, sets["dev"]), accuracy(engine, sets["test"])
+            curve.append({"step": done, "seconds": run["seconds"], "dev_acc": dev, "test_acc": test})
+            if snapshot:  # the record so far, for a caller whose time runs out before this run's end
+                _write_atomic(snapshot, record(curve))
 
-        dev0, test0 = evaluate()
-        curve = [{"step": 0, "seconds": 0.0, "dev_acc": dev0, "test_acc": test0}]
-        seconds, skipped, done = 0.0, 0, 0
+        curve: list[dict] = []
+        evaluate(0)
         deadline = cfg.get("_deadline_at")
         for step in range(cfg["steps"]):
             if deadline is not None and time.time() > deadline - EVAL_MARGIN_S:
@@ -227,41 +249,54 @@ def run_one(cfg: dict) -> dict:
             lr = lr_at(step, lr=cfg["lr"], steps=cfg["steps"], schedule=cfg["lr_schedule"])
             t0 = time.perf_counter()
             r = engine.step(batch, lr=lr, loss_fn=loss_fn)  # returns floats: the step has finished on the device
-            seconds += time.perf_counter() - t0
-            skipped += bool(r.skipped)
-            done = step + 1
+            run["seconds"] += time.perf_counter() - t0
+            run["skipped"] += bool(r.skipped)
+            run["done"] = done = step + 1
             if step == 0:
                 _check_entries(engine, q)
             if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
-                dev, test = evaluate()
-                curve.append({"step": done, "seconds": seconds, "dev_acc": dev, "test_acc": test})
-        if curve[-1]["step"] != done:  # stopped by the deadline between eval points
-            dev, test = evaluate()
-            curve.append({"step": done, "seconds": seconds, "dev_acc": dev, "test_acc": test})
-        storage = dict(engine.storage)
-        peak = _peak_gib(cfg["device"])
+                evaluate(done)
+        if curve[-1]["step"] != run["done"]:  # stopped by the deadline between eval points
+            evaluate(run["done"])
+        run["peak"] = _peak_gib(cfg["device"])
     finally:
         engine.close()
+    return record(curve)
+
+
+def _accuracy_record(cfg: dict, q: int, auto: dict | None, sets: dict, template: str, words: str, curve: list[dict],
+                     run: dict) -> dict:
+    """The run's record with ``curve`` so far (best dev, target and final taken from it)."""
+    done, seconds = run["done"], run["seconds"]
     best = max(curve, key=lambda p: (p["dev_acc"], -p["step"]))
     target = cfg["target_acc"] if cfg["target_acc"] >= 0 else None
     hit = next((p for p in curve if target is not None and p["test_acc"] >= target), None)
     return {
         "kind": "accuracy", "card": card(cfg["device"]), "model": _model_name(cfg), "task": _task_name(cfg),
         "method": cfg["method"] or f"{cfg['estimator']} q={cfg['q']}", "estimator": cfg["estimator"], "q": q,
-        "q_requested": str(cfg["q"]), "q_auto": auto, "placement": cfg["placement"], "storage": storage,
+        "q_requested": str(cfg["q"]), "q_auto": auto, "placement": cfg["placement"], "storage": run["storage"],
         "seed": cfg["seed"], "data_seed": cfg["data_seed"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
-        "eps": cfg["eps"],
+        "eps": cfg["eps"], "tf32": bool(cfg["tf32"]),
+        "write_back_every": None if cfg["placement"] == "device" else write_back_k(cfg, cfg["placement"]),
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
         "steps": done, "steps_planned": cfg["steps"], "completed": done == cfg["steps"], "seconds": seconds,
         "seconds_per_step": seconds / max(1, done),
-        "skipped_steps": skipped, "gpu_peak_torch_gib": peak, "zero_shot_acc": test0, "zero_shot_dev_acc": dev0,
+        "skipped_steps": run["skipped"], "gpu_peak_torch_gib": run["peak"], "zero_shot_acc": curve[0]["test_acc"],
+        "zero_shot_dev_acc": curve[0]["dev_acc"],
         "final_acc": curve[-1]["test_acc"], "final_dev_acc": curve[-1]["dev_acc"],
         "best_dev_acc": best["dev_acc"], "best_dev_step": best["step"], "test_at_best_dev": best["test_acc"],
         "target_acc": target, "steps_to_target": hit["step"] if hit else None,
         "seconds_to_target": hit["seconds"] if hit else None, "n_train": len(sets["train"]),
         "n_dev": len(sets["dev"]), "n_test": len(sets["test"]), "template": template, "label_words": words,
-        "curve": curve, "git_rev": git_rev(), "date": time.strftime("%Y-%m-%d"), "command": _command(cfg),
+        "curve": list(curve), "git_rev": git_rev(), "date": time.strftime("%Y-%m-%d"), "command": _command(cfg),
     }
+
+
+def _write_atomic(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
 
 
 def _check_entries(engine, q: int) -> None:
@@ -287,7 +322,7 @@ def _task_name(cfg: dict) -> str:
 
 def _command(cfg: dict) -> str:
     changed = [f"--{k}={v}" for k, v in cfg.items()
-               if k in DEFAULTS and k not in ("sweep", "workers", "out", "threads") and v != DEFAULTS[k]]
+               if k in DEFAULTS and k not in ("sweep", "workers", "out", "threads", "progress_dir") and v != DEFAULTS[k]]
     return " ".join(["python tools/bench_time_to_accuracy.py", *changed])
 
 
@@ -304,13 +339,13 @@ def time_disk(cfg: dict) -> list[dict]:
     records = []
     for item in cfg["methods"].split(","):
         estimator, _, q_text = item.partition(":")
-        one = dict(cfg, estimator=estimator, q=q_text or "1", placement="disk")
+        one = dict(cfg, estimator=estimator, q=q_text or "1", placement=cfg["time_placement"])
         q, auto = resolve_q(one, mdir)
         run_dir = _run_dir(one, q)
         os.makedirs(run_dir, exist_ok=True)
         engine = open_engine(one, mdir, q, run_dir)
         try:
-            direct = supports_direct_io(engine.disk_dir)
+            direct = supports_direct_io(engine.disk_dir) if one["placement"] == "disk" else None
             times = []
             for step in range(2 + cfg["time_steps"]):
                 batch = collate(train, batch_indices(len(train), cfg["batch_size"], step, seed=cfg["seed"]))
@@ -323,24 +358,28 @@ def time_disk(cfg: dict) -> list[dict]:
         finally:
             engine.close()
         timed = sorted(times[2:])
-        rec = {"kind": "time_disk", "card": card(cfg["device"]), "model": _model_name(cfg), "task": _task_name(cfg),
-               "method": f"{estimator} q={q_text or 1}", "estimator": estimator, "q": q, "q_requested": q_text or "1",
-               "q_auto": auto, "placement": "disk", "storage": storage, "o_direct": direct,
-               "write_back_every": cfg["write_back_every"], "batch_size": cfg["batch_size"],
+        rec = {"kind": f"time_{one['placement']}", "card": card(cfg["device"]), "model": _model_name(cfg),
+               "task": _task_name(cfg), "method": f"{estimator} q={q_text or 1}", "estimator": estimator, "q": q,
+               "q_requested": q_text or "1", "q_auto": auto, "placement": one["placement"], "storage": storage,
+               "o_direct": direct, "tf32": bool(cfg["tf32"]),
+               "write_back_every": None if one["placement"] == "device" else write_back_k(one, one["placement"]),
+               "batch_size": cfg["batch_size"],
                "max_length": cfg["max_length"], "steps": cfg["time_steps"],
                "seconds_per_step": sum(timed) / len(timed), "median_seconds_per_step": timed[len(timed) // 2],
                "step_seconds": times, "git_rev": git_rev(), "date": time.strftime("%Y-%m-%d"),
-               "command": _command(one | {"time_disk": 1})}
+               "command": _command(cfg | {"estimator": estimator, "q": q_text or "1"})}
         records.append(rec)
         print(json.dumps({k: rec[k] for k in ("method", "q", "seconds_per_step", "o_direct")}), flush=True)
     return records
 
 
 # ---- many runs on one GPU -----------------------------------------------------------------------------------
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, tf32: bool = False) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
 
 
 def _safe_run(cfg: dict) -> dict:
@@ -364,7 +403,8 @@ def sweep(cfg: dict) -> list[dict]:
         task_files(r)
     threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // cfg["workers"])
     records = []
-    with mp.get_context("spawn").Pool(cfg["workers"], initializer=_worker_init, initargs=(threads,)) as pool:
+    with mp.get_context("spawn").Pool(cfg["workers"], initializer=_worker_init,
+                                     initargs=(threads, cfg["tf32"])) as pool:
         for rec in pool.imap_unordered(_safe_run, runs):
             _append(cfg["out"], rec)
             records.append(rec)
@@ -389,12 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg["sweep"]:
         sweep(cfg)
     elif cfg["time_disk"]:
-        _worker_init(cfg["threads"] or os.cpu_count() or 1)
+        _worker_init(cfg["threads"] or os.cpu_count() or 1, cfg["tf32"])
         for rec in time_disk(cfg):
             _append(cfg["out"], rec)
     else:
-        if cfg["threads"]:
-            _worker_init(cfg["threads"])
+        _worker_init(cfg["threads"] or os.cpu_count() or 1, cfg["tf32"])
         rec = run_one(cfg)
         _append(cfg["out"], rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
