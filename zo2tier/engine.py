@@ -40,7 +40,7 @@ from zo2tier.visit.runner import BlockRunner, Copies, Schedule
 from zo2tier.zo import fused
 from zo2tier.zo.estimators import ESTIMATORS, Estimator, make_estimator
 from zo2tier.zo.rng import step_seed
-from zo2tier.zo.update import LogEntry, causal_lm_loss
+from zo2tier.zo.update import LogEntry, causal_lm_loss, inverse_entries
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -281,6 +281,22 @@ class ZOEngine:
                          start, est.loss_plus, est.loss_minus, self.n_skipped)
         self.log.extend(est.entries)
         return StepResult(start, est.loss_plus, est.loss_minus, est.projected_grad, est.skipped, self.n_skipped)
+
+    def revert_to(self, n_entries: int) -> int:
+        """Undo every update after the first ``n_entries`` of the log; returns how many entries that appended.
+
+        The log is the model, so an undo is more log: the inverse of each later entry, newest first
+        (:func:`zo2tier.zo.update.inverse_entries`). Every tier replays them like any step, so tiers still agree
+        bit for bit, and the weights come back to those after entry ``n_entries`` up to fp32 rounding. A
+        fine-tune keeps its best dev evaluation this way (``zo2tier finetune --keep best``). The next step's
+        seeds follow the longer log. Data parallel: a collective, every rank calls it with the same value.
+        """
+        self._check_open()
+        if isinstance(n_entries, bool) or not isinstance(n_entries, int) or not 0 <= n_entries <= len(self.log):
+            raise ValueError(f"n_entries={n_entries!r} must be an int in [0, {len(self.log)}] (the log's length)")
+        undo = inverse_entries(self.log[n_entries:], len(self.log))
+        self.log.extend(undo)
+        return len(undo)
 
     def _forward(self, copies: tuple[tuple[int, float], ...], ids: torch.Tensor, mask: torch.Tensor | None,
                  **model_kwargs: Any) -> torch.Tensor:

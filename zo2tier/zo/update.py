@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,24 @@ class LogEntry:
     def from_json(cls, row: list) -> LogEntry:
         step, seed, g, lr, wd = row
         return cls(int(step), int(seed), float(g), float(lr), float(wd))
+
+
+def inverse_entries(tail: list[LogEntry], start: int) -> list[LogEntry]:
+    """Entries that undo ``tail`` when appended to a log of length ``start``: each entry's inverse, newest first.
+
+    ``θ' = θ − lr·(g·z + wd·θ)`` is undone by ``θ = θ' + lr/(1 − lr·wd)·(g·z + wd·θ')``, i.e. the same seed
+    and g with ``lr' = −lr/(1 − lr·wd)`` and the same wd. With wd = 0 (the default) that is ``−lr`` for every
+    weight. With wd ≠ 0 it is exact for the decayed weights; the others (biases, norms: no decay) move back
+    by ``lr·g·z/(1 − lr·wd)`` instead of ``lr·g·z``, a relative error of ``lr·wd`` (1e-7 at lr 1e-6, wd 0.1).
+    In fp32 the result is θ up to rounding (``(θ − u) + u`` can differ from θ by an ulp), not bit for bit.
+    Raises ``ValueError`` for an entry whose g or lr is not finite: a slot a checkpoint resume folded into
+    the stored weights (``zo2tier.checkpoint.folded``), which cannot be undone.
+    """
+    if any(not (math.isfinite(e.projected_grad) and math.isfinite(e.lr)) for e in tail):
+        raise ValueError("the entries to undo include steps a resumed checkpoint folded into the stored weights; "
+                         "they can only be undone in the run that made them")
+    return [LogEntry(start + i, e.step_seed, e.projected_grad, -e.lr / (1.0 - e.lr * e.weight_decay), e.weight_decay)
+            for i, e in enumerate(reversed(tail))]
 
 
 # Rows of logits cast to fp32 at a time by the loss: the fp32 copy and its log-softmax cost
