@@ -114,7 +114,9 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--model", required=True, help=MODEL_HELP)
     ft.add_argument("--train", required=True, help="training data: .csv (with a header) or .jsonl")
     ft.add_argument("--test", required=True, help="held-out data for the zero-shot and final accuracy")
-    ft.add_argument("--dev", default=None, help="data for the --eval-every curve (default: --test)")
+    ft.add_argument("--dev", default=None,
+                    help="held-out data that picks the kept weights (--keep best) and draws the --eval-every curve "
+                         "(without it the curve is on --test and the last step's weights are kept)")
     ft.add_argument("--text-column", default="text", help="column holding the text")
     ft.add_argument("--label-column", default="label", help="column holding the label")
     ft.add_argument("--encoding", default="utf-8", help="text encoding of the data files, e.g. latin-1")
@@ -139,6 +141,10 @@ def _add_finetune(sub) -> None:
                     help="learning-rate schedule over --steps")
     ft.add_argument("--seed", type=int, default=0, help="seed of z and of the batch order")
     ft.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before/after)")
+    ft.add_argument("--keep", choices=("best", "last"), default="best",
+                    help="with --dev: best keeps the weights of the best dev evaluation (before training, every "
+                         "--eval-every steps, after the last step), undoing the steps after it; last keeps the "
+                         "last step's")
     ft.add_argument("--eval-max", type=int, default=0, help="examples per --eval-every evaluation (0: all)")
     ft.add_argument("--eval-test", action="store_true",
                     help="with --dev: also log test accuracy at every eval point (for the curves only)")
@@ -181,7 +187,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule, seed=args.seed, eval_every=args.eval_every, eval_max=args.eval_max,
         eval_test=args.eval_test, max_length=args.max_length, device=args.device, dtype=args.dtype, budget=args.budget,
         disk_dir=args.disk_dir, storage=args.storage, write_back_every=args.write_back_every, compress=args.compress,
-        resume=args.resume, overwrite=args.overwrite, in_place=args.in_place, export=args.export,
+        resume=args.resume, overwrite=args.overwrite, in_place=args.in_place, export=args.export, keep=args.keep,
         progress=not args.no_progress,
     )
     print(main_result_line(result), flush=True)

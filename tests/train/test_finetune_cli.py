@@ -128,3 +128,45 @@ def test_bad_compress_is_a_clear_error(tmp_path):
     model, train, test = _task(tmp_path)
     with pytest.raises(ValueError, match="compress='lz4'"):
         finetune(model=model, train=train, test=test, out=str(tmp_path / "o"), compress="lz4")
+
+
+def test_resume_with_several_perturbations_resumes_at_the_step(tmp_path):
+    """A step logs q entries; the checkpoint keeps the job's step, so a resume runs the steps left, not fewer."""
+    model, train, test = _task(tmp_path)
+    kw = {"model": model, "train": train, "test": test, "batch_size": 8, "lr": 1e-3, "eval_every": 2,
+          "objective": "classification", "budget": "device=1GiB,host=1GiB,disk=1GiB", "progress": False,
+          "estimator": "fzoo", "perturbations": 2}
+    full = finetune(out=str(tmp_path / "full"), steps=4, **kw)
+    finetune(out=str(tmp_path / "cut"), steps=2, **kw)
+    resumed = finetune(out=str(tmp_path / "cut"), steps=4, resume=True, **kw)
+    assert resumed.finetuned_acc == full.finetuned_acc
+    a, b = load_file(tmp_path / "full/model/model.safetensors"), load_file(tmp_path / "cut/model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "cut/log.jsonl").read_text().splitlines())
+             if r["event"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_keep_best_undoes_the_steps_after_the_best_dev_evaluation(tmp_path):
+    """With --dev, the weights of the best dev evaluation are tested and exported: those of a run stopped
+    there (up to fp32 rounding); --keep last keeps the last step's."""
+    model, train, test = _task(tmp_path)
+    dev = write_csv(str(tmp_path / "dev.csv"), tiny_rows(16, seed=2))
+    kw = {"model": model, "train": train, "test": test, "dev": dev, "batch_size": 8, "lr": 0.1, "eval_every": 2,
+          "objective": "classification", "budget": "device=1GiB,host=1GiB,disk=1GiB", "progress": False}
+    best = finetune(out=str(tmp_path / "best"), steps=8, **kw)
+    last = finetune(out=str(tmp_path / "last"), steps=8, keep="last", **kw)
+    log = [json.loads(line) for line in (tmp_path / "best/log.jsonl").read_text().splitlines()]
+    devs = [(r["step"], r["acc"]) for r in log if r["event"] == "eval" and r["split"] == "dev"]
+    assert [s for s, _ in devs] == [0, 2, 4, 6, 8]
+    want = max(devs, key=lambda p: (p[1], -p[0]))[0]
+    assert best.kept_step == want == 6 and last.kept_step is None  # at this lr dev is worse after step 6
+    (event,) = [r for r in log if r["event"] == "keep_best"]
+    assert event["step"] == 6 and event["dev_acc"] > event["final_dev_acc"] and event["entries_undone"] == 2
+    stopped = finetune(out=str(tmp_path / "stopped"), steps=6, keep="last", **kw)
+    a, b = (load_file(tmp_path / f"{run}/model/model.safetensors") for run in ("best", "stopped"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    c = load_file(tmp_path / "last/model/model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert best.finetuned_acc == stopped.finetuned_acc != last.finetuned_acc

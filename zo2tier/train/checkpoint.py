@@ -49,9 +49,10 @@ def refuse_old(out: str) -> None:
                              "resume; start over with a fresh --out (or --overwrite)")
 
 
-def save(out: str, cfg: Any, engine: Any, zero_shot_acc: float) -> str:
-    """Write the engine checkpoint ``OUT/checkpoint`` with the job's state; returns its path."""
-    extra = {"format": JOB_FORMAT, "step": len(engine.log), "zero_shot_acc": zero_shot_acc,
+def save(out: str, cfg: Any, engine: Any, zero_shot_acc: float, step: int) -> str:
+    """Write the engine checkpoint ``OUT/checkpoint`` with the job's state after ``step`` steps (not the log's
+    length: a step logs q entries, and a kept best adds undo entries); returns its path."""
+    extra = {"format": JOB_FORMAT, "step": step, "zero_shot_acc": zero_shot_acc,
              "config": {k: getattr(cfg, k) for k in _MUST_MATCH}}
     return engine.save_checkpoint(checkpoint_dir(out), extra_state=extra)
 

@@ -48,6 +48,7 @@ from zo2tier.train.progress import Meter, plot_curves
 
 SCHEDULES = ("constant", "linear", "cosine")
 EXPORTS = ("hf", "none")
+KEEPS = ("best", "last")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -92,6 +93,7 @@ class FineTuneConfig:
     overwrite: bool = False
     in_place: bool = False
     export: str = "hf"
+    keep: str = "best"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -110,6 +112,8 @@ class FineTuneConfig:
             raise ValueError(f"objective={self.objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep={self.keep!r} is unknown; use one of {', '.join(KEEPS)}")
         if self.export not in EXPORTS:
             raise ValueError(f"export={self.export!r} is unknown; use one of {', '.join(EXPORTS)}")
         if self.compress not in (None, "none", "zstd"):
@@ -140,6 +144,7 @@ class FineTuneResult:
     placement: dict[str, int]
     storage: dict[str, str]
     out: str
+    kept_step: int | None = None  # the step whose weights were kept (keep="best" with a dev split)
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,6 +163,13 @@ def finetune(**kwargs: Any) -> FineTuneResult:
     ``"zstd"`` frames on the disk tier), evaluation
     (``eval_every``, ``eval_max``; ``eval_test``: also log test accuracy at every eval point, for curves only)
     and output (``out``, ``export``, ``resume``; ``overwrite`` replaces an earlier run in ``out``).
+
+    ``keep="best"`` (the default) with a ``dev`` file: dev is evaluated before training, every ``eval_every``
+    steps and after the last step, and the weights of the best of these (the earliest on a tie, zero-shot
+    included) are the ones tested and exported, so a fine-tune never ends below its zero-shot dev accuracy.
+    The updates after that step are undone by appending their inverses to the log (``ZOEngine.revert_to``),
+    so nothing is reloaded. A later ``resume`` with more steps goes on from the kept weights. Without ``dev``,
+    or with ``keep="last"``, the last step's weights are kept (test accuracy never selects anything).
     """
     return run(FineTuneConfig(**kwargs))
 
@@ -179,6 +191,8 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
                 say(f"zero-shot: evaluating {len(test)} test examples ...")
                 zero_shot = accuracy(engine, test, batch_size=cfg.eval_batch_size, progress=cfg.progress)
                 _write(log, {"event": "eval", "step": 0, "split": "test", "acc": zero_shot, "n": len(test)})
+                if dev is not None and cfg.keep == "best":
+                    _eval_dev(engine, cfg, dev, log, 0)
             else:
                 zero_shot = resumed.zero_shot_acc
                 say(f"resumed at step {resumed.step} from {ckpt.checkpoint_dir(cfg.out)}")
@@ -187,15 +201,21 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
             _train(engine, cfg, train, dev or test, log, zero_shot, start=resumed.step if resumed else 0,
                    testset=test)
             train_s = time.perf_counter() - t_train
+            kept = None
+            if dev is not None and cfg.keep == "best":
+                kept = _keep_best(engine, cfg, dev, log, say)
+                if kept != cfg.steps:  # the checkpoint holds the kept weights: a resume goes on from them
+                    ckpt.save(cfg.out, cfg, engine, zero_shot, cfg.steps)
             say(f"fine-tuned: evaluating {len(test)} test examples ...")
             final = accuracy(engine, test, batch_size=cfg.eval_batch_size, progress=cfg.progress)
             _write(log, {"event": "eval", "step": cfg.steps, "split": "test", "acc": final, "n": len(test)})
-            say(f"fine-tuned test accuracy after {cfg.steps} steps: {final:.4f}")
+            at = f"the weights of step {kept}" if kept is not None and kept != cfg.steps else f"{cfg.steps} steps"
+            say(f"fine-tuned test accuracy ({at}): {final:.4f}")
             if cfg.export == "hf":
                 export_with_tokenizer(engine, os.path.join(cfg.out, "model"), ref)
             counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
             result = FineTuneResult(zero_shot, final, cfg.steps, time.perf_counter() - t_start, train_s,
-                                    len(test), counts, dict(engine.storage), os.path.abspath(cfg.out))
+                                    len(test), counts, dict(engine.storage), os.path.abspath(cfg.out), kept)
             _write(log, {"event": "final", **result.summary()})
     finally:
         engine.close()
@@ -327,21 +347,47 @@ def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: En
             lr = lr_at(step, lr=cfg.lr, steps=cfg.steps, schedule=cfg.lr_schedule)
             t0 = time.perf_counter()
             r = engine.step(batch, lr=lr, loss_fn=loss_fn)
-            rec = meter.update(r, lr, int(batch["attention_mask"].sum()), time.perf_counter() - t0)
+            rec = meter.update(step + 1, r, lr, int(batch["attention_mask"].sum()), time.perf_counter() - t0)
             _write(log, rec)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 acc = accuracy(engine, evalset, batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max,
                                progress=cfg.progress)
                 _write(log, {"event": "eval", "step": step + 1, "split": split, "acc": acc,
-                             "n": min(len(evalset), cfg.eval_max or len(evalset))})
+                             "n": min(len(evalset), cfg.eval_max or len(evalset)), "log_entries": len(engine.log)})
                 meter.note(f"{split} acc {acc:.3f}")
                 if cfg.eval_test and cfg.dev:  # the held-out curve, logged for plots; nothing selects on it
                     acc = accuracy(engine, testset, batch_size=cfg.eval_batch_size)
                     _write(log, {"event": "eval", "step": step + 1, "split": "test", "acc": acc, "n": len(testset)})
-                ckpt.save(cfg.out, cfg, engine, zero_shot)
+                ckpt.save(cfg.out, cfg, engine, zero_shot, step + 1)
     finally:
         meter.close()
-    ckpt.save(cfg.out, cfg, engine, zero_shot)
+    ckpt.save(cfg.out, cfg, engine, zero_shot, cfg.steps)
+
+
+def _eval_dev(engine: ZOEngine, cfg: FineTuneConfig, dev: EncodedSet, log, step: int) -> float:
+    """Dev accuracy at ``step`` (all of dev: it selects the kept weights), logged with the log's length."""
+    acc = accuracy(engine, dev, batch_size=cfg.eval_batch_size, progress=cfg.progress)
+    _write(log, {"event": "eval", "step": step, "split": "dev", "acc": acc, "n": len(dev),
+                 "log_entries": len(engine.log)})
+    return acc
+
+
+def _keep_best(engine: ZOEngine, cfg: FineTuneConfig, dev: EncodedSet, log, say: Callable[[str], None]) -> int:
+    """``keep="best"``: dev after the last step, then undo the updates after the best dev evaluation of the
+    run (``log.jsonl``: those before a resume too). Returns the step whose weights are kept."""
+    final = _eval_dev(engine, cfg, dev, log, cfg.steps)
+    with open(os.path.join(cfg.out, "log.jsonl")) as f:  # this run's evaluations, the resumed ones too
+        evals = [r for r in map(json.loads, f) if r.get("event") == "eval" and r.get("split") == "dev"
+                 and "log_entries" in r and (cfg.eval_max == 0 or r["n"] == len(dev))]
+    best = max(evals, key=lambda r: (r["acc"], -r["step"]))
+    if best["step"] == cfg.steps or best["acc"] <= final:
+        return cfg.steps
+    undone = engine.revert_to(best["log_entries"])
+    _write(log, {"event": "keep_best", "step": best["step"], "dev_acc": best["acc"], "final_dev_acc": final,
+                 "entries_undone": undone})
+    say(f"keeping the weights of step {best['step']} (dev accuracy {best['acc']:.4f}, {final:.4f} after step "
+        f"{cfg.steps}): the {cfg.steps - best['step']} steps after it are undone")
+    return best["step"]
 
 
 def _write(log, record: dict[str, Any]) -> None:

@@ -24,12 +24,14 @@ class Meter:
         self._bar = tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
                          dynamic_ncols=True, desc="mezo")
 
-    def update(self, result: Any, lr: float, n_tokens: int, step_s: float) -> dict[str, Any]:
+    def update(self, step: int, result: Any, lr: float, n_tokens: int, step_s: float) -> dict[str, Any]:
+        """The ``train`` record of the job's step ``step`` (1-based; ``result.step`` is the log's index, which
+        a step of q perturbations advances by q)."""
         tiers = self._engine.tiers
         read, written = tiers.bytes_read - self._read, tiers.bytes_written - self._written
         self._read, self._written = tiers.bytes_read, tiers.bytes_written
         loss = 0.5 * (result.loss_plus + result.loss_minus)
-        rec = {"event": "train", "step": result.step + 1, "loss": loss, "loss_plus": result.loss_plus,
+        rec = {"event": "train", "step": step, "loss": loss, "loss_plus": result.loss_plus,
                "loss_minus": result.loss_minus, "projected_grad": result.projected_grad, "lr": lr,
                "skipped": result.skipped, "tokens": n_tokens, "step_s": step_s, "tok_s": n_tokens / step_s,
                "host_GBps": self._host_bytes / step_s / 1e9, "disk_read_GBps": read / step_s / 1e9,
