@@ -48,7 +48,7 @@ def test_deferred_write_back_replays_pending_updates():
     inp = _inp()
     plan = plan_placement(inp, TierBudget(10**11, 10**11, 0), {f"b{i}": "host" for i in range(4)})
     cal = Calibration(h2d_gbps=1e6, d2h_gbps=1e6, bus_both_gbps=1e6, forward_tflops=1e9, fused_pass_gbps=1e9,
-                      rng_gnps=1.0)
+                      rng_gnps=1.0, copy_block_s=0.0)
     for k in (1, 8):
         pred = predict_step(inp, plan, cal, tokens=1, write_back_every=k)
         assert pred.compute_s == pytest.approx(4 * (1 + (k + 1) / 2), rel=1e-3)
@@ -58,7 +58,7 @@ def test_int8_write_backs_cost_encode_compute():
     """Every int8 block written back is re-encoded on the GPU: 1/K of the offloaded int8 blocks per step, all
     device-tier int8 (and the int8 resident set) every step; float storage adds nothing."""
     cal = Calibration(h2d_gbps=1e6, d2h_gbps=1e6, bus_both_gbps=1e6, forward_tflops=1e9, fused_pass_gbps=1e9,
-                      int8_encode_gnps=2.0, rng_gnps=1e9)
+                      int8_encode_gnps=2.0, rng_gnps=1e9, copy_block_s=0.0)
     base = {"tokens": 1, "write_back_every": 4}
     fp16 = _inp()
     host = {f"b{i}": "host" for i in range(4)}
@@ -69,6 +69,19 @@ def test_int8_write_backs_cost_encode_compute():
     dev = PlanInput(int8.blocks, int8.resident_numel, 2, {"device": "int8", "host": "int8", "disk": "int8"})
     on_device = predict_step(dev, plan_placement(dev, TierBudget(10**11, 0, 0)), cal, **base)
     assert on_device.compute_s == pytest.approx((4e9 + dev.resident_numel) / 2e9, rel=1e-3)
+
+
+def test_a_copy_spends_at_least_the_floor_in_each_block():
+    """Small blocks cost ``copy_block_s`` per copy (the CPU side of their forward); large ones their flops."""
+    cal = Calibration(forward_tflops=1000.0, fused_pass_gbps=1e12, rng_gnps=1e12, copy_block_s=1e-3)
+    small = PlanInput(tuple(BlockSize(f"b{i}", 10**6) for i in range(4)), resident_numel=10**6, compute_bytes=4,
+                      storage={t: "fp32" for t in ("device", "host", "disk")})
+    on_device = plan_placement(small, TierBudget(10**11, 0, 0))
+    pred = predict_step(small, on_device, cal, tokens=1000, estimator="fzoo", n_perturbations=4)
+    assert pred.compute_s == pytest.approx(5 * 5 * 1e-3, rel=1e-3)  # 5 copies x (4 blocks + the resident set)
+    big = _inp()  # 4 blocks of 1e9 weights: 2 * 1e9 * 1000 / 1000e12 = 2 ms per copy each, above the floor
+    pred = predict_step(big, plan_placement(big, TierBudget(10**11, 0, 0)), cal, tokens=1000)
+    assert pred.compute_s == pytest.approx(2 * 4 * 2e-3, rel=1e-3)
 
 
 def test_bad_calibration_file_is_refused(tmp_path):
@@ -164,7 +177,7 @@ def _host_plan(inp):
 # bus 16 GB / 80 GB/s = 0.2 s per step; a forward of one copy 2 * 4e9 * 1000 / 2000e12 = 4 ms; one z or one
 # replayed entry over the 4e9 weights 10 ms; the fused pass's bytes negligible
 AUTO_CAL = Calibration(h2d_gbps=50, d2h_gbps=50, bus_both_gbps=80, forward_tflops=2000.0, fused_pass_gbps=1e9,
-                       rng_gnps=400.0)
+                       rng_gnps=400.0, copy_block_s=0.0)
 
 
 def test_q_multiplies_copies_z_draws_and_replays_not_bytes():

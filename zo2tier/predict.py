@@ -42,6 +42,12 @@ class Calibration:
     d2h_gbps: float = 52.9
     bus_both_gbps: float = 96.0  # both directions at once, in total
     forward_tflops: float = 650.0  # effective fp16 TFLOP/s of a decoder-layer forward at long sequences
+    # the least time one copy of the batch spends in one block, however small: the CPU side of its forward
+    # (launching its kernels, the proxy's views). Fitted on the H200 (benchmarks/time_to_accuracy.jsonl,
+    # time_device, git 2c27a5a): SmolLM2-135M fp32, every block on the GPU, 0.088 s a step at 2 copies and
+    # 0.802 s at 17: 47.6 ms per copy over 31 blocks. Large blocks are bound by forward_tflops instead
+    # (an OPT-13B layer at 2,048 tokens: 2.0 ms).
+    copy_block_s: float = 1.5e-3
     fused_pass_gbps: float = 2500.0  # device-memory rate of the fused perturbation kernel
     # elements per second (1e9) of one Philox z pass inside the fused kernel (the step's z, or one replayed
     # update), and that an int8 write-back re-encodes (the Triton encoder, zo.fused.encode_int8). rng_gnps:
@@ -128,10 +134,11 @@ def predict_step(
         if tier == "disk":
             read += stored
             write += stored / write_back_every
-    n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
-    flops = copies * 2 * n_params * tokens  # a forward per copy of the batch, 2 flops per weight per token
+    # a forward per copy of the batch: 2 flops per weight per token in each block, or the block's floor
+    sizes = [b.numel for b in inp.blocks] + ([inp.resident_numel] if inp.resident_numel else [])
+    forward = copies * sum(max(2 * n * tokens / (cal.forward_tflops * 1e12), cal.copy_block_s) for n in sizes)
     fused = sum(b.numel for b in inp.blocks) * (1 + perturbed) * inp.compute_bytes  # read θ, write each θ+εz
-    compute = (flops / (cal.forward_tflops * 1e12) + fused / (cal.fused_pass_gbps * 1e9)
+    compute = (forward + fused / (cal.fused_pass_gbps * 1e9)
                + rng / (cal.rng_gnps * 1e9) + encoded / (cal.int8_encode_gnps * 1e9))
     bus = max(up / (cal.h2d_gbps * 1e9), down / (cal.d2h_gbps * 1e9), (up + down) / (cal.bus_both_gbps * 1e9))
     ratio = getattr(cal, f"zstd_ratio_{inp.storage['disk']}") if compress else 1.0
