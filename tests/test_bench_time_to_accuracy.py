@@ -87,3 +87,21 @@ def test_summary_targets_and_bars_by_hand(tmp_path):
     assert summ.main([f"--records={path}", f"--png={tmp_path / 'c.png'}", f"--summary={tmp_path / 's.json'}"]) == 0
     assert os.path.getsize(tmp_path / "c.png") > 0
     assert json.loads((tmp_path / "s.json").read_text())["tasks"]["tweets"]["target_acc"] == pytest.approx(0.79)
+
+
+def test_summary_takes_mezo_from_named_longer_runs_in_another_file(tmp_path):
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    short.write_text("\n".join(json.dumps(r) for r in (
+        _rec("tweets", "mezo", 1, 1e-5, 0, [(0, 0.70), (100, 0.72)]),
+        _rec("tweets", "fzoo", 8, 3e-4, 0, [(0, 0.70), (100, 0.80)]),
+        {"kind": "time_disk", "estimator": "mezo", "q": 1, "seconds_per_step": 1.0, "median_seconds_per_step": 1.0},
+        {"kind": "time_disk", "estimator": "fzoo", "q": 8, "seconds_per_step": 2.0, "median_seconds_per_step": 2.0},
+    )) + "\n")
+    longer = _rec("tweets", "mezo", 1, 1e-5, 0, [(0, 0.70), (500, 0.76), (1000, 0.78)])
+    long.write_text(json.dumps(longer | {"method": "mezo q=1 (1000 steps)"}) + "\n")
+    runs, disk = summ.load(f"{short},{long}")
+    s = summ.summarize_task(runs, disk, mezo_method="mezo q=1 (1000 steps)")
+    assert s["target_acc"] == pytest.approx(0.78) and s["mezo_budget_s"] == 1000.0
+    assert s["bars"]["best"] == "fzoo q=8 lr=0.0003" and s["bars"]["speedup_vs_mezo"] == pytest.approx(1000 / 200)
+    assert not s["bars"]["acc_covers_mezo_budget"]  # fzoo ran 100 steps x 2 s, not MeZO's 1000 s
+    assert summ.summarize_task(runs, disk)["target_acc"] == pytest.approx(0.75)  # default: every MeZO run

@@ -33,28 +33,32 @@ from _options import parse_overrides
 
 DEFAULTS = {"records": "benchmarks/time_to_accuracy.jsonl", "png": "", "summary": "", "mezo_lr": -1.0,
             "targets": "",  # e.g. "tweets=0.790": a task's target from longer MeZO-SGD runs elsewhere
-            "clock": "median"}  # the time_disk statistic: median (robust to a stalled step) or mean
+            "clock": "median",  # the time_disk statistic: median (robust to a stalled step) or mean
+            "mezo_method": ""}  # the MeZO-SGD runs by method label, e.g. "mezo q=1 (5000 steps)" (default: all)
 SPEEDUP_BAR = 3.0
 ACC_BAR = 0.02
 GAIN_BAR = 0.08
 
 
 def load(path: str, clock: str = "median") -> tuple[list[dict], dict[tuple[str, int], float]]:
-    """(accuracy records, disk seconds per step by (estimator, q)); the last time_disk record of a pair wins.
-    ``clock``: its ``median`` or ``mean`` seconds per step."""
+    """(accuracy records, disk seconds per step by (estimator, q)) of ``path`` (several: comma-separated); the
+    last time_disk record of a pair wins. ``clock``: its ``median`` or ``mean`` seconds per step."""
     if clock not in ("median", "mean"):
         raise ValueError(f"clock={clock!r}: use median or mean")
     runs, disk = [], {}
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if rec.get("kind") == "time_disk":
-                disk[(rec["estimator"], int(rec["q"]))] = rec[
-                    "median_seconds_per_step" if clock == "median" else "seconds_per_step"]
-            elif rec.get("kind", "accuracy") == "accuracy":
-                runs.append(rec)
+    lines = []
+    for one in path.split(","):
+        with open(one) as f:
+            lines += f.readlines()
+    for line in lines:
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("kind") == "time_disk":
+            disk[(rec["estimator"], int(rec["q"]))] = rec[
+                "median_seconds_per_step" if clock == "median" else "seconds_per_step"]
+        elif rec.get("kind", "accuracy") == "accuracy":
+            runs.append(rec)
     return runs, disk
 
 
@@ -71,15 +75,18 @@ def _is_mezo(rec: dict) -> bool:
     return rec["estimator"] == "mezo" and int(rec["q"]) == 1
 
 
-def summarize_task(runs: list[dict], disk: dict, *, mezo_lr: float = -1.0, target: float | None = None) -> dict:
-    """The summary of one task's runs (see the module docstring)."""
+def summarize_task(runs: list[dict], disk: dict, *, mezo_lr: float = -1.0, target: float | None = None,
+                   mezo_method: str = "") -> dict:
+    """The summary of one task's runs (see the module docstring). ``mezo_method``: the MeZO-SGD runs are
+    those of this method label, if the task has any (e.g. longer runs recorded elsewhere)."""
     mezo_by_lr = defaultdict(list)
-    for r in runs:
+    chosen = [r for r in runs if _is_mezo(r) and r["method"] == mezo_method]
+    for r in chosen or runs:
         if _is_mezo(r):
             mezo_by_lr[r["lr"]].append(r)
     if not mezo_by_lr:
         raise ValueError(f"task {runs[0]['task']!r} has no MeZO-SGD run (estimator mezo, q 1): no target")
-    lr = mezo_lr if mezo_lr >= 0 else max(mezo_by_lr, key=lambda x: _mean(r["final_dev_acc"] for r in mezo_by_lr[x]))
+    lr = mezo_lr if mezo_lr >= 0 else max(mezo_by_lr, key=lambda x: _mean(r["final_dev_acc"] for r in mezo_by_lr[x]) or 0)
     mezo = mezo_by_lr[lr]
     target = _mean(r["final_acc"] for r in mezo) if target is None else target
     mezo_sps, _ = _seconds_per_step(mezo[0], disk)
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         by_task[r["task"]].append(r)
     targets = {k: float(v) for k, _, v in (p.partition("=") for p in cfg["targets"].split(",") if p)}
-    summary = {t: summarize_task(rs, disk, mezo_lr=cfg["mezo_lr"], target=targets.get(t))
+    summary = {t: summarize_task(rs, disk, mezo_lr=cfg["mezo_lr"], target=targets.get(t),
+                                 mezo_method=cfg["mezo_method"])
                for t, rs in sorted(by_task.items())}
     summary_out = {"clock": cfg["clock"], "disk_seconds_per_step": {f"{e} q={q}": s for (e, q), s in sorted(disk.items())}, "tasks": summary}
     text = json.dumps(summary_out, indent=1)
