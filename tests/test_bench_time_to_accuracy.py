@@ -43,6 +43,7 @@ def test_sweep_and_disk_timing_write_records(tmp_path):
         assert r["final_acc"] == r["curve"][-1]["test_acc"] and r["zero_shot_acc"] == r["curve"][0]["test_acc"]
     # each run's snapshot, rewritten at every evaluation, ends as its record
     snapshots = [json.loads((tmp_path / "progress" / f).read_text()) for f in os.listdir(tmp_path / "progress")]
+    assert all(len(s.pop("log")) == 3 * s["q"] for s in snapshots)  # the update log rides along
     assert sorted(json.dumps(s, sort_keys=True) for s in snapshots) == sorted(
         json.dumps(r, sort_keys=True) for r in runs)
     timed = [r for r in records if r["kind"] == "time_disk"]
@@ -105,3 +106,25 @@ def test_summary_takes_mezo_from_named_longer_runs_in_another_file(tmp_path):
     assert s["bars"]["best"] == "fzoo q=8 lr=0.0003" and s["bars"]["speedup_vs_mezo"] == pytest.approx(1000 / 200)
     assert not s["bars"]["acc_covers_mezo_budget"]  # fzoo ran 100 steps x 2 s, not MeZO's 1000 s
     assert summ.summarize_task(runs, disk)["target_acc"] == pytest.approx(0.75)  # default: every MeZO run
+
+
+def test_a_run_cut_by_its_call_goes_on_from_its_snapshot(tmp_path):
+    """Two calls of 2 + 2 steps (the second with --resume_dir) give the curve of one call of 4 steps."""
+    model = save_tiny_model(str(tmp_path / "model"))
+    for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
+        write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
+    common = [f"--model={model}", f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16",
+              f"--work={tmp_path / 'work'}", "--estimator=fzoo", "--q=2", "--lr=1e-2", "--steps=4",
+              "--eval_every=2", "--lr_schedule=linear"]
+    assert bench.main([*common, f"--out={tmp_path / 'one.jsonl'}"]) == 0
+    # the first call stops after step 2 (its snapshot is what a cut call leaves); the second goes on
+    assert bench.main([*common, f"--out={tmp_path / 'cut.jsonl'}", f"--progress_dir={tmp_path / 'p1'}",
+                       "--stop_after=2"]) == 0
+    assert bench.main([*common, f"--out={tmp_path / 'two.jsonl'}", f"--resume_dir={tmp_path / 'p1'}"]) == 0
+    (one,) = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    (two,) = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["dev_acc"], p["test_acc"]) for p in one["curve"]] == \
+        [(p["step"], p["dev_acc"], p["test_acc"]) for p in two["curve"]]
+    assert (two["steps"], two["segments"], one["segments"]) == (4, 2, 1)
+    with pytest.raises(ValueError, match="same settings"):
+        bench.main([*common, "--max_length=12", f"--out={tmp_path / 'bad.jsonl'}", f"--resume_dir={tmp_path / 'p1'}"])

@@ -5,6 +5,9 @@
         --steps=2000 --eval_every=250 --device=cuda --out=benchmarks/time_to_accuracy.jsonl
     # many runs side by side on one GPU: one JSON object of overrides per line of --sweep
     python tools/bench_time_to_accuracy.py --sweep=runs/sweep.jsonl --workers=12 --device=cuda --out=...
+    # runs longer than one call: each call leaves every run's record and update log in --progress_dir, and the
+    # next goes on from there (the base weights plus the log: ZOEngine.extend_log), bit for bit
+    python tools/bench_time_to_accuracy.py --sweep=... --deadline_s=540 --progress_dir=p2 --resume_dir=p1 ...
     # seconds per step with every layer on disk (O_DIRECT), for each estimator:q of --methods, one at a time
     python tools/bench_time_to_accuracy.py --time_disk=1 --methods=mezo:1,fzoo:8,fzoo:auto --device=cuda --out=...
     # CPU smoke test with a tiny model
@@ -76,7 +79,9 @@ DEFAULTS = {
     "threads": 0,  # torch CPU threads per process (0: cores / workers)
     "tf32": 0,  # 1: fp32 matmuls on TF32 tensor cores (CUDA; the same kernels on every placement, so tiers stay exact)
     "time_placement": "disk",  # --time_disk: where every layer sits while timed (disk, host, or device)
-    "progress_dir": "",  # a folder: each run rewrites its record so far there at every evaluation
+    "progress_dir": "",  # a folder: each run rewrites its record so far, with its update log, at every evaluation
+    "resume_dir": "",  # a --progress_dir of an earlier call: each run found there goes on from its last evaluation
+    "stop_after": 0,  # > 0: stop this call after that step (--steps and its lr schedule stay the run's)
     "deadline_s": 0.0,  # > 0: every run stops training this many seconds after the start (a sweep's start), evaluates
     # and writes its record with completed=false, so a call with a hard time limit loses no run
 }
@@ -224,8 +229,9 @@ def run_one(cfg: dict) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     loss_fn = loss_fn_for(cfg["objective"])
     engine = open_engine(cfg, mdir, q, run_dir)
-    run = {"storage": dict(engine.storage), "peak": None, "done": 0, "seconds": 0.0, "skipped": 0}
-    snapshot = os.path.join(cfg["progress_dir"], os.path.basename(run_dir) + ".json") if cfg["progress_dir"] else ""
+    run = {"storage": dict(engine.storage), "peak": None, "done": 0, "seconds": 0.0, "skipped": 0, "segments": 1}
+    key = _run_key(cfg) + ".json"
+    snapshot = os.path.join(cfg["progress_dir"], key) if cfg["progress_dir"] else ""
 
     def record(curve: list[dict]) -> dict:
         return _accuracy_record(cfg, q, auto, sets, template, words, curve, run)
@@ -235,14 +241,25 @@ def run_one(cfg: dict) -> dict:
         def evaluate(done: int) -> None:
             dev, test = accuracy(engine, sets["dev"]), accuracy(engine, sets["test"])
             curve.append({"step": done, "seconds": run["seconds"], "dev_acc": dev, "test_acc": test})
-            if snapshot:  # the record so far, for a caller whose time runs out before this run's end
-                _write_atomic(snapshot, record(curve))
+            if snapshot:  # the record so far and the log, for a caller whose time runs out before this run's end
+                _write_atomic(snapshot, record(curve) | {"log": [e.to_json() for e in engine.log]})
 
         curve: list[dict] = []
-        evaluate(0)
+        earlier = _earlier(cfg, key, q)
+        if earlier is None:
+            evaluate(0)
+        else:  # the earlier call's weights: the base plus its log (zo2tier.ZOEngine.extend_log)
+            from zo2tier.zo.update import LogEntry
+
+            engine.extend_log([LogEntry.from_json(row) for row in earlier["log"]])
+            curve += earlier["curve"]
+            run.update(done=earlier["steps"], seconds=earlier["seconds"], skipped=earlier["skipped_steps"],
+                       segments=earlier.get("segments", 1) + 1)
         deadline = cfg.get("_deadline_at")
-        for step in range(cfg["steps"]):
+        for step in range(run["done"], cfg["steps"]):
             if deadline is not None and time.time() > deadline - EVAL_MARGIN_S:
+                break
+            if 0 < cfg["stop_after"] <= step:
                 break
             batch = collate(sets["train"], batch_indices(len(sets["train"]), cfg["batch_size"], step,
                                                          seed=cfg["seed"]))
@@ -264,6 +281,29 @@ def run_one(cfg: dict) -> dict:
     return record(curve)
 
 
+def _run_key(cfg: dict) -> str:
+    """A run's name in ``--progress_dir`` / ``--resume_dir``: what sets its trajectory (not the process)."""
+    return (f"{cfg['task']}-{cfg['estimator']}-q{cfg['q']}-lr{cfg['lr']:g}-eps{cfg['eps']:g}-s{cfg['seed']}-"
+            f"b{cfg['batch_size']}-{cfg['placement']}")
+
+
+def _earlier(cfg: dict, key: str, q: int) -> dict | None:
+    """The snapshot ``key`` of ``--resume_dir`` (None: start afresh), checked against this run."""
+    path = os.path.join(cfg["resume_dir"], key) if cfg["resume_dir"] else ""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        earlier = json.load(f)
+    same = ("q", "lr", "eps", "seed", "batch_size", "max_length", "objective", "lr_schedule", "steps_planned")
+    theirs = {k: earlier.get(k) for k in same}
+    ours = {"q": q, "lr": cfg["lr"], "eps": cfg["eps"], "seed": cfg["seed"], "batch_size": cfg["batch_size"],
+            "max_length": cfg["max_length"], "objective": cfg["objective"], "lr_schedule": cfg["lr_schedule"],
+            "steps_planned": cfg["steps"]}
+    if theirs != ours:
+        raise ValueError(f"--resume_dir {path}: its run had {theirs}, this one {ours}; resume with the same settings")
+    return earlier
+
+
 def _accuracy_record(cfg: dict, q: int, auto: dict | None, sets: dict, template: str, words: str, curve: list[dict],
                      run: dict) -> dict:
     """The run's record with ``curve`` so far (best dev, target and final taken from it)."""
@@ -280,6 +320,7 @@ def _accuracy_record(cfg: dict, q: int, auto: dict | None, sets: dict, template:
         "write_back_every": None if cfg["placement"] == "device" else write_back_k(cfg, cfg["placement"]),
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
         "steps": done, "steps_planned": cfg["steps"], "completed": done == cfg["steps"], "seconds": seconds,
+        "segments": run["segments"],
         "seconds_per_step": seconds / max(1, done),
         "skipped_steps": run["skipped"], "gpu_peak_torch_gib": run["peak"], "zero_shot_acc": curve[0]["test_acc"],
         "zero_shot_dev_acc": curve[0]["dev_acc"],
@@ -322,7 +363,7 @@ def _task_name(cfg: dict) -> str:
 
 def _command(cfg: dict) -> str:
     changed = [f"--{k}={v}" for k, v in cfg.items()
-               if k in DEFAULTS and k not in ("sweep", "workers", "out", "threads", "progress_dir") and v != DEFAULTS[k]]
+               if k in DEFAULTS and k not in ("sweep", "workers", "out", "threads", "progress_dir", "resume_dir", "stop_after") and v != DEFAULTS[k]]
     return " ".join(["python tools/bench_time_to_accuracy.py", *changed])
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -281,6 +282,27 @@ class ZOEngine:
                          start, est.loss_plus, est.loss_minus, self.n_skipped)
         self.log.extend(est.entries)
         return StepResult(start, est.loss_plus, est.loss_minus, est.projected_grad, est.skipped, self.n_skipped)
+
+    def extend_log(self, entries: Sequence[LogEntry]) -> None:
+        """Append updates another run logged on the same base weights (its ``log``, or a saved copy:
+        ``LogEntry.from_json``); each block replays them at its next visit, as it does deferred write-backs.
+
+        A fresh engine on the base plus a run's log is that run: the weights bit for bit where the stored
+        dtype is the compute dtype, and its next steps too (the seeds follow the log's length). So a log of a
+        few KB carries a fine-tune between machines. The entries must continue this log (entry i is step
+        ``len(log) + i``) and be finite (not the slots a resumed checkpoint folded). Data parallel: a
+        collective, every rank passes the same entries.
+        """
+        self._check_open()
+        start = len(self.log)
+        for i, e in enumerate(entries):
+            if e.step != start + i:
+                raise ValueError(f"entry {i} is step {e.step}, but it would be step {start + i} of this log; pass a "
+                                 "run's entries in order, starting at this engine's log length")
+            if not all(math.isfinite(v) for v in (e.projected_grad, e.lr, e.weight_decay)):
+                raise ValueError(f"entry {i} (step {e.step}) is not finite: a slot folded by a checkpoint resume, "
+                                 "which only its own store can replay")
+        self.log.extend(entries)
 
     def revert_to(self, n_entries: int) -> int:
         """Undo every update after the first ``n_entries`` of the log; returns how many entries that appended.
