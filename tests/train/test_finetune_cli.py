@@ -170,3 +170,20 @@ def test_keep_best_undoes_the_steps_after_the_best_dev_evaluation(tmp_path):
     c = load_file(tmp_path / "last/model/model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert best.finetuned_acc == stopped.finetuned_acc != last.finetuned_acc
+
+
+def test_keep_best_before_folded_steps_keeps_the_last_step(tmp_path, monkeypatch, capsys):
+    """A best evaluation before a resumed checkpoint's folded steps cannot be undone: the run says so and keeps
+    its last step's weights instead of failing after training."""
+    from zo2tier.engine import ZOEngine
+
+    def folded_revert(self, n_entries):
+        raise ValueError("the entries to undo include steps a resumed checkpoint folded")
+
+    monkeypatch.setattr(ZOEngine, "revert_to", folded_revert)
+    model, train, test = _task(tmp_path)
+    dev = write_csv(str(tmp_path / "dev.csv"), tiny_rows(16, seed=2))
+    r = finetune(model=model, train=train, test=test, dev=dev, out=str(tmp_path / "o"), steps=8, batch_size=8,
+                 lr=0.1, eval_every=2, objective="classification", budget="device=1GiB,host=1GiB,disk=1GiB",
+                 progress=False, export="none")
+    assert r.kept_step == 8 and "cannot be undone" in capsys.readouterr().out

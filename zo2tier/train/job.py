@@ -382,7 +382,12 @@ def _keep_best(engine: ZOEngine, cfg: FineTuneConfig, dev: EncodedSet, log, say:
     best = max(evals, key=lambda r: (r["acc"], -r["step"]))
     if best["step"] == cfg.steps or best["acc"] <= final:
         return cfg.steps
-    undone = engine.revert_to(best["log_entries"])
+    try:
+        undone = engine.revert_to(best["log_entries"])
+    except ValueError:  # the best evaluation lies before a resume whose checkpoint folded the steps after it
+        say(f"the best dev evaluation (step {best['step']}, {best['acc']:.4f}) lies before the resumed checkpoint's "
+            f"folded steps, which cannot be undone; keeping the weights of step {cfg.steps} ({final:.4f})")
+        return cfg.steps
     _write(log, {"event": "keep_best", "step": best["step"], "dev_acc": best["acc"], "final_dev_acc": final,
                  "entries_undone": undone})
     say(f"keeping the weights of step {best['step']} (dev accuracy {best['acc']:.4f}, {final:.4f} after step "
