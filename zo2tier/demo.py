@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"placement of {len(placement)} decoder layers: {tiers}; objective {args.objective}, lr {args.lr}, "
           f"{args.steps} steps of batch {args.batch_size}", flush=True)
     result = run(cfg)
+    kept = (f", the weights of step {result.kept_step} (best on dev)"
+            if result.kept_step is not None and result.kept_step != result.steps else "")
     print(f"zero-shot test accuracy:  {result.zero_shot_acc:.3f}\n"
-          f"fine-tuned test accuracy: {result.finetuned_acc:.3f} after {result.steps} steps "
+          f"fine-tuned test accuracy: {result.finetuned_acc:.3f} after {result.steps} steps{kept} "
           f"({time.perf_counter() - t0:.0f} s in all); curves: {os.path.join(cfg.out, 'curves.png')}")
     summary = result.summary() | {"demo_seconds": time.perf_counter() - t0, "lr": args.lr,
                                   "objective": args.objective, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
