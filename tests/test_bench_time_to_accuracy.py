@@ -128,3 +128,23 @@ def test_a_run_cut_by_its_call_goes_on_from_its_snapshot(tmp_path):
     assert (two["steps"], two["segments"], one["segments"]) == (4, 2, 1)
     with pytest.raises(ValueError, match="same settings"):
         bench.main([*common, "--max_length=12", f"--out={tmp_path / 'bad.jsonl'}", f"--resume_dir={tmp_path / 'p1'}"])
+
+
+def test_a_store_gives_the_run_of_its_source(tmp_path):
+    """--model may be a zo2tier store (opened in seconds where a GGUF takes ~30 s): the same curve as the
+    Hugging Face folder it was converted from."""
+    import zo2tier
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    zo2tier.convert(model, tmp_path / "store", progress=False)
+    for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
+        write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
+    common = [f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16", f"--work={tmp_path / 'work'}",
+              "--estimator=fzoo", "--q=2", "--lr=1e-2", "--steps=2", "--eval_every=1"]
+    curves = []
+    for name, path in (("hf", model), ("store", tmp_path / "store")):
+        out = tmp_path / f"{name}.jsonl"
+        assert bench.main([*common, f"--model={path}", f"--out={out}"]) == 0
+        (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
+        curves.append([(p["step"], p["dev_acc"], p["test_acc"]) for p in rec["curve"]])
+    assert curves[0] == curves[1] and len(curves[0]) == 3
