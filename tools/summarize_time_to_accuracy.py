@@ -86,7 +86,8 @@ def summarize_task(runs: list[dict], disk: dict, *, mezo_lr: float = -1.0, targe
             mezo_by_lr[r["lr"]].append(r)
     if not mezo_by_lr:
         raise ValueError(f"task {runs[0]['task']!r} has no MeZO-SGD run (estimator mezo, q 1): no target")
-    lr = mezo_lr if mezo_lr >= 0 else max(mezo_by_lr, key=lambda x: _mean(r["final_dev_acc"] for r in mezo_by_lr[x]) or 0)
+    lr = mezo_lr if mezo_lr >= 0 else max(
+        mezo_by_lr, key=lambda x: _mean(r["final_dev_acc"] for r in mezo_by_lr[x]) or 0)
     mezo = mezo_by_lr[lr]
     target = _mean(r["final_acc"] for r in mezo) if target is None else target
     mezo_sps, _ = _seconds_per_step(mezo[0], disk)
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {t: summarize_task(rs, disk, mezo_lr=cfg["mezo_lr"], target=targets.get(t),
                                  mezo_method=cfg["mezo_method"])
                for t, rs in sorted(by_task.items())}
-    summary_out = {"clock": cfg["clock"], "disk_seconds_per_step": {f"{e} q={q}": s for (e, q), s in sorted(disk.items())}, "tasks": summary}
+    per_step = {f"{e} q={q}": s for (e, q), s in sorted(disk.items())}
+    summary_out = {"clock": cfg["clock"], "disk_seconds_per_step": per_step, "tasks": summary}
     text = json.dumps(summary_out, indent=1)
     if cfg["summary"]:
         with open(cfg["summary"], "w") as f:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -299,7 +298,7 @@ class ZOEngine:
             if e.step != start + i:
                 raise ValueError(f"entry {i} is step {e.step}, but it would be step {start + i} of this log; pass a "
                                  "run's entries in order, starting at this engine's log length")
-            if not all(math.isfinite(v) for v in (e.projected_grad, e.lr, e.weight_decay)):
+            if not e.replayable:
                 raise ValueError(f"entry {i} (step {e.step}) is not finite: a slot folded by a checkpoint resume, "
                                  "which only its own store can replay")
         self.log.extend(entries)

@@ -26,6 +26,11 @@ class LogEntry:
     def to_json(self) -> list:
         return [self.step, self.step_seed, self.projected_grad, self.lr, self.weight_decay]
 
+    @property
+    def replayable(self) -> bool:
+        """False for a slot a resumed checkpoint folded into the stored weights (NaN g, lr and wd)."""
+        return math.isfinite(self.projected_grad) and math.isfinite(self.lr) and math.isfinite(self.weight_decay)
+
     @classmethod
     def from_json(cls, row: list) -> LogEntry:
         step, seed, g, lr, wd = row
@@ -43,11 +48,11 @@ def inverse_entries(tail: list[LogEntry], start: int) -> list[LogEntry]:
     Raises ``ValueError`` for an entry whose g or lr is not finite: a slot a checkpoint resume folded into
     the stored weights (``zo2tier.checkpoint.folded``), which cannot be undone.
     """
-    if any(not (math.isfinite(e.projected_grad) and math.isfinite(e.lr)) for e in tail):
+    if not all(e.replayable for e in tail):
         raise ValueError("the entries to undo include steps a resumed checkpoint folded into the stored weights; "
                          "they can only be undone in the run that made them")
-    return [LogEntry(start + i, e.step_seed, e.projected_grad, -e.lr / (1.0 - e.lr * e.weight_decay), e.weight_decay)
-            for i, e in enumerate(reversed(tail))]
+    return [LogEntry(start + i, e.step_seed, e.projected_grad, -e.lr / (1.0 - e.lr * e.weight_decay),
+                     e.weight_decay) for i, e in enumerate(reversed(tail))]
 
 
 # Rows of logits cast to fp32 at a time by the loss: the fp32 copy and its log-softmax cost
