@@ -339,3 +339,41 @@ def test_several_perturbations_are_the_same_on_every_tier(tmp_path, estimator, q
             out.append((results, e.state_dict(), len(e.log)))
     assert out[0][0] == out[1][0] and out[0][2] == out[1][2] == 4 * q
     assert all(torch.equal(out[0][1][k], out[1][1][k]) for k in out[0][1])
+
+
+@pytest.mark.parametrize(("estimator", "q"), [("mezo", 1), ("fzoo", 3)])
+def test_revert_and_a_carried_log_on_the_fused_path(tmp_path, estimator, q):
+    """revert_to and extend_log on CUDA: the inverse entries and a carried log replay through the fused
+    kernels, so spread tiers equal all on the device bit for bit, the revert lands on the prefix's weights
+    up to fp32 rounding, and a fresh engine plus the log is the run."""
+    cfg = zo2tier.MeZOConfig(lr=1e-2 if estimator == "fzoo" else 1e-3, eps=1e-2, weight_decay=0.01, seed=5,
+                             estimator=estimator, n_perturbations=q)
+
+    def engine(name, place):
+        model = tiny_model("llama")
+        names = zo2tier.ZOEngine.block_names(model)
+        return zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path / name, device="cuda", config=cfg,
+                                placement=place(names), write_back_every=2)
+
+    on_device = lambda names: dict.fromkeys(names, "device")
+    out = []
+    for name, place in (("device", on_device), ("spread", spread)):
+        with engine(name, place) as e:
+            for s in range(2):
+                e.step(tiny_batch(seed=s))
+            prefix = e.state_dict()
+            for s in range(2, 5):
+                e.step(tiny_batch(seed=s))
+            saved = list(e.log)
+            assert e.revert_to(2 * q) == 3 * q
+            out.append((prefix, e.state_dict(), saved))
+    (prefix, reverted, saved), (_, reverted_spread, _) = out
+    assert all(torch.equal(reverted[k], reverted_spread[k]) for k in reverted)
+    for k in prefix:
+        torch.testing.assert_close(reverted[k], prefix[k], rtol=1e-5, atol=1e-6)
+    with engine("carried", spread) as fresh, engine("run", spread) as run:
+        fresh.extend_log(saved)
+        for s in range(5):
+            run.step(tiny_batch(seed=s))
+        got, want = fresh.state_dict(), run.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
