@@ -208,14 +208,31 @@ def test_auto_q_is_the_largest_that_hides_under_the_transfer():
     assert (capped.n_perturbations, capped.limit) == (5, "max")
 
 
-def test_auto_q_on_a_compute_bound_plan_is_the_smallest():
+def test_auto_q_on_a_compute_bound_plan_is_the_estimators_steady_q():
     from zo2tier.predict import choose_perturbations
 
     inp = _inp()
     plan = plan_placement(inp, TierBudget(10**11, 0, 0))  # all on the device: nothing to hide under
-    for name, q in (("mezo", 1), ("fzoo", 2)):
+    for name, q in (("mezo", 1), ("fzoo", 8), ("fzoo-ema", 1)):
         choice = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator=name)
         assert (choice.n_perturbations, choice.limit) == (q, "compute"), name
+
+
+def test_auto_q_never_goes_below_fzoos_steady_q_for_a_faster_step():
+    """A bus that hides only 4 of FZOO's perturbations: auto still takes 8 (fewer trained worse, so the
+    longer step is the better buy) and says the step is then compute-bound; MeZO takes the 2 that hide."""
+    from dataclasses import replace
+
+    from zo2tier.predict import choose_perturbations
+
+    inp = _inp()
+    plan = _host_plan(inp)
+    slow = replace(AUTO_CAL, rng_gnps=1200.0, forward_tflops=250.0)  # a z or replay 3.3 ms, a copy 32 ms
+    mezo = choose_perturbations(inp, plan, slow, batch=1, seq=1000, estimator="mezo")
+    fzoo = choose_perturbations(inp, plan, slow, batch=1, seq=1000, estimator="fzoo")
+    assert (fzoo.n_perturbations, fzoo.limit) == (8, "compute")
+    assert fzoo.prediction.compute_s > max(fzoo.prediction.bus_s, fzoo.prediction.disk_s)
+    assert (mezo.n_perturbations, mezo.limit) == (2, "transfer")  # 4 copies: 0.141 s; 6: 0.212 s > 0.2 s
 
 
 def test_activation_bytes_by_hand():

@@ -143,12 +143,13 @@ def _config_dtype(config: Mapping[str, Any]) -> torch.dtype:
 
 def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, calibration=None,
                   batch: int = 1, seq: int = 2048, write_back_every: int | None = None, compress=None,
-                  device: str = "cpu", estimator: str = "mezo", perturbations: int | str = 1) -> str:
+                  device: str = "cpu", estimator: str = "mezo", perturbations: int | str | None = None) -> str:
     """The text ``zo2tier plan`` prints: the placement, and the predicted step time and its bound.
 
     ``compress``: zstd on the disk tier (anything ``zo2tier.store.zstd.parse_compress`` takes; default: as the
     engine, on for a store converted with zstd). ``write_back_every``: K (default: the engine's for ``device``).
-    ``estimator``/``perturbations``: the step's estimator and q (``"auto"``: the q the engine would choose).
+    ``estimator``/``perturbations``: the step's estimator and q (``"auto"``: the q the engine would choose;
+    None: the estimator's ``default_perturbations``).
     """
     plan, inp, pm = plan_for_model(model, budget, device=device, storage=storage, dtype=dtype)
     zstd = parse_compress(compress) is not None if compress is not None else pm.compress
@@ -161,6 +162,10 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
             f"{compute}{why}, device {device}, storage {inp.storage}"
             + (", disk tier zstd-compressed" if zstd else ""))
     cal = Calibration.load(calibration)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is unknown; use one of {', '.join(sorted(ESTIMATORS))}")
+    if perturbations is None:
+        perturbations = ESTIMATORS[estimator].default_perturbations
     if perturbations == "auto":
         choice = choose_perturbations(inp, plan, cal, batch=batch, seq=seq, estimator=estimator,
                                       write_back_every=k, compress=zstd)

@@ -187,18 +187,20 @@ def choose_perturbations(
     """The largest q whose extra compute still hides under the plan's transfer time, capped so that the
     copies' activations and logits (:func:`activation_bytes`) fit the device budget left after the plan and
     the fixed extras (CUDA context, loss chunk: :func:`zo2tier.plan.unplanned_device_bytes` without logits).
+    Never below the estimator's steady q (``default_perturbations``: FZOO 8) unless memory forces it; a plan
+    whose transfers hide less than that is then stopped by ``"compute"``.
 
     "Hides": the predicted compute at q is at most the slowest transfer (bus, disk or zstd), so the step
     time does not grow. A compute-bound plan (every block on the device) hides nothing: q is the
-    estimator's smallest. Example::
+    estimator's steady q. Example::
 
         choice = choose_perturbations(inp, plan, Calibration(), batch=16, seq=64, estimator="fzoo")
         MeZOConfig(estimator="fzoo", n_perturbations=choice.n_perturbations)
     """
     cls = _estimator_class(estimator)
-    lo = cls.min_perturbations
-    if max_perturbations < lo:
-        raise ValueError(f"max_perturbations={max_perturbations} is below {estimator!r}'s minimum {lo}; raise it")
+    low = cls.min_perturbations
+    if max_perturbations < low:
+        raise ValueError(f"max_perturbations={max_perturbations} is below {estimator!r}'s minimum {low}; raise it")
     tokens = batch * seq
     left = plan.budget.device_bytes - plan.used_bytes["device"] - unplanned_device_bytes(inp, 0)
 
@@ -209,6 +211,13 @@ def choose_perturbations(
     def fits(q: int) -> bool:
         return activation_bytes(inp, batch, seq, cls.n_copies(q)) <= left
 
+    # the estimator's steady q is the floor: fewer train worse (Estimator.default_perturbations); only memory
+    # takes auto below it
+    lo = min(max(cls.default_perturbations, low), max_perturbations)
+    if lo > low and not fits(lo):
+        while lo > low and not fits(lo):
+            lo -= 1
+        return _choice(lo, predict(lo), "memory", inp, batch, seq, cls, left)
     best, limit = lo, "max"
     for q in range(lo, max_perturbations + 1):
         pred = predict(q)
@@ -223,8 +232,12 @@ def choose_perturbations(
         if pred.compute_s > transfer:  # q == lo and already compute-bound
             limit = "compute"
             break
-    return PerturbationChoice(best, predict(best), limit, activation_bytes(inp, batch, seq, cls.n_copies(best)),
-                              left)
+    return _choice(best, predict(best), limit, inp, batch, seq, cls, left)
+
+
+def _choice(q: int, pred: Prediction, limit: str, inp: PlanInput, batch: int, seq: int, cls: type[Estimator],
+            left: int) -> PerturbationChoice:
+    return PerturbationChoice(q, pred, limit, activation_bytes(inp, batch, seq, cls.n_copies(q)), left)
 
 
 def _estimator_class(name: str) -> type[Estimator]:

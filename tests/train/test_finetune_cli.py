@@ -187,3 +187,26 @@ def test_keep_best_before_folded_steps_keeps_the_last_step(tmp_path, monkeypatch
                  lr=0.1, eval_every=2, objective="classification", budget="device=1GiB,host=1GiB,disk=1GiB",
                  progress=False, export="none")
     assert r.kept_step == 8 and "cannot be undone" in capsys.readouterr().out
+
+
+def test_each_estimator_brings_its_own_lr_and_q_unless_given(tmp_path):
+    """No --lr / --perturbations: the estimator's measured defaults (mezo 1e-6 and 1, fzoo 3e-4 and 8);
+    given ones win; `zo2tier plan` takes the same default q."""
+    import pytest
+
+    from zo2tier.budget import TierBudget
+    from zo2tier.planning import describe_plan
+    from zo2tier.train.job import FineTuneConfig
+
+    model, train, test = _task(tmp_path)
+    base = {"model": model, "train": train, "test": test, "out": str(tmp_path / "out")}
+    plain = FineTuneConfig(**base)
+    assert (plain.lr, plain.perturbations) == (1e-6, 1)
+    fzoo = FineTuneConfig(**base, estimator="fzoo")
+    assert (fzoo.lr, fzoo.perturbations) == (3e-4, 8) and fzoo.mezo().n_perturbations == 8
+    given = FineTuneConfig(**base, estimator="fzoo", lr=1e-4, perturbations="auto")
+    assert (given.lr, given.perturbations) == (1e-4, "auto")
+    with pytest.raises(ValueError, match="estimator='adam' is unknown"):
+        FineTuneConfig(**base, estimator="adam")
+    assert "perturbations: q=8 for fzoo" in describe_plan(model, TierBudget.parse("device=1GiB"), estimator="fzoo")
+    assert "perturbations: q=1 for mezo" in describe_plan(model, TierBudget.parse("device=1GiB"))

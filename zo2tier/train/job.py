@@ -45,6 +45,7 @@ from zo2tier.train.data import (
 )
 from zo2tier.train.objective import OBJECTIVES, loss_fn_for, n_correct
 from zo2tier.train.progress import Meter, plot_curves
+from zo2tier.zo.estimators import ESTIMATORS
 
 SCHEDULES = ("constant", "linear", "cosine")
 EXPORTS = ("hf", "none")
@@ -68,12 +69,12 @@ class FineTuneConfig:
     encoding: str = "utf-8"
     steps: int = 1000
     batch_size: int = 16
-    lr: float = 1e-6
+    lr: float | None = None  # None: the estimator's default_lr
     eps: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
     estimator: str = "mezo"
-    perturbations: int | str = 1
+    perturbations: int | str | None = None  # None: the estimator's default_perturbations
     objective: str = "lm"
     lr_schedule: str = "constant"
     eval_every: int = 0
@@ -97,6 +98,12 @@ class FineTuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r} is unknown; use one of {', '.join(sorted(ESTIMATORS))}")
+        if self.lr is None:
+            object.__setattr__(self, "lr", ESTIMATORS[self.estimator].default_lr)
+        if self.perturbations is None:
+            object.__setattr__(self, "perturbations", ESTIMATORS[self.estimator].default_perturbations)
         for name in ("steps", "batch_size", "eval_batch_size", "max_length", "write_back_every"):
             value = getattr(self, name)
             if name == "write_back_every" and value is None:

@@ -44,7 +44,10 @@ class Estimator(ABC):
     """How a step perturbs and what it logs. Subclasses set ``name`` and implement the two methods.
 
     ``perturbation``: the z distribution the estimator needs ("gaussian" / "rademacher"), or None to use
-    the config's. ``min_perturbations``: the smallest q it is defined for. ``one_sided``: its groups are the
+    the config's. ``min_perturbations``: the smallest q it is defined for. ``default_perturbations``: the
+    smallest q measured to train steadily: ``zo2tier finetune``'s default, and the floor of ``q="auto"``
+    (only the device memory left takes auto below it). ``default_lr``: ``zo2tier finetune``'s learning rate
+    when none is given (docs/estimators.md says how each was chosen). ``one_sided``: its groups are the
     clean copy plus one copy per perturbation (q + 1 copies), else two per perturbation (2q copies).
     Estimators here keep no state between steps; one that did would return it from :meth:`state_dict`
     (a few JSON-able scalars, saved with the checkpoint) and take it back in :meth:`load_state_dict`.
@@ -53,6 +56,8 @@ class Estimator(ABC):
     name: ClassVar[str]
     perturbation: ClassVar[str | None] = None
     min_perturbations: ClassVar[int] = 1
+    default_perturbations: ClassVar[int] = 1
+    default_lr: ClassVar[float] = 1e-6
     one_sided: ClassVar[bool] = False
 
     def __init__(self, n_perturbations: int = 1) -> None:
@@ -142,6 +147,11 @@ class FZOO(Estimator):
     name = "fzoo"
     perturbation = "rademacher"
     min_perturbations = 2
+    # q = 3 (what auto chose for SmolLM2 on disk) did not train on the tweets: σ from three losses swings the
+    # step (mean test 0.749 after ~2,550 steps); q = 8 gained 6.4 points in 1,500. lr 3e-4: the best mean
+    # final dev accuracy of 3e-4 and 1e-3 over 3 seeds (benchmarks/time_to_accuracy.jsonl, H200)
+    default_perturbations = 8
+    default_lr = 3e-4
     one_sided = True
 
     def groups(self) -> tuple[Group, ...]:
@@ -178,6 +188,7 @@ class FZOOEMA(Estimator):
 
     name = "fzoo-ema"
     perturbation = "rademacher"
+    default_lr = 3e-4  # FZOO's normalised step, so FZOO's scale; not swept on its own
     one_sided = True
     beta: ClassVar[float] = 0.9
 
