@@ -205,7 +205,8 @@ class ZOEngine:
         return make_estimator(config.estimator, self.collective.perturbations(q))
 
     def _choose_perturbations(self, shape: tuple[int, int]) -> None:
-        """q = "auto": the largest q whose compute hides under the plan's transfers (zo2tier.predict)."""
+        """q = "auto": the largest q whose compute hides under the plan's transfers, never below the
+        estimator's steady q unless memory forces it (zo2tier.predict.choose_perturbations)."""
         from zo2tier.predict import Calibration, choose_perturbations
 
         tier = "disk" if "disk" in self.placement.values() else "host"

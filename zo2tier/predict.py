@@ -154,7 +154,7 @@ class PerturbationChoice:
     ``limit``: "transfer" (one more would no longer hide under the bus/disk time), "memory" (the copies'
     activations and logits would not fit the device budget left after the plan), "max"
     (:data:`AUTO_MAX_PERTURBATIONS`) or "compute" (the step is compute-bound even at the estimator's
-    smallest q, so nothing hides: the smallest q).
+    steady q, ``Estimator.default_perturbations``, so nothing more hides: that q).
     """
 
     n_perturbations: int
