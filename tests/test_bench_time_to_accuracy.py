@@ -140,6 +140,16 @@ def test_summary_counts_a_continued_run_once_and_takes_each_lr_by_dev(tmp_path):
     # at 600 s, the clock fzoo's runs cover: fzoo 0.79 (step 300), MeZO 0.74 (its step 500)
     assert bars["equal_clock"] == pytest.approx({"seconds": 600.0, "new_acc": 0.79, "mezo_acc": 0.74,
                                                  "delta": 0.05, "met": True})
+    # --annotate=1: every accuracy record carries its task's target and its steps / disk seconds to it
+    assert summ.main([f"--records={path}", "--annotate=1"]) == 0
+    after = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r for r in after if r["kind"] == "time_disk"] == recs[-2:]
+    runs_after = [r for r in after if r["kind"] == "accuracy"]
+    assert len(runs_after) == len(recs) - 2 and all(r["target_acc"] == pytest.approx(0.78) for r in runs_after)
+    long_fzoo = [r for r in runs_after if r["lr"] == 3e-4 and r["steps"] == 300]
+    assert [(r["steps_to_target"], r["seconds_to_target"]) for r in long_fzoo] == [(300, 600.0)] * 3
+    assert all(r["steps_to_target"] is None for r in runs_after if r["lr"] == 3e-4 and r["steps"] < 300)
+    assert summ.summarize_task(*summ.load(str(path))) == s  # the annotation changes no summary
 
 
 def test_a_run_cut_by_its_call_goes_on_from_its_snapshot(tmp_path):

@@ -20,6 +20,9 @@ Per task:
 - **lr by dev**: each new method's learning rate is the one with the best mean final *dev* accuracy among its
   lrs run with at least :data:`MIN_SEEDS` seeds (every layer on the GPU), as MeZO-SGD's is; the best new
   method is, among those, the one with the lowest mean seconds to target.
+- ``--annotate=1``: every accuracy record in the ``--records`` files gets its task's ``target_acc``,
+  ``steps_to_target`` and ``seconds_to_target`` (on the disk clock, ``seconds_to_target_clock`` says which;
+  null if never reached), as the issue's record keys ask; the files are rewritten in place, nothing else changes.
 - **bars** (issue 18): best mean seconds_to_target ≤ 1/3 of MeZO-SGD's; accuracy within MeZO's wall-clock ≥
   MeZO's + 2 points; on the tweets, final gain over zero-shot ≥ 8 points. ``equal_clock``: where the new
   method's runs end before MeZO's budget, both methods' mean test accuracy at the clock the shortest of them
@@ -40,7 +43,8 @@ from _options import parse_overrides
 DEFAULTS = {"records": "benchmarks/time_to_accuracy.jsonl", "png": "", "summary": "", "mezo_lr": -1.0,
             "targets": "",  # e.g. "tweets=0.790": a task's target from longer MeZO-SGD runs elsewhere
             "clock": "median",  # the time_disk statistic: median (robust to a stalled step) or mean
-            "mezo_method": ""}  # the MeZO-SGD runs by method label, e.g. "mezo q=1 (5000 steps)" (default: all)
+            "mezo_method": "",  # the MeZO-SGD runs by method label, e.g. "mezo q=1 (5000 steps)" (default: all)
+            "annotate": 0}  # 1: write each task's target and every run's steps/seconds to it into the records files
 MIN_SEEDS = 3
 SPEEDUP_BAR = 3.0
 ACC_BAR = 0.02
@@ -248,6 +252,33 @@ def plot(summary: dict, curves: dict, png: str) -> None:
     plt.close(fig)
 
 
+def annotate(paths: str, summary: dict, disk: dict) -> int:
+    """Write each task's target and each accuracy record's steps and disk seconds to it into ``paths``
+    (comma-separated records files, rewritten in place); returns how many records it annotated."""
+    n = 0
+    for path in paths.split(","):
+        with open(path) as f:
+            lines = f.readlines()
+        out = []
+        for line in lines:
+            rec = json.loads(line) if line.strip() else None
+            if rec is not None and rec.get("kind", "accuracy") == "accuracy" and rec["task"] in summary:
+                target = summary[rec["task"]]["target_acc"]
+                sps, clock = _seconds_per_step(rec, disk)
+                hit = next((p for p in rec["curve"] if p["test_acc"] >= target), None)
+                rec |= {"target_acc": target, "steps_to_target": hit["step"] if hit else None,
+                        "seconds_to_target": hit["step"] * sps if hit else None,
+                        "seconds_to_target_clock": f"{clock}: steps x {sps:.4f} s"}
+                line = json.dumps(rec) + "\n"
+                n += 1
+            out.append(line)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(out)
+        os.replace(tmp, path)
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_overrides(DEFAULTS, argv)
     runs, disk = load(cfg["records"], cfg["clock"])
@@ -272,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"in MeZO's budget {m['mean_acc_in_mezo_budget']}")
     if cfg["png"]:
         plot(summary, {t: run_curves(rs, disk) for t, rs in by_task.items()}, cfg["png"])
+    if cfg["annotate"]:
+        print(f"annotated {annotate(cfg['records'], summary, disk)} records with their task's target")
     return 0
 
 
