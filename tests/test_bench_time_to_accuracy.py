@@ -123,17 +123,21 @@ def test_summary_counts_a_continued_run_once_and_takes_each_lr_by_dev(tmp_path):
     recs += [dev(_rec("tweets", "fzoo", 8, 1e-3, s, [(0, 0.70), (100, 0.80)]), 0.76) for s in range(3)]
     recs += [dev(_rec("tweets", "fzoo", 8, 3e-3, s, [(0, 0.70), (100, 0.81)]), 0.79) for s in range(2)]
     recs += [_rec("tweets", "fzoo", 8, 3e-4, 0, [(0, 0.70), (50, 0.71)]) | {"placement": "disk"}]
+    # "q=auto" resolved to different q in different versions: two methods, never one run continued
+    recs += [_rec("tweets", "fzoo", q, 3e-4, 0, [(0, 0.70), (50, 0.70 + q / 100)]) | {"method": "fzoo q=auto"}
+             for q in (3, 8)]
     recs += [{"kind": "time_disk", "estimator": "mezo", "q": 1, "seconds_per_step": 1.0, "median_seconds_per_step": 1.0},
              {"kind": "time_disk", "estimator": "fzoo", "q": 8, "seconds_per_step": 2.0, "median_seconds_per_step": 2.0}]
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     runs, disk = summ.load(str(path))
-    assert len(runs) == 3 + 3 + 3 + 2 + 1
+    assert len(runs) == 3 + 3 + 3 + 2 + 1 + 2
     s = summ.summarize_task(runs, disk)
     chosen = s["methods"]["fzoo q=8 lr=0.0003"]
     assert chosen["n_runs"] == 3 and chosen["mean_steps_to_target"] == 300 and chosen["mean_final_dev_acc"] == 0.77
     assert s["lr_by_dev"] == {"fzoo q=8": "fzoo q=8 lr=0.0003"}
     assert s["methods"]["fzoo q=8 lr=0.0003 on disk"]["n_runs"] == 1
+    assert [s["methods"][f"fzoo q=auto:{q} lr=0.0003"]["mean_final_acc"] for q in (3, 8)] == pytest.approx([0.73, 0.78])
     bars = s["bars"]
     assert bars["best"] == "fzoo q=8 lr=0.0003" and bars["speedup_vs_mezo"] == pytest.approx(1000 / 600)
     assert not bars["acc_covers_mezo_budget"] and not bars["acc_met"]  # 300 steps x 2 s < MeZO's 1000 s
@@ -148,7 +152,8 @@ def test_summary_counts_a_continued_run_once_and_takes_each_lr_by_dev(tmp_path):
     assert len(runs_after) == len(recs) - 2 and all(r["target_acc"] == pytest.approx(0.78) for r in runs_after)
     long_fzoo = [r for r in runs_after if r["lr"] == 3e-4 and r["steps"] == 300]
     assert [(r["steps_to_target"], r["seconds_to_target"]) for r in long_fzoo] == [(300, 600.0)] * 3
-    assert all(r["steps_to_target"] is None for r in runs_after if r["lr"] == 3e-4 and r["steps"] < 300)
+    short = [r for r in runs_after if r["method"] == "fzoo q=8" and r["lr"] == 3e-4 and r["steps"] < 300]
+    assert len(short) == 4 and all(r["steps_to_target"] is None for r in short)
     assert summ.summarize_task(*summ.load(str(path))) == s  # the annotation changes no summary
 
 

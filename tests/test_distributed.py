@@ -29,6 +29,7 @@ from zo2tier.zo.rng import step_seed
 from zo2tier.zo.update import causal_lm_loss
 
 BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
+ROOMY = {"device": "64GiB", "host": "1GiB", "disk": "1GiB"}
 CFG = {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "seed": 3}
 STEPS = 4
 
@@ -42,11 +43,11 @@ def _batch():
     return tiny_batch(batch=4, seq=12)  # the last row is left-padded
 
 
-def _run(disk_dir, data_parallel, steps=STEPS, **estimator):
+def _run(disk_dir, data_parallel, steps=STEPS, budget=BIG, **estimator):
     model = tiny_model("llama")
     cfg = zo2tier.MeZOConfig(**CFG, **estimator)
     place = _spread(zo2tier.ZOEngine.block_names(model))
-    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=disk_dir, config=cfg, placement=place,
+    with zo2tier.ZOEngine(model, budget=budget, disk_dir=disk_dir, config=cfg, placement=place,
                           data_parallel=data_parallel) as engine:
         results, rows = [], []
         for _ in range(steps):
@@ -93,6 +94,11 @@ def _worker(rank, world, port, out):
         res["fzoo"] = _run(os.path.join(out, "fzoo"), None, steps=2, **fzoo)  # every rank runs all 4 copies
         if rank == 0:
             res["fzoo_one"] = _run(os.path.join(out, "fzoo_one"), False, steps=2, **fzoo)
+        res["fzoo_auto"] = _run(os.path.join(out, "fzoo_auto"), DataParallel(n_perturbations=2, check_every=0),
+                                steps=2, budget=ROOMY, estimator="fzoo", n_perturbations="auto")
+        if rank == 0:  # alone, the planner's choice: FZOO's floor of 8 (room for the copies on the device)
+            res["fzoo_auto_one"] = _run(os.path.join(out, "fzoo_auto_one"), False, steps=1, budget=ROOMY,
+                                        estimator="fzoo", n_perturbations="auto")
         res["guard"] = _guard(os.path.join(out, "guard"), rank)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -243,3 +249,12 @@ def test_finetune_entry_gives_each_rank_its_gpu_and_out_dir():
                                                    "--disk-dir", "runs/disk"]
     with pytest.raises(ValueError, match="RANK=2"):
         LaunchEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_auto_with_perturbations_spread_over_ranks_takes_the_spread(ranks):
+    """q = "auto" beside DataParallel(n_perturbations=2): the ranks set q (2), not the planner's floor (8 for
+    FZOO), so the step runs instead of refusing a q the user never set."""
+    a, b = ranks[0]["fzoo_auto"], ranks[1]["fzoo_auto"]
+    assert a["log"] == b["log"] and len(a["log"]) == 2 * 2
+    assert len(ranks[0]["fzoo_auto_one"]["log"]) == 8  # without the ranks, auto takes 8
+    assert all(lr == CFG["lr"] / 2 for _, _, _, lr, _ in a["log"])

@@ -1,7 +1,7 @@
 """Time to accuracy: fine-tune SmolLM2 with one estimator and record its accuracy curve; one JSON line per run.
 
     # one run (all layers on the GPU; the curve on dev and test every --eval_every steps)
-    python tools/bench_time_to_accuracy.py --task=tweets --estimator=fzoo --q=8 --lr=3e-5 --seed=0 \\
+    python tools/bench_time_to_accuracy.py --task=tweets --estimator=fzoo --q=8 --lr=3e-4 --seed=0 \\
         --steps=2000 --eval_every=250 --device=cuda --out=benchmarks/time_to_accuracy.jsonl
     # many runs side by side on one GPU: one JSON object of overrides per line of --sweep
     python tools/bench_time_to_accuracy.py --sweep=runs/sweep.jsonl --workers=12 --device=cuda --out=...

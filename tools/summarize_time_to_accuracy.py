@@ -78,7 +78,7 @@ def longest(runs: list[dict]) -> list[dict]:
     in a later sweep repeats its first steps exactly), the one with the most steps; the order of first sight."""
     best: dict[tuple, dict] = {}
     for r in runs:
-        key = (r["task"], r["method"], r["lr"], r["seed"], r.get("placement", "device"))
+        key = (r["task"], r["method"], int(r["q"]), r["lr"], r["seed"], r.get("placement", "device"))
         if key not in best or r["steps"] > best[key]["steps"]:
             best[key] = r
     return list(best.values())
@@ -89,9 +89,15 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
+def _label(rec: dict) -> str:
+    """A run's method label; an auto one with the q it ran (the planner's choice changes between versions)."""
+    return rec["method"].replace("q=auto", f"q=auto:{int(rec['q'])}")
+
+
 def _key(rec: dict) -> str:
+    """A method's name: its label, lr and placement."""
     where = rec.get("placement", "device")
-    return f"{rec['method']} lr={rec['lr']:g}" + ("" if where == "device" else f" on {where}")
+    return f"{_label(rec)} lr={rec['lr']:g}" + ("" if where == "device" else f" on {where}")
 
 
 def _is_mezo(rec: dict) -> bool:
@@ -132,7 +138,7 @@ def summarize_task(runs: list[dict], disk: dict, *, mezo_lr: float = -1.0, targe
         rows = [p for p in per_run if p["method"] == name]
         first = next(r for r in runs if _key(r) == name)
         methods[name] = {
-            "method": first["method"], "lr": first["lr"], "placement": first.get("placement", "device"),
+            "method": _label(first), "lr": first["lr"], "placement": first.get("placement", "device"),
             "n_runs": len(rows), "q": rows[0]["q"], "seconds_per_step": rows[0]["seconds_per_step"],
             "clock": rows[0]["clock"], "n_reached": sum(p["steps_to_target"] is not None for p in rows),
             "mean_final_acc": _mean(p["final_acc"] for p in rows),
@@ -195,7 +201,7 @@ def _bars(methods: dict, mezo_name: str, task: str) -> dict:
     new = {k: methods[k] for k in lr_by_dev(methods, mezo_name).values()}
     reached = {k: v for k, v in new.items() if v["mean_seconds_to_target"] is not None}
     if not reached:
-        return {"best": None, "note": "no new method reached MeZO-SGD's target"}
+        return {"best": None, "note": f"no new method run with {MIN_SEEDS} seeds at one lr reached MeZO-SGD's target"}
     best = min(reached, key=lambda k: (reached[k]["n_reached"] < reached[k]["n_runs"],
                                        reached[k]["mean_seconds_to_target"]))
     b = methods[best]

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--estimator", choices=tuple(sorted(ESTIMATORS)), default="mezo",
                       help="the step's estimator (docs/estimators.md)")
     plan.add_argument("--perturbations", type=_perturbations_arg, default=None, metavar="N|auto",
-                      help="perturbations per step (default: the estimator's, as finetune); auto prints the q "
+                      help="perturbations per step (None: the estimator's, as finetune); auto prints the q "
                            "the engine would choose")
     plan.add_argument("--seq", type=int, default=2048, help="tokens per sequence, for the predicted step time")
     plan.add_argument("--write-back-every", type=int, default=None,
@@ -129,14 +129,14 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--steps", type=int, default=1000, help="MeZO steps (>= 1)")
     ft.add_argument("--batch-size", type=int, default=16, help="examples per step")
     ft.add_argument("--lr", type=float, default=None,
-                    help="learning rate (default: the estimator's, mezo 1e-6, fzoo and fzoo-ema 3e-4)")
+                    help="learning rate (None: the estimator's, mezo 1e-6, fzoo and fzoo-ema 3e-4)")
     ft.add_argument("--eps", type=float, default=1e-3, help="perturbation size")
     ft.add_argument("--estimator", choices=tuple(sorted(ESTIMATORS)), default="mezo",
                     help="how a step estimates: mezo (two-sided, MeZO-SGD at q=1), fzoo (one-sided, q >= 2, step "
                          "normalised by the losses' spread), fzoo-ema (the spread averaged over steps); "
                          "docs/estimators.md")
     ft.add_argument("--perturbations", type=_perturbations_arg, default=None, metavar="N|auto",
-                    help="perturbations per step, evaluated while each block is resident (default: the "
+                    help="perturbations per step, evaluated while each block is resident (None: the "
                          "estimator's, mezo and fzoo-ema 1, fzoo 8; auto: as many as hide under the transfers, "
                          "never fewer than that default)")
     ft.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and norms)")

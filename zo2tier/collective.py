@@ -23,7 +23,7 @@ LossFn = Callable[[torch.Tensor, Mapping[str, Any]], float]
 class Collective(Protocol):
     """The seam the step uses; :class:`Local` and ``distributed.Replicas`` implement it."""
 
-    def perturbations(self, q: int) -> int: ...
+    def perturbations(self, q: int, auto: bool = False) -> int: ...
 
     def before_step(self, engine: Any) -> None: ...
 
@@ -39,8 +39,8 @@ class Collective(Protocol):
 class Local:
     """One process: every copy on the whole batch; a copy's loss is the causal-LM mean over its tokens."""
 
-    def perturbations(self, q: int) -> int:
-        """The estimator's q: as configured."""
+    def perturbations(self, q: int, auto: bool = False) -> int:
+        """The estimator's q: as configured (``auto``: as the planner chose)."""
         return q
 
     def before_step(self, engine: Any) -> None:

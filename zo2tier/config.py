@@ -18,7 +18,9 @@ class MeZOConfig:
     ``estimator`` and ``n_perturbations`` choose how a step estimates (``zo2tier/zo/estimators.py``,
     docs/estimators.md): ``"mezo"`` with q = 1 is MeZO-SGD; q > 1 perturbations are evaluated while each
     block is resident, so they cost one upload. ``n_perturbations="auto"`` lets the engine pick the largest
-    q whose extra compute hides under the plan's transfers. ``perturbation=None`` takes the estimator's z
+    q whose extra compute hides under the plan's transfers, never below the estimator's steady q
+    (``default_perturbations``: FZOO 8) unless device memory forces it. Unlike ``zo2tier finetune``, the
+    config has no per-estimator lr default: FZOO wants about 3e-4, not 1e-6. ``perturbation=None`` takes the estimator's z
     distribution (Gaussian for mezo).
 
     Example::

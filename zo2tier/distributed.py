@@ -299,9 +299,12 @@ class Replicas:
         return [t[2 : 2 + int(t[1, 0]), : local.shape[1]] for t in tables]
 
     # ---- the collective seam (zo2tier/collective.py) -----------------------------------------------------
-    def perturbations(self, q: int) -> int:
-        """The estimator's q: ``DataParallel(n_perturbations=q)`` spreads q perturbations over the ranks."""
+    def perturbations(self, q: int, auto: bool = False) -> int:
+        """The estimator's q: ``DataParallel(n_perturbations=q)`` spreads q perturbations over the ranks. With
+        ``auto`` (q the planner's choice) that spread is the q: the ranks, not the transfers, set it."""
         split = self.spec.n_perturbations
+        if auto and split > 1:
+            return split
         if split > 1 and q not in (1, split):
             raise ValueError(f"MeZOConfig(n_perturbations={q}) and DataParallel(n_perturbations={split}) disagree; "
                              "set one of them (DataParallel's spreads the perturbations over the ranks)")

@@ -199,10 +199,11 @@ class ZOEngine:
         """The estimator; with ``n_perturbations="auto"`` its smallest q until the first step's batch shape
         lets :meth:`_choose_perturbations` pick."""
         q = config.n_perturbations
-        self.auto_perturbations: Any = None if q == "auto" else False  # the choice, once made
-        if q == "auto":
+        auto = q == "auto"
+        self.auto_perturbations: Any = None if auto else False  # the choice, once made
+        if auto:
             q = ESTIMATORS[config.estimator].min_perturbations
-        return make_estimator(config.estimator, self.collective.perturbations(q))
+        return make_estimator(config.estimator, self.collective.perturbations(q, auto=auto))
 
     def _choose_perturbations(self, shape: tuple[int, int]) -> None:
         """q = "auto": the largest q whose compute hides under the plan's transfers, never below the
@@ -214,7 +215,8 @@ class ZOEngine:
                                       estimator=self.config.estimator, write_back_every=self.write_back_every[tier],
                                       compress=self.compress is not None)
         self.auto_perturbations = choice
-        self.estimator = make_estimator(self.config.estimator, self.collective.perturbations(choice.n_perturbations))
+        self.estimator = make_estimator(self.config.estimator,
+                                        self.collective.perturbations(choice.n_perturbations, auto=True))
         self.config = replace(self.config, n_perturbations=self.estimator.n_perturbations)
         self.runner.schedule = replace(self.runner.schedule, per_step=self.estimator.n_perturbations)
         _log.info("n_perturbations='auto' chose q=%d (%s)", self.estimator.n_perturbations, choice)

@@ -147,6 +147,27 @@ def test_resume_with_several_perturbations_resumes_at_the_step(tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_resume_without_lr_goes_on_with_the_checkpoints_and_refuses_another_estimator(tmp_path):
+    """A run at lr 1e-3, resumed without --lr, steps at 1e-3 (not fzoo's default 3e-4) and ends as the run
+    that was never cut; a resume naming another estimator (or none: mezo) is refused, nothing lost."""
+    import pytest
+
+    model, train, test = _task(tmp_path)
+    kw = {"model": model, "train": train, "test": test, "batch_size": 8, "eval_every": 2, "progress": False,
+          "objective": "classification", "budget": "device=1GiB,host=1GiB,disk=1GiB", "estimator": "fzoo",
+          "perturbations": 2}
+    full = finetune(out=str(tmp_path / "full"), steps=4, lr=1e-3, **kw)
+    finetune(out=str(tmp_path / "cut"), steps=2, lr=1e-3, **kw)
+    with pytest.raises(ValueError, match="estimator='fzoo' but this run has 'mezo'"):
+        finetune(out=str(tmp_path / "cut"), steps=4, resume=True, **(kw | {"estimator": "mezo", "perturbations": 1}))
+    resumed = finetune(out=str(tmp_path / "cut"), steps=4, resume=True, **(kw | {"perturbations": None}))
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "cut/log.jsonl").read_text().splitlines())
+           if r["event"] == "train"]
+    assert lrs == [1e-3] * 4 and resumed.finetuned_acc == full.finetuned_acc
+    a, b = load_file(tmp_path / "full/model/model.safetensors"), load_file(tmp_path / "cut/model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_keep_best_undoes_the_steps_after_the_best_dev_evaluation(tmp_path):
     """With --dev, the weights of the best dev evaluation are tested and exported: those of a run stopped
     there (up to fp32 rounding); --keep last keeps the last step's."""

@@ -52,7 +52,7 @@ def refuse_old(out: str) -> None:
 def save(out: str, cfg: Any, engine: Any, zero_shot_acc: float, step: int) -> str:
     """Write the engine checkpoint ``OUT/checkpoint`` with the job's state after ``step`` steps (not the log's
     length: a step logs q entries, and a kept best adds undo entries); returns its path."""
-    extra = {"format": JOB_FORMAT, "step": step, "zero_shot_acc": zero_shot_acc,
+    extra = {"format": JOB_FORMAT, "step": step, "zero_shot_acc": zero_shot_acc, "lr": cfg.lr,
              "config": {k: getattr(cfg, k) for k in _MUST_MATCH}}
     return engine.save_checkpoint(checkpoint_dir(out), extra_state=extra)
 

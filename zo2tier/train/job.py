@@ -96,10 +96,16 @@ class FineTuneConfig:
     export: str = "hf"
     keep: str = "best"
     progress: bool = True
+    # whether lr / perturbations were given, before __post_init__ filled in the estimator's defaults: a resume
+    # without them goes on with the checkpoint's, not with a default that may differ from what the run used
+    lr_given: bool = field(default=False, init=False, repr=False, compare=False)
+    perturbations_given: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r} is unknown; use one of {', '.join(sorted(ESTIMATORS))}")
+        object.__setattr__(self, "lr_given", self.lr is not None)
+        object.__setattr__(self, "perturbations_given", self.perturbations is not None)
         if self.lr is None:
             object.__setattr__(self, "lr", ESTIMATORS[self.estimator].default_lr)
         if self.perturbations is None:
@@ -189,6 +195,8 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
     resuming = _prepare_out(cfg, say)
     log_path = os.path.join(cfg.out, "log.jsonl")
     engine, resumed = (_resume_engine(cfg) if resuming else (open_engine(cfg, ref), None))
+    if resumed is not None:
+        cfg = _resumed_settings(cfg, engine, say)
     try:
         train, test, dev = _load_sets(cfg, tokenizer)
         history = ckpt.history(log_path, resumed.step if resumed else 0)
@@ -272,10 +280,24 @@ def open_engine(cfg: FineTuneConfig, ref: ModelRef | None = None) -> ZOEngine:
         storage=dict(cfg.storage) or None, write_back_every=cfg.write_back_every, compress=cfg.compress)
 
 
+def _resumed_settings(cfg: FineTuneConfig, engine: ZOEngine, say: Callable[[str], None]) -> FineTuneConfig:
+    """``cfg`` with the checkpoint's lr and q where the resume gave none (a given lr wins: it may be lowered)."""
+    saved = engine.config
+    lr = cfg.lr if cfg.lr_given else engine.extra_state.get("lr", saved.lr)  # the lr the run last stepped with
+    q = cfg.perturbations if cfg.perturbations_given else saved.n_perturbations
+    if (lr, q) != (cfg.lr, cfg.perturbations):
+        say(f"resumed with the checkpoint's lr {lr:g} and {q} perturbation(s) per step")
+    return dataclasses.replace(cfg, lr=lr, perturbations=q)
+
+
 def _resume_engine(cfg: FineTuneConfig) -> tuple[ZOEngine, ckpt.Resumed]:
     """The engine of ``OUT/checkpoint``, exactly where it stopped, and the job's state saved with it."""
     engine = ZOEngine.resume(ckpt.checkpoint_dir(cfg.out), device=cfg.device)
     try:
+        if engine.config.estimator != cfg.estimator:
+            raise ValueError(f"--resume: {ckpt.checkpoint_dir(cfg.out)} was trained with estimator="
+                             f"{engine.config.estimator!r} but this run has {cfg.estimator!r}; pass --estimator "
+                             f"{engine.config.estimator} or use a fresh --out")
         return engine, ckpt.check(cfg.out, cfg, engine.extra_state)
     except BaseException:
         engine.close()

@@ -45,7 +45,8 @@ class Estimator(ABC):
 
     ``perturbation``: the z distribution the estimator needs ("gaussian" / "rademacher"), or None to use
     the config's. ``min_perturbations``: the smallest q it is defined for. ``default_perturbations``: the
-    smallest q measured to train steadily: ``zo2tier finetune``'s default, and the floor of ``q="auto"``
+    smallest q to train steadily (measured for fzoo; 1 where q = 1 is the method's own form):
+    ``zo2tier finetune``'s default, and the floor of ``q="auto"``
     (only the device memory left takes auto below it). ``default_lr``: ``zo2tier finetune``'s learning rate
     when none is given (docs/estimators.md says how each was chosen). ``one_sided``: its groups are the
     clean copy plus one copy per perturbation (q + 1 copies), else two per perturbation (2q copies).
@@ -148,7 +149,7 @@ class FZOO(Estimator):
     perturbation = "rademacher"
     min_perturbations = 2
     # q = 3 (what auto chose for SmolLM2 on disk) did not train on the tweets: σ from three losses swings the
-    # step (mean test 0.749 after ~2,550 steps); q = 8 gained 6.4 points in 1,500. lr 3e-4: the best mean
+    # step (mean test 0.749 after ~2,560 steps); q = 8 gained 6.4 points in 1,500. lr 3e-4: the best mean
     # final dev accuracy of 3e-4 and 1e-3 over 3 seeds (benchmarks/time_to_accuracy.jsonl, H200)
     default_perturbations = 8
     default_lr = 3e-4
