@@ -124,15 +124,13 @@ def summarize_task(runs: list[dict], disk: dict, *, mezo_lr: float = -1.0, targe
     per_run = []
     for r in runs:
         sps, clock = _seconds_per_step(r, disk)
-        hit = next((p for p in r["curve"] if p["test_acc"] >= target), None)
-        within = [p for p in r["curve"] if p["step"] * sps <= budget_s + 1e-9]
+        steps, seconds = _to_target(r, target, sps)
         per_run.append({"method": _key(r), "seed": r["seed"], "q": r["q"], "seconds_per_step": sps, "clock": clock,
                         "zero_shot_acc": r["zero_shot_acc"], "final_acc": r["final_acc"],
-                        "test_at_best_dev": r.get("test_at_best_dev"),
-                        "steps_to_target": hit["step"] if hit else None,
-                        "seconds_to_target": hit["step"] * sps if hit else None,
+                        "final_dev_acc": r.get("final_dev_acc"), "test_at_best_dev": r.get("test_at_best_dev"),
+                        "steps_to_target": steps, "seconds_to_target": seconds,
                         "disk_seconds": r["steps"] * sps, "covers_mezo_budget": r["steps"] * sps >= budget_s - 1e-9,
-                        "acc_in_mezo_budget": within[-1]["test_acc"] if within else None})
+                        "acc_in_mezo_budget": _acc_at(r["curve"], sps, budget_s)})
     methods = {}
     for name in sorted({p["method"] for p in per_run}):
         rows = [p for p in per_run if p["method"] == name]
@@ -142,7 +140,7 @@ def summarize_task(runs: list[dict], disk: dict, *, mezo_lr: float = -1.0, targe
             "n_runs": len(rows), "q": rows[0]["q"], "seconds_per_step": rows[0]["seconds_per_step"],
             "clock": rows[0]["clock"], "n_reached": sum(p["steps_to_target"] is not None for p in rows),
             "mean_final_acc": _mean(p["final_acc"] for p in rows),
-            "mean_final_dev_acc": _mean(r.get("final_dev_acc") for r in runs if _key(r) == name),
+            "mean_final_dev_acc": _mean(p["final_dev_acc"] for p in rows),
             "min_disk_seconds": min(p["disk_seconds"] for p in rows),
             "mean_gain_over_zero_shot": _mean(p["final_acc"] - p["zero_shot_acc"] for p in rows),
             "mean_steps_to_target": _mean(p["steps_to_target"] for p in rows),
@@ -173,8 +171,15 @@ def lr_by_dev(methods: dict, mezo_name: str) -> dict[str, str]:
 
 
 def _acc_at(curve: list[dict], sps: float, seconds: float) -> float:
-    """Test accuracy at the last eval point within ``seconds`` of a run's disk clock."""
+    """Test accuracy at the last eval point within ``seconds`` of a run's disk clock (step 0 always is)."""
     return [p for p in curve if p["step"] * sps <= seconds + 1e-9][-1]["test_acc"]
+
+
+def _to_target(rec: dict, target: float, sps: float) -> tuple[int | None, float | None]:
+    """(steps, seconds at ``sps`` a step) to the first eval point whose test accuracy reaches ``target``;
+    (None, None) if none does."""
+    hit = next((p for p in rec["curve"] if p["test_acc"] >= target), None)
+    return (hit["step"], hit["step"] * sps) if hit else (None, None)
 
 
 def _equal_clock(runs: list[dict], disk: dict, best: str, mezo_name: str) -> dict:
@@ -271,9 +276,8 @@ def annotate(paths: str, summary: dict, disk: dict) -> int:
             if rec is not None and rec.get("kind", "accuracy") == "accuracy" and rec["task"] in summary:
                 target = summary[rec["task"]]["target_acc"]
                 sps, clock = _seconds_per_step(rec, disk)
-                hit = next((p for p in rec["curve"] if p["test_acc"] >= target), None)
-                rec |= {"target_acc": target, "steps_to_target": hit["step"] if hit else None,
-                        "seconds_to_target": hit["step"] * sps if hit else None,
+                steps, seconds = _to_target(rec, target, sps)
+                rec |= {"target_acc": target, "steps_to_target": steps, "seconds_to_target": seconds,
                         "seconds_to_target_clock": f"{clock}: steps x {sps:.4f} s"}
                 line = json.dumps(rec) + "\n"
                 n += 1

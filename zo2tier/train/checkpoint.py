@@ -26,6 +26,7 @@ _MUST_MATCH = ("model", "train", "template", "label_words", "text_column", "labe
 class Resumed:
     step: int
     zero_shot_acc: float
+    lr: float | None = None  # the lr the run last stepped with (None: a checkpoint from before it was saved)
 
 
 def checkpoint_dir(out: str) -> str:
@@ -70,7 +71,7 @@ def check(out: str, cfg: Any, extra_state: dict) -> Resumed:
     step = int(extra_state["step"])
     if step > cfg.steps:
         raise ValueError(f"--resume: the checkpoint is at step {step}, past --steps {cfg.steps}; raise --steps")
-    return Resumed(step, float(extra_state["zero_shot_acc"]))
+    return Resumed(step, float(extra_state["zero_shot_acc"]), extra_state.get("lr"))
 
 
 def history(log_path: str, step: int) -> list[dict[str, Any]]:

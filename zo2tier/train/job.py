@@ -196,7 +196,7 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
     log_path = os.path.join(cfg.out, "log.jsonl")
     engine, resumed = (_resume_engine(cfg) if resuming else (open_engine(cfg, ref), None))
     if resumed is not None:
-        cfg = _resumed_settings(cfg, engine, say)
+        cfg = _resumed_settings(cfg, engine, resumed, say)
     try:
         train, test, dev = _load_sets(cfg, tokenizer)
         history = ckpt.history(log_path, resumed.step if resumed else 0)
@@ -280,10 +280,11 @@ def open_engine(cfg: FineTuneConfig, ref: ModelRef | None = None) -> ZOEngine:
         storage=dict(cfg.storage) or None, write_back_every=cfg.write_back_every, compress=cfg.compress)
 
 
-def _resumed_settings(cfg: FineTuneConfig, engine: ZOEngine, say: Callable[[str], None]) -> FineTuneConfig:
+def _resumed_settings(cfg: FineTuneConfig, engine: ZOEngine, resumed: ckpt.Resumed,
+                      say: Callable[[str], None]) -> FineTuneConfig:
     """``cfg`` with the checkpoint's lr and q where the resume gave none (a given lr wins: it may be lowered)."""
     saved = engine.config
-    lr = cfg.lr if cfg.lr_given else engine.extra_state.get("lr", saved.lr)  # the lr the run last stepped with
+    lr = cfg.lr if cfg.lr_given else resumed.lr if resumed.lr is not None else saved.lr
     q = cfg.perturbations if cfg.perturbations_given else saved.n_perturbations
     if (lr, q) != (cfg.lr, cfg.perturbations):
         say(f"resumed with the checkpoint's lr {lr:g} and {q} perturbation(s) per step")
