@@ -358,6 +358,21 @@ def main(argv: list[str] | None = None) -> int:
     except (BlockIOError, StoreLockedError) as exc:  # disk full, failing drive, store in use
         print(f"zo2tier {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"zo2tier {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For an interrupted fine-tune: where its last checkpoint stands and how to go on from it."""
+    if args.command != "finetune":
+        return ""
+    from zo2tier.train.checkpoint import saved_step
+
+    step = saved_step(args.out)
+    if step is None:
+        return f"; no checkpoint was saved in {args.out} yet (one is saved at every --eval-every)"
+    return f"; the checkpoint in {args.out} is at step {step}: the same command with --resume goes on from it"
 
 
 _PY_HINT = re.compile(r"\b(disk_dir|write_back_every|storage|compress|placement|budget|device|dtype|batch_size|"

@@ -186,9 +186,9 @@ def test_keep_best_undoes_the_steps_after_the_best_dev_evaluation(tmp_path):
     assert event["step"] == 6 and event["dev_acc"] > event["final_dev_acc"] and event["entries_undone"] == 2
     stopped = finetune(out=str(tmp_path / "stopped"), steps=6, keep="last", **kw)
     a, b = (load_file(tmp_path / f"{run}/model/model.safetensors") for run in ("best", "stopped"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     c = load_file(tmp_path / "last/model/model.safetensors")
+    for k in a:  # undoing a step is a subtraction in fp32: a few ulps of the tensor's largest value
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=8 * torch.finfo(torch.float32).eps * a[k].abs().max().item())
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert best.finetuned_acc == stopped.finetuned_acc != last.finetuned_acc
 
@@ -231,3 +231,59 @@ def test_each_estimator_brings_its_own_lr_and_q_unless_given(tmp_path):
         FineTuneConfig(**base, estimator="adam")
     assert "perturbations: q=8 for fzoo" in describe_plan(model, TierBudget.parse("device=1GiB"), estimator="fzoo")
     assert "perturbations: q=1 for mezo" in describe_plan(model, TierBudget.parse("device=1GiB"))
+
+
+def test_an_interrupt_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Ctrl-C inside step 5's forward (layers 0-1 visited, the disk layer 2 entered) loses only the steps after
+    the last checkpoint (step 3): --resume then ends exactly as the run that was never cut."""
+    import pytest
+
+    from zo2tier.engine import ZOEngine
+
+    model, train, test = _task(tmp_path)
+    full = _run(tmp_path, model, train, test, tmp_path / "full", steps=6)
+    step, seen = ZOEngine.step, {"steps": 0}
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    def step_five_interrupted(self, *args, **kwargs):
+        seen["steps"] += 1
+        if seen["steps"] == 5:
+            self.model.get_submodule("model.layers.2").register_forward_pre_hook(interrupt)
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ZOEngine, "step", step_five_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, model, train, test, tmp_path / "cut", steps=6)
+    assert seen["steps"] == 5
+    resumed = _run(tmp_path, model, train, test, tmp_path / "cut", steps=6, resume=True)
+    assert resumed.finetuned_acc == full.finetuned_acc
+    a, b = load_file(tmp_path / "full/model/model.safetensors"), load_file(tmp_path / "cut/model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_finetune_says_where_its_checkpoint_stands(tmp_path, monkeypatch, capsys):
+    from zo2tier import cli
+    from zo2tier.train import job
+
+    model, train, test = _task(tmp_path)
+    def argv(out):
+        return ["finetune", "--model", model, "--train", train, "--test", test, "--template", "{text} It was",
+                "--label-words", "positive=great,negative=terrible", "--budget", "device=1GiB", "--out", str(out),
+                "--steps", "4", "--eval-every", "2", "--no-progress"]
+
+    _run(tmp_path, model, train, test, tmp_path / "out", steps=2)  # a checkpoint at step 2
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "finetune", interrupted)
+    capsys.readouterr()
+    assert cli.main(argv(tmp_path / "out")) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"zo2tier finetune: interrupted; the checkpoint in {tmp_path / 'out'} is at step 2: the same "
+                   "command with --resume goes on from it")
+    assert cli.main(argv(tmp_path / "fresh")) == 130
+    assert "no checkpoint was saved in" in capsys.readouterr().err

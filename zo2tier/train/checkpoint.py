@@ -39,6 +39,17 @@ def exists(out: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint_dir(out), "checkpoint.json"))
 
 
+def saved_step(out: str) -> int | None:
+    """The step ``OUT/checkpoint`` was saved after, or None where there is no fine-tune checkpoint."""
+    path = os.path.join(checkpoint_dir(out), "checkpoint.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            extra = json.load(f).get("extra_state") or {}
+    except (OSError, ValueError):
+        return None
+    return int(extra["step"]) if extra.get("format") == JOB_FORMAT else None
+
+
 def refuse_old(out: str) -> None:
     """Raise for the update-log checkpoint of zo2tier 0.1 (``OUT/checkpoint.json``), which is not resumable."""
     path = os.path.join(out, "checkpoint.json")
