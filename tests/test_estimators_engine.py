@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import ARCHS, tiny_batch, tiny_model
 from torch.func import functional_call
 
 import zo2tier
@@ -77,9 +77,12 @@ def _reference(model, specs, aliases, cfg, batches, engine_log):
     return estimates, theta
 
 
-@pytest.mark.parametrize(("name", "q", "lr"), CASES)
-def test_engine_matches_brute_force_reference(name, q, lr, tmp_path):
-    model = tiny_model("llama")
+@pytest.mark.parametrize(("name", "q", "lr", "arch"),
+                         [(*case, "llama") for case in CASES] + [("fzoo", 3, 1e-3, a) for a in ARCHS if a != "llama"])
+def test_engine_matches_brute_force_reference(name, q, lr, arch, tmp_path):
+    """Every estimator on llama; FZOO's four stacked copies on every architecture (each layer must give each
+    copy its own rows of every batch-major input: hidden states, masks, flattened tokens, ALiBi's heads)."""
+    model = tiny_model(arch)
     reference = copy.deepcopy(model)
     cfg = _config(name, q, lr)
     batches = _batches(3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("opt", "llama", "llama_untied", "qwen2", "qwen3", "mistral", "gpt2", "gemma3")
+ARCHS = ("opt", "llama", "llama_untied", "qwen2", "qwen3", "mistral", "gpt2", "gemma3", "bloom")
 
 _COMMON = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -30,6 +30,8 @@ def tiny_config(arch: str):
         return tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=4, n_head=4, n_positions=64)
     if arch == "gemma3":
         return tf.Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=8)
+    if arch == "bloom":  # ALiBi: its bias reaches each layer with a row per sequence and head
+        return tf.BloomConfig(vocab_size=96, hidden_size=32, n_layer=4, n_head=4)
     raise ValueError(arch)
 
 

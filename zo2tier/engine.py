@@ -325,12 +325,18 @@ class ZOEngine:
     def _forward(self, copies: tuple[tuple[int, float], ...], ids: torch.Tensor, mask: torch.Tensor | None,
                  **model_kwargs: Any) -> torch.Tensor:
         g = len(copies)
-        self.runner.begin(Copies(copies, g * ids.shape[0], g * ids.numel()))
+        self.runner.begin(self._copies(copies, ids))
         if g > 1:
             ids, mask = torch.cat([ids] * g), None if mask is None else torch.cat([mask] * g)
         logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **model_kwargs).logits
         self.runner.end()
         return logits
+
+    def _copies(self, copies: tuple[tuple[int, float], ...], ids: torch.Tensor) -> Copies:
+        """The copies of ``ids`` (B, T) a forward runs, with the dim-0 sizes a layer may see them in: G*B, its
+        tokens flattened (G*B*T), its attention heads flattened (G*B*H, BLOOM's ALiBi bias)."""
+        g, heads = len(copies), getattr(self.model.config, "num_attention_heads", 0) or 0
+        return Copies(copies, g * ids.shape[0], (g * ids.numel(), g * ids.shape[0] * int(heads)))
 
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, torch.Tensor]) -> float:
@@ -349,8 +355,7 @@ class ZOEngine:
         """The model's own unperturbed forward through the tiers (``input_ids`` required; ``past_key_values``,
         ``use_cache``, ``position_ids``... pass through). Returns the model's output; generation uses it."""
         self._check_open()
-        ids = model_kwargs["input_ids"]
-        self.runner.begin(Copies(((0, 0.0),), ids.shape[0], ids.numel()))
+        self.runner.begin(self._copies(((0, 0.0),), model_kwargs["input_ids"]))
         try:
             return self.model(**model_kwargs)
         finally:

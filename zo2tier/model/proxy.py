@@ -52,58 +52,60 @@ def install(model: nn.Module, qualified_name: str, proxy: nn.Module) -> None:
         setattr(parent, child, proxy)
 
 
-def _group_rows(n: int, full_rows: int, flat_rows: int, n_groups: int) -> int | None:
-    """Rows of one copy for a dim 0 of ``n``: B for the repeated batch, B*T for its flattened tokens."""
-    if n == full_rows or (flat_rows and n == flat_rows):
+def _group_rows(n: int, full_rows: int, other_rows: tuple[int, ...], n_groups: int) -> int | None:
+    """Rows of one copy for a dim 0 of ``n``: B for the repeated batch, B*m for a batch-major multiple of it
+    (``other_rows``: its tokens flattened, G*B*T; its heads flattened, G*B*H)."""
+    if n == full_rows or n in other_rows:
         return n // n_groups
     return None
 
 
-def split_group(obj: Any, full_rows: int, group: int, n_groups: int, flat_rows: int = 0) -> Any:
-    """Rows of copy ``group`` (of ``n_groups``) of every tensor whose dim 0 is ``full_rows`` = G*B, or
-    ``flat_rows`` = G*B*T (a part of a layer sees tokens flattened batch-major, e.g. OPT's MLP)."""
+def split_group(obj: Any, full_rows: int, group: int, n_groups: int, other_rows: tuple[int, ...] = ()) -> Any:
+    """Rows of copy ``group`` (of ``n_groups``) of every tensor whose dim 0 is ``full_rows`` = G*B, or one of
+    ``other_rows``: batch-major multiples of it (a part of a layer sees tokens flattened, e.g. OPT's MLP, G*B*T;
+    BLOOM's ALiBi bias has a row per sequence and head, G*B*H)."""
     if isinstance(obj, torch.Tensor):
-        rows = _group_rows(obj.shape[0], full_rows, flat_rows, n_groups) if obj.dim() > 0 else None
+        rows = _group_rows(obj.shape[0], full_rows, other_rows, n_groups) if obj.dim() > 0 else None
         if rows is not None:
             return obj[group * rows : (group + 1) * rows] if group < n_groups - 1 else obj[group * rows :]
         return obj
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(split_group(o, full_rows, group, n_groups, flat_rows) for o in obj)
+        return tuple(split_group(o, full_rows, group, n_groups, other_rows) for o in obj)
     if isinstance(obj, list):
-        return [split_group(o, full_rows, group, n_groups, flat_rows) for o in obj]
+        return [split_group(o, full_rows, group, n_groups, other_rows) for o in obj]
     if isinstance(obj, dict):
-        return {k: split_group(v, full_rows, group, n_groups, flat_rows) for k, v in obj.items()}
+        return {k: split_group(v, full_rows, group, n_groups, other_rows) for k, v in obj.items()}
     return obj
 
 
-def has_rows(obj: Any, full_rows: int, flat_rows: int = 0) -> bool:
-    """True if some tensor inside ``obj`` has dim 0 equal to ``full_rows`` (or ``flat_rows``)."""
+def has_rows(obj: Any, full_rows: int, other_rows: tuple[int, ...] = ()) -> bool:
+    """True if some tensor inside ``obj`` has dim 0 equal to ``full_rows`` (or one of ``other_rows``)."""
     if isinstance(obj, torch.Tensor):
-        return obj.dim() > 0 and (obj.shape[0] == full_rows or bool(flat_rows and obj.shape[0] == flat_rows))
+        return obj.dim() > 0 and (obj.shape[0] == full_rows or obj.shape[0] in other_rows)
     if isinstance(obj, (tuple, list)):
-        return any(has_rows(o, full_rows, flat_rows) for o in obj)
+        return any(has_rows(o, full_rows, other_rows) for o in obj)
     if isinstance(obj, dict):
-        return any(has_rows(v, full_rows, flat_rows) for v in obj.values())
+        return any(has_rows(v, full_rows, other_rows) for v in obj.values())
     return False
 
 
-def join_groups(outs: list[Any], rows: int, flat_rows: int = 0) -> Any:
+def join_groups(outs: list[Any], rows: int, other_rows: tuple[int, ...] = ()) -> Any:
     """Concatenate the copies' outputs along dim 0; batch-1 outputs are expanded to ``rows`` first (outputs of
-    ``flat_rows`` = B*T rows, flattened tokens, are concatenated as they are)."""
+    one of ``other_rows``, a copy's share of a batch-major multiple, are concatenated as they are)."""
     first = outs[0]
     if isinstance(first, torch.Tensor):
         if first.dim() == 0:
             return first
-        if first.shape[0] != rows and not (flat_rows and first.shape[0] == flat_rows):
+        if first.shape[0] != rows and first.shape[0] not in other_rows:
             outs = [o.expand(rows, *o.shape[1:]) for o in outs]
         return torch.cat(outs, dim=0)
     if isinstance(first, tuple):
-        joined = [join_groups(list(parts), rows, flat_rows) for parts in zip(*outs)]
+        joined = [join_groups(list(parts), rows, other_rows) for parts in zip(*outs)]
         return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
     if isinstance(first, list):
-        return [join_groups(list(parts), rows, flat_rows) for parts in zip(*outs)]
+        return [join_groups(list(parts), rows, other_rows) for parts in zip(*outs)]
     if isinstance(first, dict):
-        return type(first)({k: join_groups([o[k] for o in outs], rows, flat_rows) for k in first})
+        return type(first)({k: join_groups([o[k] for o in outs], rows, other_rows) for k in first})
     return first
 
 
@@ -114,7 +116,7 @@ def run_groups(
     kwargs: dict,
     n_groups: int,
     full_rows: int,
-    flat_rows: int = 0,
+    other_rows: tuple[int, ...] = (),
 ) -> Any:
     """Run ``inner`` on each of the ``n_groups`` copies of the batch with ``weights(group)`` and join them.
 
@@ -127,16 +129,16 @@ def run_groups(
     if n_groups == 1:
         return functional_call(inner, weights(0), args, kwargs, tie_weights=False, strict=False)
     rows = full_rows // n_groups
-    flat_one = flat_rows // n_groups
-    split = has_rows((args, kwargs), full_rows, flat_rows)
+    one_copy = tuple(n // n_groups for n in other_rows)
+    split = has_rows((args, kwargs), full_rows, other_rows)
 
     def group_out(group: int) -> Any:
-        a = split_group(args, full_rows, group, n_groups, flat_rows) if split else args
-        k = split_group(kwargs, full_rows, group, n_groups, flat_rows) if split else kwargs
+        a = split_group(args, full_rows, group, n_groups, other_rows) if split else args
+        k = split_group(kwargs, full_rows, group, n_groups, other_rows) if split else kwargs
         return functional_call(inner, weights(group), a, k, tie_weights=False, strict=False)
 
     first = group_out(0)
-    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] in (rows, flat_one):
+    if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] in (rows, *one_copy):
         n = first.shape[0]
         joined = first.new_empty((n_groups * n, *first.shape[1:]))
         joined[:n].copy_(first)
@@ -145,4 +147,4 @@ def run_groups(
             joined[group * n : (group + 1) * n].copy_(group_out(group))
         return joined
     outs = [first] + [group_out(group) for group in range(1, n_groups)]
-    return join_groups(outs, rows, flat_one)
+    return join_groups(outs, rows, one_copy)

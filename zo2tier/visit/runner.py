@@ -62,7 +62,7 @@ class Copies:
 
     groups: tuple[tuple[int, float], ...]
     rows: int  # dim 0 of the repeated batch
-    flat_rows: int  # its tokens, flattened
+    other_rows: tuple[int, ...] = ()  # batch-major multiples of it: its tokens flattened, its heads flattened
 
 
 @dataclass
@@ -107,7 +107,7 @@ class BlockRunner:
         self._log_cache: tuple[int, int, fused.PendingLog] | None = None
         self._empty_log: fused.PendingLog | None = None
         self._open: Visit | Arrived | None = None
-        self._copies = Copies(((0, 0.0),), 0, 0)
+        self._copies = Copies(((0, 0.0),), 0)
         self.visits = FusedVisits(tiers, bindings, perturbation=perturbation, write_due=self._write_due,
                                   encode_buffer=self._encode_buffer, on_encoded_sent=self._encoded_sent,
                                   range_buffer=self._range_buffer)
@@ -154,7 +154,7 @@ class BlockRunner:
         else:
             views = self._fused_views(visit, binding, binding_index)
         c = self._copies
-        out = run_groups(inner, views, args, kwargs, len(c.groups), c.rows, c.flat_rows)
+        out = run_groups(inner, views, args, kwargs, len(c.groups), c.rows, c.other_rows)
         if visit is not None:
             visit.done.add(binding_index)
             if visit.done >= self.bindings.parts_of[record.index]:
