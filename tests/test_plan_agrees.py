@@ -98,3 +98,26 @@ def test_plan_of_a_non_model_names_it(tmp_path, given):
     (tmp_path / "file.txt").write_text("x")
     done = _plan_cli(str(tmp_path / given), "device=1GiB")
     assert done.returncode == 2 and "Traceback" not in done.stderr and given in done.stderr
+
+
+def test_a_cpu_plan_counts_no_cuda_context_so_auto_keeps_fzoos_q(tmp_path, capsys):
+    """On the CPU the device tier holds no CUDA context: a 1 GiB device budget leaves FZOO's auto at its
+    steady q (it fell to 2 when 1.3 GiB of CUDA context was charged to the CPU); a CUDA plan still counts it,
+    and the engine plans as `zo2tier plan` does."""
+    from zo2tier import cli
+    from zo2tier.plan import CUDA_CONTEXT_BYTES
+
+    model = _deep_model(str(tmp_path / "m"))
+    budget = TierBudget.parse("device=1GiB,host=0,disk=1GiB")
+    assert plan_for_model(model, budget)[1].context_bytes == 0
+    assert plan_for_model(model, budget, device="cuda")[1].context_bytes == CUDA_CONTEXT_BYTES
+    with ZOEngine.from_pretrained(model, budget="device=1GiB", disk_dir=tmp_path / "d") as engine:
+        assert engine.plan_input.context_bytes == 0
+    args = ["plan", model, "--budget", "device=1GiB,host=0,disk=1GiB", "--estimator", "fzoo", "--perturbations",
+            "auto", "--batch", "8", "--seq", "64"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "auto chose q=8 for fzoo" in out and "estimated device-tier (CPU) peak" in out
+    assert cli.main([*args, "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "auto chose q=2 for fzoo (stopped by memory" in out and "estimated GPU peak" in out

@@ -192,7 +192,7 @@ class ZOEngine:
         self.plan_input, plan = make_plan(
             self.layout, self.budget, placement=placement, compute_dtype=self.compute_dtype, storage=self.storage,
             lookahead_blocks=self.host_lookahead, fused=fused.available(self.device, self.compute_dtype),
-            vocab_size=int(getattr(model.config, "vocab_size", 0) or 0))
+            vocab_size=int(getattr(model.config, "vocab_size", 0) or 0), device_type=self.device.type)
         return plan
 
     def _make_estimator(self, config: MeZOConfig) -> Estimator:

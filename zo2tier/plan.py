@@ -54,6 +54,7 @@ class PlanInput:
     largest_part: int = 0
     largest_resident_module: int = 0
     vocab_size: int = 0  # for the logits in unplanned_device_bytes (0: unknown, not counted)
+    context_bytes: int = CUDA_CONTEXT_BYTES  # the compute device's fixed cost: a CUDA context, none on the CPU
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,12 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
 
 
 def unplanned_device_bytes(inp: PlanInput, tokens: int) -> int:
-    """GPU bytes a step of ``tokens`` tokens (batch × sequence) takes besides the planned ones: the CUDA
-    context and libraries, the full-vocabulary logits of the doubled batch, the loss chunk and a layer
+    """Device bytes a step of ``tokens`` tokens (batch × sequence) takes besides the planned ones: the CUDA
+    context and libraries (``inp.context_bytes``, 0 on the CPU), the full-vocabulary logits of the doubled batch, the loss chunk and a layer
     part's activations. An estimate from measurements on the H100 (OPT-13B, every block in host RAM:
     planned 2.15 GiB + this 2.07 GiB = 4.22 GiB against 4.23 GiB NVML measured)."""
     part = inp.largest_part or max((b.numel for b in inp.blocks), default=0)
-    return (CUDA_CONTEXT_BYTES + LOGIT_BYTES * 2 * tokens * inp.vocab_size
+    return (inp.context_bytes + LOGIT_BYTES * 2 * tokens * inp.vocab_size
             + LOSS_CHUNK_BYTES_PER_VOCAB * inp.vocab_size + PART_ACTIVATION_BYTES * part)
 
 

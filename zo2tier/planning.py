@@ -17,6 +17,7 @@ from zo2tier.budget import TIERS, TierBudget, format_size
 from zo2tier.model.blocks import ModelLayout, describe, scratch_spans
 from zo2tier.model_ref import ModelRef, model_ref
 from zo2tier.plan import (
+    CUDA_CONTEXT_BYTES,
     DEFAULT_HOST_LOOKAHEAD,
     BlockSize,
     Plan,
@@ -35,16 +36,18 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_plan_input(layout: ModelLayout, *, compute_dtype: torch.dtype, storage: Mapping[str, str],
-                     lookahead_blocks: int, fused: bool, vocab_size: int) -> PlanInput:
+                     lookahead_blocks: int, fused: bool, vocab_size: int, device_type: str) -> PlanInput:
     """What the planner sees of a model: the one builder the engine and ``zo2tier plan`` share.
 
     ``layout``: the model's blocks (``describe(model)``; a meta skeleton is enough). ``fused``: the fused CUDA
-    kernel serves the blocks (``zo2tier.zo.fused.available``). Layers are bound part by part."""
+    kernel serves the blocks (``zo2tier.zo.fused.available``). ``device_type``: the compute device's
+    (``"cuda"`` counts a CUDA context in the device tier; the CPU has none). Layers are bound part by part."""
     sizes = tuple(BlockSize(n, sum(p.numel for p in layout.params_under(n))) for n in layout.block_names)
     resident = sum(p.numel for p in layout.params) - sum(s.numel for s in sizes)
     part, resident_module = scratch_spans(layout)
     return PlanInput(sizes, resident, compute_dtype.itemsize, dict(storage), lookahead_blocks, fused=fused,
-                     largest_part=part, largest_resident_module=resident_module, vocab_size=vocab_size)
+                     largest_part=part, largest_resident_module=resident_module, vocab_size=vocab_size,
+                     context_bytes=CUDA_CONTEXT_BYTES if device_type == "cuda" else 0)
 
 
 def make_plan(layout: ModelLayout, budget: TierBudget, *, placement: Mapping[str, str] | None = None,
@@ -114,7 +117,7 @@ def plan_for_model(model: str, budget: TierBudget, *, device: str = "cpu", stora
     uses_fused = fused.available(dev, pm.compute_dtype) or (dev.type == "cuda" and not torch.cuda.is_available())
     inp, plan = make_plan(describe(pm.skeleton), budget, compute_dtype=pm.compute_dtype, storage=pm.storage,
                           lookahead_blocks=DEFAULT_HOST_LOOKAHEAD, fused=uses_fused,
-                          vocab_size=int(getattr(pm.skeleton.config, "vocab_size", 0) or 0))
+                          vocab_size=int(getattr(pm.skeleton.config, "vocab_size", 0) or 0), device_type=dev.type)
     return plan, inp, pm
 
 
@@ -184,9 +187,11 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
             f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s{codec}; "
             f"rates from {calibration or 'docs/design.md defaults (H100 machine)'})" + chosen)
     extra = unplanned_device_bytes(inp, batch * seq)
-    peak = (f"estimated GPU peak ({batch}x{seq} tokens): {format_size(plan.used_bytes['device'] + extra)} = "
-            f"device {format_size(plan.used_bytes['device'])} + CUDA context, logits, loss and activations "
-            f"{format_size(extra)} (measured on an H100; docs/scaling.md)")
+    where, besides = (("GPU", "CUDA context, logits, loss and activations") if inp.context_bytes
+                      else ("device-tier (CPU)", "logits, loss and activations"))
+    peak = (f"estimated {where} peak ({batch}x{seq} tokens): {format_size(plan.used_bytes['device'] + extra)} "
+            f"= device {format_size(plan.used_bytes['device'])} + {besides} {format_size(extra)} "
+            f"(measured on an H100; docs/scaling.md)")
     return "\n".join([head, plan.table(), placement_line(plan, [b.name for b in inp.blocks]), peak, tail])
 
 

@@ -168,7 +168,7 @@ def test_cli_compress_flag(tmp_path, capsys):
                      "--no-progress"]) == 0
     assert all(b.zstd is not None for b in read_manifest(str(tmp_path / "store")).blocks[:-1])
     assert cli.main(["plan", str(tmp_path / "hf"), "--budget", "device=300KB,disk=1GiB", "--storage", "disk=bf16",
-                     "--compress", "zstd"]) == 0
+                     "--compress", "zstd", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "zstd-compressed" in out and "at ratio 0.780" in out and "zstd_h100.json" in out
     assert "estimated GPU peak (1x2048 tokens): " in out  # planned bytes + context, logits, loss, activations

@@ -233,6 +233,22 @@ def test_each_estimator_brings_its_own_lr_and_q_unless_given(tmp_path):
     assert "perturbations: q=1 for mezo" in describe_plan(model, TierBudget.parse("device=1GiB"))
 
 
+def test_auto_perturbations_are_said_logged_and_in_the_result(tmp_path, capsys):
+    """--perturbations auto: the q the planner chose at the first step is printed, logged as a
+    `perturbations` event and is the result's `perturbations`; a fixed q is the result's too."""
+    model, train, test = _task(tmp_path)
+    kw = {"model": model, "train": train, "test": test, "steps": 2, "batch_size": 8, "progress": False,
+          "budget": "device=1GiB,host=1GiB,disk=1GiB", "estimator": "fzoo", "export": "none"}
+    r = finetune(out=str(tmp_path / "auto"), perturbations="auto", **kw)
+    said = capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "auto/log.jsonl").read_text().splitlines()]
+    (event,) = [rec for rec in log if rec["event"] == "perturbations"]
+    assert r.perturbations == event["q"] >= 8 and event["step"] == 1  # on the CPU no context eats the budget
+    assert f"--perturbations auto: q={r.perturbations} for fzoo (stopped by {event['limit']}" in said
+    assert finetune(out=str(tmp_path / "fixed"), perturbations=3, **kw).perturbations == 3
+    assert "--perturbations auto" not in capsys.readouterr().out
+
+
 def test_an_interrupt_mid_step_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     """Ctrl-C inside step 5's forward (layers 0-1 visited, the disk layer 2 entered) loses only the steps after
     the last checkpoint (step 3): --resume then ends exactly as the run that was never cut."""

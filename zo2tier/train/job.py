@@ -158,6 +158,7 @@ class FineTuneResult:
     storage: dict[str, str]
     out: str
     kept_step: int | None = None  # the step whose weights were kept (keep="best" with a dev split)
+    perturbations: int = 1  # q each step ran (the planner's choice under --perturbations auto)
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,7 +215,7 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
             say(f"zero-shot test accuracy: {zero_shot:.4f}")
             t_train = time.perf_counter()
             _train(engine, cfg, train, dev or test, log, zero_shot, start=resumed.step if resumed else 0,
-                   testset=test)
+                   testset=test, say=say)
             train_s = time.perf_counter() - t_train
             kept = None
             if dev is not None and cfg.keep == "best":
@@ -230,7 +231,8 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
                 export_with_tokenizer(engine, os.path.join(cfg.out, "model"), ref)
             counts = {t: sum(1 for v in engine.placement.values() if v == t) for t in ("device", "host", "disk")}
             result = FineTuneResult(zero_shot, final, cfg.steps, time.perf_counter() - t_start, train_s,
-                                    len(test), counts, dict(engine.storage), os.path.abspath(cfg.out), kept)
+                                    len(test), counts, dict(engine.storage), os.path.abspath(cfg.out), kept,
+                                    engine.estimator.n_perturbations)
             _write(log, {"event": "final", **result.summary()})
     finally:
         engine.close()
@@ -367,7 +369,7 @@ def lr_at(step: int, *, lr: float, steps: int, schedule: str) -> float:
 
 
 def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: EncodedSet, log, zero_shot: float,
-           *, start: int, testset: EncodedSet | None = None) -> None:
+           *, start: int, testset: EncodedSet | None = None, say: Callable[[str], None] = print) -> None:
     loss_fn = loss_fn_for(cfg.objective)
     split = "dev" if cfg.dev else "test"
     meter = Meter(engine, total=cfg.steps, initial=start, enabled=cfg.progress)
@@ -378,6 +380,8 @@ def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: En
             t0 = time.perf_counter()
             r = engine.step(batch, lr=lr, loss_fn=loss_fn)
             rec = meter.update(step + 1, r, lr, int(batch["attention_mask"].sum()), time.perf_counter() - t0)
+            if step == start and engine.auto_perturbations:
+                _announce_auto(engine, log, say, step + 1)
             _write(log, rec)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 acc = accuracy(engine, evalset, batch_size=cfg.eval_batch_size, max_examples=cfg.eval_max,
@@ -392,6 +396,15 @@ def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: En
     finally:
         meter.close()
     ckpt.save(cfg.out, cfg, engine, zero_shot, cfg.steps)
+
+
+def _announce_auto(engine: ZOEngine, log, say: Callable[[str], None], step: int) -> None:
+    """Say and log what ``--perturbations auto`` chose at the run's first step (the batch's shape decides)."""
+    choice, q = engine.auto_perturbations, engine.estimator.n_perturbations
+    say(f"--perturbations auto: q={q} for {engine.config.estimator} (stopped by {choice.limit}; predicted step "
+        f"{choice.prediction.step_s:.3f} s, bound by {choice.prediction.bound})")
+    _write(log, {"event": "perturbations", "step": step, "q": q, "limit": choice.limit,
+                 "predicted_step_s": choice.prediction.step_s, "bound": choice.prediction.bound})
 
 
 def _eval_dev(engine: ZOEngine, cfg: FineTuneConfig, dev: EncodedSet, log, step: int) -> float:
