@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from zo2tier.model.names import name_resolver, tied_names
+
 
 class StateSource:
     """Reads one named tensor at a time, and lists the keys ``model.state_dict()`` had.
@@ -56,12 +58,7 @@ class _Checkpoint(StateSource):
 
     def __init__(self, model: nn.Module, path: str) -> None:
         super().__init__(model)
-        self._prefix = getattr(model, "base_model_prefix", "") or ""
         self._where: dict[str, str] = {}
-        tied: dict[int, list[str]] = {}  # a tied weight is saved under one of its names only
-        for n, p in model.named_parameters(remove_duplicate=False):
-            tied.setdefault(id(p), []).append(n)
-        self._tied = {n: names for names in tied.values() for n in names}
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if files:
             from safetensors import safe_open
@@ -81,19 +78,7 @@ class _Checkpoint(StateSource):
             raise ValueError(
                 f"{path!r} holds no *.safetensors and no pytorch_model.bin; give a Hugging Face model directory"
             )
-
-    def _resolve(self, name: str) -> str:
-        candidates = []
-        for n in self._tied.get(name, [name]):
-            candidates.append(n)
-            if self._prefix and n.startswith(self._prefix + "."):
-                candidates.append(n[len(self._prefix) + 1 :])
-            elif self._prefix:
-                candidates.append(f"{self._prefix}.{n}")
-        for c in candidates:
-            if c in self._where:
-                return c
-        raise KeyError(f"the checkpoint has no tensor for parameter {name!r} (tried {candidates})")
+        self._resolve = name_resolver(model)(self._where)
 
     def get(self, name: str) -> torch.Tensor:
         key = self._resolve(name)
@@ -129,10 +114,7 @@ class _GGUF(StateSource):
     def __init__(self, model: nn.Module, tensors) -> None:
         super().__init__(model)
         self._tensors = tensors
-        tied: dict[int, list[str]] = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            tied.setdefault(id(p), []).append(n)
-        self._tied = {n: names for names in tied.values() for n in names}
+        self._tied = tied_names(model)
 
     def get(self, name: str) -> torch.Tensor:
         for n in self._tied.get(name, [name]):

@@ -26,7 +26,6 @@ from zo2tier.store.sources import (
     RandomSource,
     SafetensorsSource,
     TensorSource,
-    name_resolver,
     safetensors_files,
 )
 from zo2tier.store.zstd import Zstd, parse_compress
@@ -258,12 +257,9 @@ def _gguf(directory: str, file: str) -> tuple[dict, TensorSource, torch.dtype]:
 
 def _resolver_for(config: dict):
     from zo2tier.checkpoint import skeleton_from_config
+    from zo2tier.model.names import name_resolver
 
-    model = skeleton_from_config(config, torch.float32)
-    tied: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(p), []).append(n)
-    return name_resolver(getattr(model, "base_model_prefix", "") or "", {n: v for v in tied.values() for n in v})
+    return name_resolver(skeleton_from_config(config, torch.float32))
 
 
 def _read_json(path: str) -> dict:

@@ -181,27 +181,5 @@ class RandomSource(TensorSource):
         return {"kind": self.kind, "seed": self._seed}
 
 
-def name_resolver(prefix: str, tied: dict[str, list[str]]):
-    """A function keys -> (parameter name -> key in the checkpoint), tolerant of the base-model prefix."""
-
-    def bind(keys):
-        def resolve(name: str) -> str:
-            tried = []
-            for n in tied.get(name, [name]):
-                tried.append(n)
-                if prefix and n.startswith(prefix + "."):
-                    tried.append(n[len(prefix) + 1 :])
-                elif prefix:
-                    tried.append(f"{prefix}.{n}")
-            for c in tried:
-                if c in keys:
-                    return c
-            raise KeyError(f"the checkpoint has no tensor for parameter {name!r} (tried {tried})")
-
-        return resolve
-
-    return bind
-
-
 def safetensors_files(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "*.safetensors")))
