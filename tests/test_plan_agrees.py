@@ -121,3 +121,19 @@ def test_a_cpu_plan_counts_no_cuda_context_so_auto_keeps_fzoos_q(tmp_path, capsy
     assert cli.main([*args, "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "auto chose q=2 for fzoo (stopped by memory" in out and "estimated GPU peak" in out
+
+
+def test_a_short_device_budget_names_the_floor_that_fits_any_split(tmp_path):
+    """The shortfall of one placement is not enough to act on (host blocks need upload buffers on the device,
+    so adding host room raises the need): the error also names the device budget that holds any split."""
+    import re
+
+    model = _deep_model(str(tmp_path / "m"))
+    floors = set()
+    for host in ("0", "1MiB", "1GiB"):
+        with pytest.raises(ValueError, match="raise the device budget") as err:
+            plan_for_model(model, TierBudget.parse(f"device=1B,host={host},disk=1GiB"))
+        floors.add(int(re.search(r"at least [\d.]+ \w+ = (\d+) bytes holds", str(err.value)).group(1)))
+    (floor,) = floors  # one number whatever the lower tiers' budgets
+    for host in ("0", "1MiB", "1GiB"):
+        plan_for_model(model, TierBudget.parse(f"device={floor}B,host={host},disk=1GiB"))

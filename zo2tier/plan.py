@@ -148,10 +148,16 @@ def plan_placement(
     for tier in TIERS:
         if used[tier] > budget.of(tier):
             short = used[tier] - budget.of(tier)
+            # the device floor of any split over host and disk: actionable where this placement's need is not
+            # (room on the host adds upload buffers on the device, so raising the host budget raises the need)
+            floor = block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, len(names), len(names))
+            hint = (f" (at least {format_size(floor)} = {floor} bytes holds the resident set and the buffers of any "
+                    "split of the layers over host and disk)"
+                    if tier == "device" and override is None and floor > used[tier] else "")
             raise ValueError(
                 f"the {tier} tier needs {format_size(used[tier])} but its budget is "
                 f"{format_size(budget.of(tier))}: {format_size(short)} short; raise the {tier} budget"
-                + (" or move blocks to a lower tier" if override is not None else "")
+                + (" or move blocks to a lower tier" if override is not None else "") + hint
             )
     return Plan(placement, used, budget, work)
 

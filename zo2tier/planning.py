@@ -161,7 +161,7 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
     n_params = inp.resident_numel + sum(b.numel for b in inp.blocks)
     compute = dtype_name(pm.compute_dtype)
     why = "" if dtype else " (the model's dtype, fp32 if it names none; --dtype to choose)"
-    head = (f"{model} ({pm.ref.kind}): {n_params / 1e9:.2f}B parameters, {len(inp.blocks)} blocks, compute "
+    head = (f"{model} ({pm.ref.kind}): {_count(n_params)} parameters, {len(inp.blocks)} blocks, compute "
             f"{compute}{why}, device {device}, storage {inp.storage}"
             + (", disk tier zstd-compressed" if zstd else ""))
     cal = Calibration.load(calibration)
@@ -193,6 +193,14 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
             f"= device {format_size(plan.used_bytes['device'])} + {besides} {format_size(extra)} "
             f"(measured on an H100; docs/scaling.md)")
     return "\n".join([head, plan.table(), placement_line(plan, [b.name for b in inp.blocks]), peak, tail])
+
+
+def _count(n: int) -> str:
+    """A parameter count as people say it: 1.24B, 135M, 73.5K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
+    return str(n)
 
 
 def placement_line(plan: Plan, names: list[str]) -> str:
