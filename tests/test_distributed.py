@@ -258,3 +258,17 @@ def test_auto_with_perturbations_spread_over_ranks_takes_the_spread(ranks):
     assert a["log"] == b["log"] and len(a["log"]) == 2 * 2
     assert len(ranks[0]["fzoo_auto_one"]["log"]) == 8  # without the ranks, auto takes 8
     assert all(lr == CFG["lr"] / 2 for _, _, _, lr, _ in a["log"])
+
+
+def test_auto_plans_for_the_widest_shard_on_every_rank():
+    """9 rows over 2 ranks shard as 5 and 4: q = "auto" plans for 5 rows on both ranks, so an uneven split
+    cannot make them pick different q (without sharding, each rank's batch is the whole)."""
+    from zo2tier.distributed import DataParallel, Replicas
+
+    batch = {"input_ids": torch.zeros(9, 4, dtype=torch.long)}
+    for shard_batch, want in ((True, 5), (False, 9)):
+        for rank in (0, 1):
+            replicas = object.__new__(Replicas)  # no process group needed for the arithmetic
+            replicas.spec, replicas.rank, replicas.world_size = DataParallel(shard_batch=shard_batch), rank, 2
+            local = replicas.shard(batch)["input_ids"].shape[0]
+            assert replicas.widest_shard(local) == want, (shard_batch, rank)

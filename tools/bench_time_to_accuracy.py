@@ -150,7 +150,7 @@ def resolve_q(cfg: dict, mdir: str) -> tuple[int, dict | None]:
     from zo2tier.predict import Calibration, choose_perturbations
 
     budget = TierBudget.parse(BUDGET)
-    _, inp = plan_from_config(mdir, budget, storage=_storage(cfg) or None, dtype=cfg["dtype"])
+    _, inp = plan_from_config(mdir, budget, storage=_storage(cfg) or None, dtype=cfg["dtype"], device=cfg["device"])
     tier = "host" if cfg["placement"] == "host" else "disk"
     plan = plan_placement(inp, budget, {b.name: tier for b in inp.blocks})
     choice = choose_perturbations(inp, plan, Calibration(), batch=cfg["batch_size"], seq=cfg["max_length"],

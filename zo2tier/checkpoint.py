@@ -80,7 +80,9 @@ class StoreSource(StateSource):
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
-            raise KeyError(f"store {self.store.path} has no tensor {name!r}; it was converted from another model")
+            raise ValueError(f"store {self.store.path} has no tensor {name!r}; it was converted from another "
+                             "model, or under a transformers version that named this model's parameters otherwise "
+                             "(convert it again)")
         index, t = self._where[name]
         if self._cached is None or self._cached[0] != index:
             entry = self.store.entry(index)

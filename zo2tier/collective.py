@@ -29,6 +29,8 @@ class Collective(Protocol):
 
     def shard(self, batch: Mapping[str, Any]) -> Mapping[str, Any]: ...
 
+    def widest_shard(self, local_rows: int) -> int: ...
+
     def copies_to_run(self, groups: Sequence[Group]) -> tuple[int, ...]: ...
 
     def losses(self, logits: Sequence[torch.Tensor], labels: torch.Tensor, ran: Sequence[int], n_groups: int, *,
@@ -48,6 +50,10 @@ class Local:
 
     def shard(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
         return batch
+
+    def widest_shard(self, local_rows: int) -> int:
+        """Rows of the widest rank's shard of the last batch (``auto`` plans for it, so every rank picks alike)."""
+        return local_rows
 
     def copies_to_run(self, groups: Sequence[Group]) -> tuple[int, ...]:
         return tuple(range(len(groups)))

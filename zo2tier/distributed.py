@@ -323,6 +323,14 @@ class Replicas:
             return batch
         return _shard(batch, *shard_rows(self._global_rows, self.rank, self.world_size), self._global_rows)
 
+    def widest_shard(self, local_rows: int) -> int:
+        """Rows of rank 0's shard of the last batch, the widest: ``auto`` plans for it on every rank, so an
+        uneven split (9 rows over 2 ranks: 5 and 4) cannot make the ranks pick different q."""
+        if not self.spec.shard_batch:
+            return local_rows
+        start, stop = shard_rows(self._global_rows, 0, self.world_size)
+        return stop - start
+
     def copies_to_run(self, groups: Sequence[Group]) -> tuple[int, ...]:
         """Every copy; with ``DataParallel(n_perturbations=q)``, the copies of perturbation ``rank % q``."""
         q = self.spec.n_perturbations

@@ -263,7 +263,7 @@ class ZOEngine:
         local = self.collective.shard(batch)
         ids, mask, labels = unpack(local, self.device)
         if self.auto_perturbations is None:
-            self._choose_perturbations(ids.shape)
+            self._choose_perturbations((self.collective.widest_shard(ids.shape[0]), ids.shape[1]))
         cfg, start = self.config, len(self.log)
         seeds = [step_seed(cfg.seed, start + k) for k in range(self.estimator.n_perturbations)]
         groups = self.estimator.groups()
@@ -335,8 +335,9 @@ class ZOEngine:
     def _copies(self, copies: tuple[tuple[int, float], ...], ids: torch.Tensor) -> Copies:
         """The copies of ``ids`` (B, T) a forward runs, with the dim-0 sizes a layer may see them in: G*B, its
         tokens flattened (G*B*T), its attention heads flattened (G*B*H, BLOOM's ALiBi bias)."""
-        g, heads = len(copies), getattr(self.model.config, "num_attention_heads", 0) or 0
-        return Copies(copies, g * ids.shape[0], (g * ids.numel(), g * ids.shape[0] * int(heads)))
+        g, heads = len(copies), getattr(self.model.config, "num_attention_heads", 0)
+        heads = heads if isinstance(heads, int) else 0  # per-layer head counts (a list): no such rows
+        return Copies(copies, g * ids.shape[0], (g * ids.numel(), g * ids.shape[0] * heads))
 
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, torch.Tensor]) -> float:

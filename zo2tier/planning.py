@@ -191,14 +191,15 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
                       else ("device-tier (CPU)", "logits, loss and activations"))
     peak = (f"estimated {where} peak ({batch}x{seq} tokens): {format_size(plan.used_bytes['device'] + extra)} "
             f"= device {format_size(plan.used_bytes['device'])} + {besides} {format_size(extra)} "
-            f"(measured on an H100; docs/scaling.md)")
+            f"(measured on an H100; docs/scaling.md)"
+            + ("" if inp.context_bytes else "; --device cuda plans for a GPU, with its CUDA context"))
     return "\n".join([head, plan.table(), placement_line(plan, [b.name for b in inp.blocks]), peak, tail])
 
 
 def _count(n: int) -> str:
     """A parameter count as people say it: 1.24B, 135M, 73.5K."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
+        if float(f"{n / size:.3g}") >= 1:  # rounded first: 999,999 is 1M, not 1000K
             return f"{n / size:.3g}{unit}" if n < 100 * size else f"{n / size:.0f}{unit}"
     return str(n)
 

@@ -45,7 +45,7 @@ def test_mixtral_experts_saved_apart_are_refused_before_anything_is_written(tmp_
     model = tf.MixtralForCausalLM(tf.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=2))
     hf = _saved(tmp_path, model)
     with pytest.raises(UnsupportedModelError, match=r"MixtralForCausalLM: parameter 'model\.layers\.0\.mlp\.experts"
-                                                    r"\.gate_up_proj' is saved as 4 tensors .* cannot merge them yet"):
+                                                    r"\.gate_up_proj' is saved as 4 tensors .* cannot convert them yet"):
         convert(hf, str(tmp_path / "store"), progress=False)
     assert not (tmp_path / "store").exists()
 

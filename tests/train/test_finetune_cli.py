@@ -235,7 +235,7 @@ def test_each_estimator_brings_its_own_lr_and_q_unless_given(tmp_path):
 
 def test_auto_perturbations_are_said_logged_and_in_the_result(tmp_path, capsys):
     """--perturbations auto: the q the planner chose at the first step is printed, logged as a
-    `perturbations` event and is the result's `perturbations`; a fixed q is the result's too."""
+    `perturbations` event (kept by a resume) and is the result's `perturbations`; a fixed q is the result's too."""
     model, train, test = _task(tmp_path)
     kw = {"model": model, "train": train, "test": test, "steps": 2, "batch_size": 8, "progress": False,
           "budget": "device=1GiB,host=1GiB,disk=1GiB", "estimator": "fzoo", "export": "none"}
@@ -245,6 +245,9 @@ def test_auto_perturbations_are_said_logged_and_in_the_result(tmp_path, capsys):
     (event,) = [rec for rec in log if rec["event"] == "perturbations"]
     assert r.perturbations == event["q"] >= 8 and event["step"] == 1  # on the CPU no context eats the budget
     assert f"--perturbations auto: q={r.perturbations} for fzoo (stopped by {event['limit']}" in said
+    resumed = finetune(out=str(tmp_path / "auto"), resume=True, **{**kw, "steps": 3})  # goes on with the saved q
+    log = [json.loads(line) for line in (tmp_path / "auto/log.jsonl").read_text().splitlines()]
+    assert resumed.perturbations == r.perturbations and [rec for rec in log if rec["event"] == "perturbations"] == [event]
     assert finetune(out=str(tmp_path / "fixed"), perturbations=3, **kw).perturbations == 3
     assert "--perturbations auto" not in capsys.readouterr().out
 

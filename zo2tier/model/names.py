@@ -44,12 +44,18 @@ def _conversions(model: nn.Module, keys: Collection[str]) -> tuple[dict[str, str
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renamed: dict[str, str] = {}
     merged: dict[str, list[str]] = {}
-    for key in keys:
+    # in transformers' own order (its loader sorts keys naturally; stateful renamings depend on it). An exact
+    # key still wins over a renamed one in resolve(): they differ only for chained renamings, which no
+    # causal LM uses today
+    for key in sorted(keys, key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")]):
         new, converter = rename_source_key(key, renamings, converters)
         if converter is not None:
             merged.setdefault(new, []).append(key)
         elif new != key:
-            renamed.setdefault(new, key)
+            if new in renamed:
+                raise ValueError(f"checkpoint keys {renamed[new]!r} and {key!r} both rename to {new!r}; "
+                                 "which one holds it is ambiguous")
+            renamed[new] = key
     return renamed, merged
 
 
@@ -88,10 +94,12 @@ def name_resolver(model: nn.Module) -> Callable[[Collection[str]], Resolve]:
         for name in names:
             parts = next((merged[c] for c in candidates(name) if c in merged), None)
             if parts is not None:
+                saved = (f"is saved as {len(parts)} tensors ({parts[0]!r}, ...) that transformers merges when it "
+                         "loads them" if len(parts) > 1 else
+                         f"is saved as {parts[0]!r}, which transformers converts when it loads it")
                 raise UnsupportedModelError(
-                    f"{type(model).__name__}: parameter {name!r} is saved as {len(parts)} tensors ({parts[0]!r}, ...) "
-                    "that transformers merges when it loads them; zo2tier reads one checkpoint tensor per parameter "
-                    "and cannot merge them yet")
+                    f"{type(model).__name__}: parameter {name!r} {saved}; zo2tier reads one "
+                    "checkpoint tensor per parameter as it is and cannot convert them yet")
         for name in names:
             resolve(name)
         return resolve

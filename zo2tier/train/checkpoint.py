@@ -94,6 +94,6 @@ def history(log_path: str, step: int) -> list[dict[str, Any]]:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
-                if rec.get("event") in ("train", "eval") and rec.get("step", 0) <= step:
+                if rec.get("event") in ("train", "eval", "perturbations") and rec.get("step", 0) <= step:
                     kept.append(rec)
     return kept
