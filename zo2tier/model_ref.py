@@ -95,6 +95,11 @@ def model_ref(path: str | os.PathLike) -> ModelRef:
         return ModelRef(path, "gguf", ggufs[0])
     if os.path.isfile(os.path.join(path, "config.json")):
         return ModelRef(path, "hf")
+    from zo2tier.store.lock import MARKER
+
+    if os.path.exists(os.path.join(path, MARKER)):
+        raise ValueError(f"{path!r} holds zo2tier files but no manifest.json: a convert into it did not finish, or "
+                         "it is a scratch disk folder; run `zo2tier convert SRC` into it again, or give another model")
     raise ValueError(f"{path!r} has no config.json, no manifest.json and no .gguf; give a zo2tier store, a "
                      "Hugging Face folder, a .gguf file or a config.json")
 

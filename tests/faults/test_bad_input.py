@@ -107,3 +107,14 @@ def test_bad_engine_arguments():
         zo2tier.ZOEngine(model, budget=BIG, placement={n: "disk" for n in zo2tier.ZOEngine.block_names(model)})
     with pytest.raises(ValueError, match=r"storage dtype 'fp8' is unknown"):
         zo2tier.ZOEngine(model, budget=BIG, storage={"host": "fp8"})
+
+
+def test_a_convert_that_never_finished_is_named_as_such(tmp_path):
+    """A convert stopped before its manifest leaves only zo2tier's marker: opening the folder says so."""
+    from zo2tier.model_ref import model_ref
+    from zo2tier.store.lock import MARKER
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / MARKER).write_text("{}")
+    with pytest.raises(ValueError, match="holds zo2tier files but no manifest.json: a convert into it did not finish"):
+        model_ref(tmp_path / "s")

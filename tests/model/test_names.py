@@ -57,3 +57,4 @@ def test_a_missing_tensor_is_named_when_the_resolver_is_bound():
         name_resolver(model)(keys)
     stripped = {k.removeprefix("model.") for k, _ in model.named_parameters()}  # saved without the base prefix
     assert name_resolver(model)(stripped)("model.norm.weight") == "norm.weight"
+
