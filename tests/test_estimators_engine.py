@@ -78,10 +78,12 @@ def _reference(model, specs, aliases, cfg, batches, engine_log):
 
 
 @pytest.mark.parametrize(("name", "q", "lr", "arch"),
-                         [(*case, "llama") for case in CASES] + [("fzoo", 3, 1e-3, a) for a in ARCHS if a != "llama"])
+                         [(*case, "llama") for case in CASES] + [("fzoo", 3, 1e-3, a) for a in ARCHS if a != "llama"]
+                         + [("mezo", 1, 1e-3, a) for a in ARCHS if a != "llama"])  # 2 copies x 2 rows = 4 heads
 def test_engine_matches_brute_force_reference(name, q, lr, arch, tmp_path):
     """Every estimator on llama; FZOO's four stacked copies on every architecture (each layer must give each
-    copy its own rows of every batch-major input: hidden states, masks, flattened tokens, ALiBi's heads)."""
+    copy its own rows of every batch-major input: hidden states, masks, flattened tokens, ALiBi's heads, and
+    leave whole what has no batch even where its rows number the copies' rows, as MPT's ALiBi does at B = 2)."""
     model = tiny_model(arch)
     reference = copy.deepcopy(model)
     cfg = _config(name, q, lr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-ARCHS = ("opt", "llama", "llama_untied", "qwen2", "qwen3", "mistral", "gpt2", "gemma3", "bloom")
+ARCHS = ("opt", "llama", "llama_untied", "qwen2", "qwen3", "mistral", "gpt2", "gemma3", "bloom", "mpt")
 
 _COMMON = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -32,6 +32,8 @@ def tiny_config(arch: str):
         return tf.Gemma3TextConfig(**_COMMON, head_dim=8, sliding_window=8)
     if arch == "bloom":  # ALiBi: its bias reaches each layer with a row per sequence and head
         return tf.BloomConfig(vocab_size=96, hidden_size=32, n_layer=4, n_head=4)
+    if arch == "mpt":  # ALiBi without a batch dim: (heads, 1, T), as many rows as MeZO's 2 copies of 2 rows
+        return tf.MptConfig(vocab_size=96, d_model=32, n_layers=4, n_heads=4, max_seq_len=64)
     raise ValueError(arch)
 
 

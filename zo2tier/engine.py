@@ -334,10 +334,11 @@ class ZOEngine:
 
     def _copies(self, copies: tuple[tuple[int, float], ...], ids: torch.Tensor) -> Copies:
         """The copies of ``ids`` (B, T) a forward runs, with the dim-0 sizes a layer may see them in: G*B, its
-        tokens flattened (G*B*T), its attention heads flattened (G*B*H, BLOOM's ALiBi bias)."""
+        tokens flattened (G*B*T), its attention heads flattened (G*B*H, BLOOM's ALiBi bias); and H, which a
+        tensor without a batch may have as dim 0 (MPT's ALiBi bias)."""
         g, heads = len(copies), getattr(self.model.config, "num_attention_heads", 0)
         heads = heads if isinstance(heads, int) else 0  # per-layer head counts (a list): no such rows
-        return Copies(copies, g * ids.shape[0], (g * ids.numel(), g * ids.shape[0] * heads))
+        return Copies(copies, g * ids.shape[0], (g * ids.numel(), g * ids.shape[0] * heads), heads)
 
     @torch.no_grad()
     def evaluate(self, batch: Mapping[str, torch.Tensor]) -> float:

@@ -109,6 +109,14 @@ def join_groups(outs: list[Any], rows: int, other_rows: tuple[int, ...] = ()) ->
     return first
 
 
+def _chunks_differ(value: Any, full_rows: int, n_groups: int) -> bool:
+    """True for a tensor of ``full_rows`` rows whose ``n_groups`` chunks are not all equal."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != full_rows:
+        return False
+    chunks = value.chunk(n_groups)
+    return not all(torch.equal(chunks[0], c) for c in chunks[1:])
+
+
 def run_groups(
     inner: nn.Module,
     weights: Callable[[int], dict[str, torch.Tensor]],
@@ -117,6 +125,7 @@ def run_groups(
     n_groups: int,
     full_rows: int,
     other_rows: tuple[int, ...] = (),
+    batchless_rows: int = 0,
 ) -> Any:
     """Run ``inner`` on each of the ``n_groups`` copies of the batch with ``weights(group)`` and join them.
 
@@ -125,16 +134,27 @@ def run_groups(
     ids) is run once per copy on the unsplit arguments, and its outputs are expanded to B rows each. A plain
     tensor output (an LM head's logits) is written into one buffer copy by copy, so the copies and their join
     are never all held at once.
+
+    ``batchless_rows``: a dim 0 that a keyword tensor may have without carrying the batch (the head count:
+    MPT's ALiBi bias is ``(heads, 1, T)``). Where it equals ``full_rows``, a keyword tensor is split only if its
+    copies' chunks are equal, as everything the model builds from the repeated batch before its layers is
+    (masks, positions), or if it is the layer's ``hidden_states`` (each copy's own activations); one whose
+    chunks differ is passed whole.
     """
     if n_groups == 1:
         return functional_call(inner, weights(0), args, kwargs, tie_weights=False, strict=False)
     rows = full_rows // n_groups
     one_copy = tuple(n // n_groups for n in other_rows)
     split = has_rows((args, kwargs), full_rows, other_rows)
+    whole = {}
+    if split and batchless_rows == full_rows:
+        whole = {name: v for name, v in kwargs.items()
+                 if name != "hidden_states" and _chunks_differ(v, full_rows, n_groups)}
+    rest = {name: v for name, v in kwargs.items() if name not in whole} if whole else kwargs
 
     def group_out(group: int) -> Any:
         a = split_group(args, full_rows, group, n_groups, other_rows) if split else args
-        k = split_group(kwargs, full_rows, group, n_groups, other_rows) if split else kwargs
+        k = {**split_group(rest, full_rows, group, n_groups, other_rows), **whole} if split else kwargs
         return functional_call(inner, weights(group), a, k, tie_weights=False, strict=False)
 
     first = group_out(0)

@@ -63,6 +63,7 @@ class Copies:
     groups: tuple[tuple[int, float], ...]
     rows: int  # dim 0 of the repeated batch
     other_rows: tuple[int, ...] = ()  # batch-major multiples of it: its tokens flattened, its heads flattened
+    batchless_rows: int = 0  # a dim 0 a keyword tensor may have without a batch: the head count (MPT's ALiBi)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class BlockRunner:
         else:
             views = self._fused_views(visit, binding, binding_index)
         c = self._copies
-        out = run_groups(inner, views, args, kwargs, len(c.groups), c.rows, c.other_rows)
+        out = run_groups(inner, views, args, kwargs, len(c.groups), c.rows, c.other_rows, c.batchless_rows)
         if visit is not None:
             visit.done.add(binding_index)
             if visit.done >= self.bindings.parts_of[record.index]:
