@@ -126,8 +126,8 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
 
 def unplanned_device_bytes(inp: PlanInput, tokens: int) -> int:
     """Device bytes a step of ``tokens`` tokens (batch × sequence) takes besides the planned ones: the CUDA
-    context and libraries (``inp.context_bytes``, 0 on the CPU), the full-vocabulary logits of the doubled batch, the loss chunk and a layer
-    part's activations. An estimate from measurements on the H100 (OPT-13B, every block in host RAM:
+    context and libraries (``inp.context_bytes``, 0 on the CPU), the full-vocabulary logits of the doubled
+    batch, the loss chunk and a layer part's activations. An estimate from measurements on the H100 (OPT-13B, every block in host RAM:
     planned 2.15 GiB + this 2.07 GiB = 4.22 GiB against 4.23 GiB NVML measured)."""
     part = inp.largest_part or max((b.numel for b in inp.blocks), default=0)
     return (inp.context_bytes + LOGIT_BYTES * 2 * tokens * inp.vocab_size
@@ -148,9 +148,9 @@ def plan_placement(
     for tier in TIERS:
         if used[tier] > budget.of(tier):
             short = used[tier] - budget.of(tier)
-            # the device floor of any split over host and disk: actionable where this placement's need is not
-            # (room on the host adds upload buffers on the device, so raising the host budget raises the need)
-            floor = block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, len(names), len(names))
+            # the floor of any split is actionable where this placement's need is not (room on the host adds
+            # upload buffers on the device, so raising the host budget raises the need)
+            floor = split_floor(inp)
             hint = (f" (at least {format_size(floor)} = {floor} bytes holds the resident set and the buffers of any "
                     "split of the layers over host and disk)"
                     if tier == "device" and override is None and floor > used[tier] else "")
@@ -160,6 +160,13 @@ def plan_placement(
                 + (" or move blocks to a lower tier" if override is not None else "") + hint
             )
     return Plan(placement, used, budget, work)
+
+
+def split_floor(inp: PlanInput) -> int:
+    """Device bytes before any block is on the device, once the layers are split over host and disk: the
+    resident set and the working buffers of both lower tiers (an upper bound for any split)."""
+    n = len(inp.blocks)
+    return block_bytes(inp.resident_numel, inp.storage["device"]) + working_bytes(inp, n, n)
 
 
 def _usage(inp: PlanInput, placement: dict[str, str]) -> dict[str, int]:
@@ -184,7 +191,7 @@ def _fill(inp: PlanInput, budget: TierBudget) -> dict[str, str]:
     all_on_device = resident + working_bytes(inp, 0) + sum(block_bytes(b.numel, dev) for b in inp.blocks)
     if all_on_device <= budget.device_bytes:  # needs no working slots
         return {b.name: "device" for b in inp.blocks}
-    device_used = resident + working_bytes(inp, len(inp.blocks), len(inp.blocks))  # before the split: both
+    device_used = split_floor(inp)  # before the split: the buffers of both lower tiers
     host_left = budget.host_bytes
     placement: dict[str, str] = {}
     tier = "device"

@@ -1,4 +1,6 @@
-"""Which checkpoint tensor holds each parameter of a model: the one name resolver of every loader.
+"""Which checkpoint tensor holds each parameter of a model: the name resolver of the Hugging Face
+checkpoint loaders (``zo2tier convert`` and ``ZOEngine.from_pretrained`` of a folder; a GGUF's tensors carry
+the model's own names, and a store those its convert resolved).
 
 A parameter ``name`` of ``model.named_parameters()`` is found in a checkpoint's keys under
 

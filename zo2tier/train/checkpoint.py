@@ -41,11 +41,11 @@ def exists(out: str) -> bool:
 
 def saved_step(out: str) -> int | None:
     """The step ``OUT/checkpoint`` was saved after, or None where there is no fine-tune checkpoint."""
-    path = os.path.join(checkpoint_dir(out), "checkpoint.json")
+    from zo2tier.checkpoint import read_checkpoint
+
     try:
-        with open(path, encoding="utf-8") as f:
-            extra = json.load(f).get("extra_state") or {}
-    except (OSError, ValueError):
+        extra = read_checkpoint(checkpoint_dir(out)).get("extra_state") or {}
+    except (OSError, ValueError):  # none yet, or not an engine checkpoint
         return None
     return int(extra["step"]) if extra.get("format") == JOB_FORMAT else None
 
