@@ -21,8 +21,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _options import parse_overrides  # noqa: E402
-from bench_time_to_accuracy import card, git_rev  # noqa: E402
+from _options import parse_overrides
+from bench_time_to_accuracy import card, git_rev
 
 DEFAULTS = {
     "data": "",  # a tools/tasks.py folder
@@ -44,10 +44,33 @@ def command(cfg: dict, out_dir: str) -> list[str]:
         from zo2tier.demo import GGUF, package_file
 
         cfg["model"] = package_file(*GGUF)
-    return ["zo2tier", "finetune", "--model", cfg["model"], "--train", files["train"], "--dev", files["dev"],
-            "--test", files["test"], "--template", task["template"], "--label-words", task["label_words"],
-            "--budget", cfg["budget"], "--eval-every", str(cfg["eval_every"]), "--eval-test", "--out", out_dir,
-            "--export", "none", "--no-progress", *shlex.split(cfg["flags"])]
+    return [
+        "zo2tier",
+        "finetune",
+        "--model",
+        cfg["model"],
+        "--train",
+        files["train"],
+        "--dev",
+        files["dev"],
+        "--test",
+        files["test"],
+        "--template",
+        task["template"],
+        "--label-words",
+        task["label_words"],
+        "--budget",
+        cfg["budget"],
+        "--eval-every",
+        str(cfg["eval_every"]),
+        "--eval-test",
+        "--out",
+        out_dir,
+        "--export",
+        "none",
+        "--no-progress",
+        *shlex.split(cfg["flags"]),
+    ]
 
 
 def record(cfg: dict, argv: list[str], out_dir: str) -> dict:
@@ -63,14 +86,24 @@ def record(cfg: dict, argv: list[str], out_dir: str) -> dict:
     curve = [{k: r[k] for k in ("step", "split", "acc", "n")} for r in log if r.get("event") == "eval"]
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
     return {
-        "kind": "finetune_defaults", "card": card(device), "date": datetime.date.today().isoformat(),
-        "git_rev": git_rev(), "model": os.path.basename(cfg["model"]), "task": task["task"],
+        "kind": "finetune_defaults",
+        "card": card(device),
+        "date": datetime.date.today().isoformat(),
+        "git_rev": git_rev(),
+        "model": os.path.basename(cfg["model"]),
+        "task": task["task"],
         "settings": {k: saved["config"][k] for k in ("estimator", "n_perturbations", "lr", "eps", "seed")}
         | {"steps": final["steps"], "batch_size": job["batch_size"], "objective": job["objective"]},
-        "flags": cfg["flags"], "zero_shot_acc": final["zero_shot_acc"], "final_acc": final["finetuned_acc"],
-        "kept_step": final.get("kept_step"), "ends_below_zero_shot": final["finetuned_acc"] < final["zero_shot_acc"],
-        "train_seconds": final["train_seconds"], "mean_step_s": sum(r["step_s"] for r in train) / max(1, len(train)),
-        "note": cfg["note"], "curve": curve, "command": shlex.join(argv),
+        "flags": cfg["flags"],
+        "zero_shot_acc": final["zero_shot_acc"],
+        "final_acc": final["finetuned_acc"],
+        "kept_step": final.get("kept_step"),
+        "ends_below_zero_shot": final["finetuned_acc"] < final["zero_shot_acc"],
+        "train_seconds": final["train_seconds"],
+        "mean_step_s": sum(r["step_s"] for r in train) / max(1, len(train)),
+        "note": cfg["note"],
+        "curve": curve,
+        "command": shlex.join(argv),
     }
 
 
