@@ -22,7 +22,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _options import parse_overrides
-from bench_time_to_accuracy import card, git_rev
+from bench_time_to_accuracy import card, git_rev, model_dir
 
 DEFAULTS = {
     "data": "",  # a tools/tasks.py folder
@@ -36,74 +36,37 @@ DEFAULTS = {
 }
 
 
-def command(cfg: dict, out_dir: str) -> list[str]:
-    with open(os.path.join(cfg["data"], "task.json")) as f:
-        task = json.load(f)
-    files = {split: os.path.join(cfg["data"], f"{split}.csv") for split in ("train", "dev", "test")}
-    if cfg["model"] == "smollm2":
-        from zo2tier.demo import GGUF, package_file
-
-        cfg["model"] = package_file(*GGUF)
-    return [
-        "zo2tier",
-        "finetune",
-        "--model",
-        cfg["model"],
-        "--train",
-        files["train"],
-        "--dev",
-        files["dev"],
-        "--test",
-        files["test"],
-        "--template",
-        task["template"],
-        "--label-words",
-        task["label_words"],
-        "--budget",
-        cfg["budget"],
-        "--eval-every",
-        str(cfg["eval_every"]),
-        "--eval-test",
-        "--out",
-        out_dir,
-        "--export",
-        "none",
-        "--no-progress",
-        *shlex.split(cfg["flags"]),
-    ]
+def command(cfg: dict, task: dict, model: str, out_dir: str) -> list[str]:
+    """The ``zo2tier finetune`` command line of the run (without the interpreter)."""
+    train, dev, test = (os.path.join(cfg["data"], f"{split}.csv") for split in ("train", "dev", "test"))
+    return ["zo2tier", "finetune", "--model", model, "--train", train, "--dev", dev, "--test", test,
+            "--template", task["template"], "--label-words", task["label_words"], "--budget", cfg["budget"],
+            "--eval-every", str(cfg["eval_every"]), "--eval-test", "--out", out_dir, "--export", "none",
+            "--no-progress", *shlex.split(cfg["flags"])]
 
 
-def record(cfg: dict, argv: list[str], out_dir: str) -> dict:
-    with open(os.path.join(cfg["data"], "task.json")) as f:
-        task = json.load(f)
+def record(cfg: dict, task: dict, model: str, argv: list[str], out_dir: str) -> dict:
+    """The run's record, from what it wrote: OUT/log.jsonl and its checkpoint's settings."""
+    from zo2tier.checkpoint import read_checkpoint
+    from zo2tier.train.checkpoint import checkpoint_dir
+
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(out_dir, "checkpoint", "checkpoint.json")) as f:
-        saved = json.load(f)
+    saved = read_checkpoint(checkpoint_dir(out_dir))
     job = saved["extra_state"]["config"]
     final = next(r for r in log if r.get("event") == "final")
     train = [r for r in log if r.get("event") == "train"]
     curve = [{k: r[k] for k in ("step", "split", "acc", "n")} for r in log if r.get("event") == "eval"]
     device = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
     return {
-        "kind": "finetune_defaults",
-        "card": card(device),
-        "date": datetime.date.today().isoformat(),
-        "git_rev": git_rev(),
-        "model": os.path.basename(cfg["model"]),
-        "task": task["task"],
+        "kind": "finetune_defaults", "card": card(device), "date": datetime.date.today().isoformat(),
+        "git_rev": git_rev(), "model": os.path.basename(model), "task": task["task"],
         "settings": {k: saved["config"][k] for k in ("estimator", "n_perturbations", "lr", "eps", "seed")}
         | {"steps": final["steps"], "batch_size": job["batch_size"], "objective": job["objective"]},
-        "flags": cfg["flags"],
-        "zero_shot_acc": final["zero_shot_acc"],
-        "final_acc": final["finetuned_acc"],
-        "kept_step": final.get("kept_step"),
-        "ends_below_zero_shot": final["finetuned_acc"] < final["zero_shot_acc"],
-        "train_seconds": final["train_seconds"],
-        "mean_step_s": sum(r["step_s"] for r in train) / max(1, len(train)),
-        "note": cfg["note"],
-        "curve": curve,
-        "command": shlex.join(argv),
+        "flags": cfg["flags"], "zero_shot_acc": final["zero_shot_acc"], "final_acc": final["finetuned_acc"],
+        "kept_step": final.get("kept_step"), "ends_below_zero_shot": final["finetuned_acc"] < final["zero_shot_acc"],
+        "train_seconds": final["train_seconds"], "mean_step_s": sum(r["step_s"] for r in train) / max(1, len(train)),
+        "note": cfg["note"], "curve": curve, "command": shlex.join(argv),
     }
 
 
@@ -111,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_overrides(DEFAULTS, argv)
     if not cfg["data"]:
         raise SystemExit("--data: a tools/tasks.py folder is needed")
-    work = cfg["work"] or tempfile.mkdtemp(prefix="ftdef-")
-    out_dir = os.path.join(work, "out")
-    args = command(cfg, out_dir)
+    with open(os.path.join(cfg["data"], "task.json")) as f:
+        task = json.load(f)
+    model = model_dir(cfg)
+    out_dir = os.path.join(cfg["work"] or tempfile.mkdtemp(prefix="ftdef-"), "out")
+    args = command(cfg, task, model, out_dir)
     done = subprocess.run([sys.executable, "-m", *args], check=False)
     if done.returncode != 0:
         raise SystemExit(f"zo2tier finetune exited {done.returncode}: {shlex.join(args)}")
-    rec = record(cfg, args, out_dir)
+    rec = record(cfg, task, model, args, out_dir)
     os.makedirs(os.path.dirname(os.path.abspath(cfg["out"])), exist_ok=True)
     with open(cfg["out"], "a") as f:
         f.write(json.dumps(rec) + "\n")
