@@ -138,7 +138,7 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--perturbations", type=_perturbations_arg, default=None, metavar="N|auto",
                     help="perturbations per step, evaluated while each block is resident (None: the "
                          "estimator's, mezo and fzoo-ema 1, fzoo 8; auto: as many as hide under the transfers, "
-                         "never fewer than that default)")
+                         "never fewer than that default unless device memory forces it)")
     ft.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and norms)")
     ft.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
                     help="learning-rate schedule over --steps")

@@ -179,8 +179,9 @@ def finetune(**kwargs: Any) -> FineTuneResult:
     and output (``out``, ``export``, ``resume``; ``overwrite`` replaces an earlier run in ``out``).
 
     ``keep="best"`` (the default) with a ``dev`` file: dev is evaluated before training, every ``eval_every``
-    steps and after the last step, and the weights of the best of these (the earliest on a tie, zero-shot
-    included) are the ones tested and exported, so a fine-tune never ends below its zero-shot dev accuracy.
+    steps and after the last step, and the weights of the best of these are the ones tested and exported
+    (on a tie the last step's, else the earliest's, zero-shot included), so a fine-tune never ends below its
+    zero-shot dev accuracy.
     The updates after that step are undone by appending their inverses to the log (``ZOEngine.revert_to``),
     so nothing is reloaded. A later ``resume`` with more steps goes on from the kept weights. Without ``dev``,
     or with ``keep="last"``, the last step's weights are kept (test accuracy never selects anything).
