@@ -60,6 +60,59 @@ def test_load_csv_and_jsonl(tmp_path):
         load_examples(tmp_path / "missing.csv")
 
 
+def test_json_lists_bom_csvs_and_json_spellings_load(tmp_path):
+    """A .json list of objects loads as JSONL does; a UTF-8 CSV with a byte-order mark (Excel's) loads without
+    --encoding; JSON true/false labels keep their JSON spelling; a row that is not an object is one clear error."""
+    rows = [{"text": "good film", "label": True}, {"text": "bad day", "label": False}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.json").write_text("\n".join(map(json.dumps, rows)))
+    want = [Example("good film", "true"), Example("bad day", "false")]
+    assert load_examples(tmp_path / "a.json") == load_examples(tmp_path / "b.json") == want
+    (tmp_path / "bom.csv").write_bytes("\ufefftext,label\ngood film,positive\n".encode())
+    assert load_examples(tmp_path / "bom.csv") == [Example("good film", "positive")]
+    (tmp_path / "scalar.jsonl").write_text('{"text": "a", "label": "x"}\n"just text"\n')
+    with pytest.raises(ValueError, match="row 2 is a JSON str"):
+        load_examples(tmp_path / "scalar.jsonl")
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="row 1 is a JSON int"):
+        load_examples(tmp_path / "numbers.json")
+    (tmp_path / "broken.json").write_text('[{"text": "a"')
+    with pytest.raises(ValueError, match="is not a JSON list"):
+        load_examples(tmp_path / "broken.json")
+
+
+def _prepending_tokenizer():
+    """A Llama-2-style SentencePiece BPE: its normalizer prepends "▁" to every input and turns spaces into "▁",
+    so " great" alone is ["▁", "▁great"] while "... was great" ends in "▁great"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+    for c in "abcdefghijklmnopqrstuvwxyzI":
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for word in ("great", "terrible", "It", "was", "good", "film", "x"):
+        piece = "▁"
+        for c in word:
+            merges.append((piece, c))
+            piece += c
+            vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_label_words_are_tokenized_as_they_follow_the_prompt():
+    tok = _prepending_tokenizer()
+    assert tok.convert_ids_to_tokens(tok(" great", add_special_tokens=False)["input_ids"]) == ["▁", "▁great"]
+    prompt = Prompt("{text} It was", LabelWords.parse("positive=great,negative=terrible"))
+    data = encode([Example("good film", "positive")], prompt, tok)
+    assert tok.convert_ids_to_tokens(list(data.word_ids)) == ["▁great", "▁terrible"]
+    assert tok.convert_ids_to_tokens(list(data.prompt_ids[0] + data.answer_ids[0])) == [
+        "▁good", "▁film", "▁It", "▁was", "▁great"]  # the tokens of the whole text, as the model reads it
+
+
 def test_dedup_keeps_first_and_drops_conflicting():
     data = [Example("a", "positive"), Example("b", "negative"), Example("a", "positive"),
             Example("c", "positive"), Example("c", "negative")]

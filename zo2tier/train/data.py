@@ -101,9 +101,11 @@ def load_examples(
     label_column: str = "label",
     encoding: str = "utf-8",
 ) -> list[Example]:
-    """Read a ``.csv`` (header row) or ``.jsonl``/``.json`` (one object a line) file into examples.
+    """Read a ``.csv`` (header row), ``.jsonl`` (one object a line) or ``.json`` (a list of objects, or one
+    object a line) file into examples.
 
-    Labels are read as strings (``1`` and ``"1"`` are the same label). Rows with an empty text are skipped.
+    Labels are read as strings (``1`` and ``"1"`` are the same label; JSON ``true`` is ``"true"``). Rows with
+    an empty text are skipped. UTF-8 files may start with a byte-order mark.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -111,8 +113,10 @@ def load_examples(
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"data file {path!r} has extension {ext!r}; use .csv or .jsonl")
+    if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        encoding = "utf-8-sig"  # the same text, with a leading byte-order mark (Excel's CSVs) dropped
     try:
-        rows = list(_read_csv(path, encoding) if ext == ".csv" else _read_jsonl(path, encoding))
+        rows = list(_read_csv(path, encoding) if ext == ".csv" else _read_json(path, encoding))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not {encoding} text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
                          "pass its encoding, e.g. --encoding latin-1") from None
@@ -123,14 +127,24 @@ def load_examples(
                          f"header row naming {text_column!r} and {label_column!r}, then labelled rows")
     out = []
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {i + 1} is a JSON {type(row).__name__} ({json.dumps(row)[:40]}), not an "
+                             f"object; write one object per row, e.g. {{\"{text_column}\": ..., \"{label_column}\": ...}}")
         missing = [c for c in (text_column, label_column) if c not in row]
         if missing:
-            raise ValueError(f"{path}: row {i + 1} has no column(s) {missing}; it has {sorted(row)}. "
+            raise ValueError(f"{path}: row {i + 1} has no column(s) {missing}; it has {sorted(map(str, row))}. "
                              "Pass --text-column/--label-column")
-        text = str(row[text_column] if row[text_column] is not None else "").strip()
+        text = _as_text(row[text_column])
         if text:
-            out.append(Example(text, str(row[label_column]).strip()))
+            out.append(Example(text, _as_text(row[label_column])))
     return out
+
+
+def _as_text(value: Any) -> str:
+    """A cell as text: JSON's true/false/null keep their JSON spelling (null is empty)."""
+    if value is None:
+        return ""
+    return (json.dumps(value) if isinstance(value, bool) else str(value)).strip()
 
 
 def _read_csv(path: str, encoding: str) -> Iterable[dict[str, Any]]:
@@ -138,14 +152,24 @@ def _read_csv(path: str, encoding: str) -> Iterable[dict[str, Any]]:
         yield from csv.DictReader(f)
 
 
-def _read_jsonl(path: str, encoding: str) -> Iterable[dict[str, Any]]:
+def _read_json(path: str, encoding: str) -> Iterable[Any]:
+    """The rows of a JSON-lines file, or of a ``.json`` file holding one list of objects."""
     with open(path, encoding=encoding) as f:
+        if path.lower().endswith(".json") and f.read(4096).lstrip().startswith("["):
+            f.seek(0)
+            try:
+                yield from json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not a JSON list ({exc})") from None
+            return
+        f.seek(0)
         for i, line in enumerate(f):
             if line.strip():
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {i + 1} is not JSON ({exc})") from None
+                    raise ValueError(f"{path}: line {i + 1} is not JSON ({exc}); write one object a line, or a "
+                                     ".json file holding one list of objects") from None
 
 
 # ---- cleaning and splitting -------------------------------------------------------------------------
@@ -224,8 +248,7 @@ def encode(examples: Sequence[Example], prompt: Prompt, tokenizer: Any, *, max_l
 
     Raises if two label words share their first token, since accuracy compares first-token log-probs.
     """
-    answers = [tuple(tokenizer(prompt.answer(i), add_special_tokens=False)["input_ids"])
-               for i in range(len(prompt.label_words.labels))]
+    answers = [answer_ids(prompt, i, tokenizer) for i in range(len(prompt.label_words.labels))]
     unk = getattr(tokenizer, "unk_token_id", None)
     for word, ids in zip(prompt.label_words.words, answers):
         if not ids:
@@ -263,6 +286,21 @@ def encode(examples: Sequence[Example], prompt: Prompt, tokenizer: Any, *, max_l
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     return EncodedSet(tuple(prompts), tuple(golds), tuple(targets), tuple(firsts), int(pad))
+
+
+def answer_ids(prompt: Prompt, label_index: int, tokenizer: Any) -> tuple[int, ...]:
+    """The tokens of label word ``label_index`` as they follow a rendered prompt.
+
+    Tokenized after a prompt and cut off it, not alone: a SentencePiece tokenizer that prepends "▁" to every
+    input (Llama-2, Mistral) reads " great" alone as ["▁", "▁great"], which would give every label word the
+    same first token. Where the prompt's own tokens are not a prefix of the joined ones, the word alone."""
+    word = prompt.answer(label_index)
+    context = prompt.render("x")
+    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(context + word, add_special_tokens=False)["input_ids"]
+    if len(joined) > len(head) and list(joined[: len(head)]) == list(head):
+        return tuple(joined[len(head) :])
+    return tuple(tokenizer(word, add_special_tokens=False)["input_ids"])
 
 
 def collate(data: EncodedSet, indices: Sequence[int]) -> dict[str, torch.Tensor]:
