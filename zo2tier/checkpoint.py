@@ -231,10 +231,12 @@ def save_checkpoint(engine, path: str | os.PathLike, extra_state: dict | None = 
     fsync_dir(store.path)
     entries = store.entries
     low = min(e.applied_steps for e in entries)
-    rel = os.path.relpath(store.path, path)
+    # relative where the store lies in the checkpoint's folder or beside it (a fine-tune's OUT/disk next to
+    # OUT/checkpoint), so that the folder holding both can move
+    beside = not os.path.relpath(store.path, os.path.dirname(path)).startswith(os.pardir)
     doc = {
         "format": CHECKPOINT_FORMAT, "version": 1,
-        "store": rel if not rel.startswith("..") else store.path,
+        "store": os.path.relpath(store.path, path) if beside else store.path,
         "step": len(engine.log), "log_start": low, "log": [e.to_json() for e in engine.log[low:]],
         "config": asdict(engine.config), "n_skipped": engine.n_skipped,
         "engine": {"placement": dict(engine.placement), "storage": dict(engine.storage),

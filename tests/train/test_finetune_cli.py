@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_task import save_tiny_model, tiny_rows, write_csv
 
+from zo2tier.train import job
 from zo2tier.train.job import finetune
 
 
@@ -173,24 +174,32 @@ def test_keep_best_undoes_the_steps_after_the_best_dev_evaluation(tmp_path):
     there (up to fp32 rounding); --keep last keeps the last step's."""
     model, train, test = _task(tmp_path)
     dev = write_csv(str(tmp_path / "dev.csv"), tiny_rows(16, seed=2))
-    kw = {"model": model, "train": train, "test": test, "dev": dev, "batch_size": 8, "lr": 0.1, "eval_every": 2,
+    kw = {"model": model, "train": train, "test": test, "dev": dev, "batch_size": 8, "eval_every": 2,
           "objective": "classification", "budget": "device=1GiB,host=1GiB,disk=1GiB", "progress": False}
-    best = finetune(out=str(tmp_path / "best"), steps=8, **kw)
+    # a large lr makes dev swing; the first of these whose dev peaks mid-run tests the undo (the
+    # random tiny model's init, and so the curve, changes with the transformers version)
+    for lr in (0.1, 0.3, 0.05, 0.2):
+        best = finetune(out=str(tmp_path / f"best{lr}"), steps=8, lr=lr, **kw)
+        if 0 < best.kept_step < 8:
+            break
+    assert 0 < best.kept_step < 8, "no lr tried made dev peak between the first and the last step"
+    kw["lr"] = lr
     last = finetune(out=str(tmp_path / "last"), steps=8, keep="last", **kw)
-    log = [json.loads(line) for line in (tmp_path / "best/log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / f"best{lr}/log.jsonl").read_text().splitlines()]
     devs = [(r["step"], r["acc"]) for r in log if r["event"] == "eval" and r["split"] == "dev"]
     assert [s for s, _ in devs] == [0, 2, 4, 6, 8]
-    want = max(devs, key=lambda p: (p[1], -p[0]))[0]
-    assert best.kept_step == want == 6 and last.kept_step is None  # at this lr dev is worse after step 6
+    want = max(devs, key=lambda p: (p[1], -p[0]))[0]  # the earliest of the best (the last step wins a tie)
+    assert best.kept_step == want and last.kept_step is None
     (event,) = [r for r in log if r["event"] == "keep_best"]
-    assert event["step"] == 6 and event["dev_acc"] > event["final_dev_acc"] and event["entries_undone"] == 2
-    stopped = finetune(out=str(tmp_path / "stopped"), steps=6, keep="last", **kw)
-    a, b = (load_file(tmp_path / f"{run}/model/model.safetensors") for run in ("best", "stopped"))
+    assert event["step"] == want and event["dev_acc"] > event["final_dev_acc"]
+    assert event["entries_undone"] == 8 - want  # one log entry per mezo step
+    stopped = finetune(out=str(tmp_path / "stopped"), steps=want, keep="last", **kw)
+    a, b = (load_file(tmp_path / f"{run}/model/model.safetensors") for run in (f"best{lr}", "stopped"))
     c = load_file(tmp_path / "last/model/model.safetensors")
     for k in a:  # undoing a step is a subtraction in fp32: a few ulps of the tensor's largest value
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=8 * torch.finfo(torch.float32).eps * a[k].abs().max().item())
     assert any(not torch.equal(a[k], c[k]) for k in a)
-    assert best.finetuned_acc == stopped.finetuned_acc != last.finetuned_acc
+    assert best.finetuned_acc == stopped.finetuned_acc
 
 
 def test_keep_best_before_folded_steps_keeps_the_last_step(tmp_path, monkeypatch, capsys):
@@ -202,6 +211,8 @@ def test_keep_best_before_folded_steps_keeps_the_last_step(tmp_path, monkeypatch
         raise ValueError("the entries to undo include steps a resumed checkpoint folded")
 
     monkeypatch.setattr(ZOEngine, "revert_to", folded_revert)
+    scores = iter(range(100, 0, -1))  # every evaluation scores below the one before: the best is zero-shot's
+    monkeypatch.setattr(job, "accuracy", lambda *a, **k: next(scores) / 100)
     model, train, test = _task(tmp_path)
     dev = write_csv(str(tmp_path / "dev.csv"), tiny_rows(16, seed=2))
     r = finetune(model=model, train=train, test=test, dev=dev, out=str(tmp_path / "o"), steps=8, batch_size=8,

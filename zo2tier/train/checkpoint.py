@@ -19,7 +19,8 @@ DIRNAME = "checkpoint"
 _OLD_FORMAT = "zo2tier-finetune-log/1"
 # Settings that change what the logged steps mean; a resume with any of them different is refused.
 _MUST_MATCH = ("model", "train", "template", "label_words", "text_column", "label_column", "seed",
-               "batch_size", "eps", "objective", "max_length", "dtype")
+               "batch_size", "eps", "objective", "max_length", "dtype", "test", "dev", "encoding")
+_PATHS = ("model", "train", "test", "dev")  # the same file under another spelling matches
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,23 @@ def check(out: str, cfg: Any, extra_state: dict) -> Resumed:
         raise ValueError(f"{path} was not written by `zo2tier finetune` (its extra_state has format "
                          f"{extra_state.get('format')!r}); use a fresh --out")
     for key in _MUST_MATCH:
-        if extra_state["config"].get(key) != getattr(cfg, key):
+        if key not in extra_state["config"]:  # a checkpoint from before the key was saved
+            continue
+        if not _same(key, extra_state["config"][key], getattr(cfg, key)):
             raise ValueError(f"--resume: {path} was written with {key}={extra_state['config'].get(key)!r} but this "
                              f"run has {key}={getattr(cfg, key)!r}; use the same value or a fresh --out")
     step = int(extra_state["step"])
     if step > cfg.steps:
         raise ValueError(f"--resume: the checkpoint is at step {step}, past --steps {cfg.steps}; raise --steps")
     return Resumed(step, float(extra_state["zero_shot_acc"]), extra_state.get("lr"))
+
+
+def _same(key: str, saved: Any, given: Any) -> bool:
+    if saved == given:
+        return True
+    if key in _PATHS and isinstance(saved, str) and isinstance(given, str):
+        return os.path.exists(saved) and os.path.exists(given) and os.path.samefile(saved, given)
+    return False
 
 
 def history(log_path: str, step: int) -> list[dict[str, Any]]:

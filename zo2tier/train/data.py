@@ -113,10 +113,10 @@ def load_examples(
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"data file {path!r} has extension {ext!r}; use .csv or .jsonl")
-    if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
-        encoding = "utf-8-sig"  # the same text, with a leading byte-order mark (Excel's CSVs) dropped
+    # utf-8-sig reads UTF-8 and drops a leading byte-order mark (Excel's CSVs)
+    read_as = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     try:
-        rows = list(_read_csv(path, encoding) if ext == ".csv" else _read_json(path, encoding))
+        rows = list(_read_csv(path, read_as) if ext == ".csv" else _read_json(path, read_as))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not {encoding} text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
                          "pass its encoding, e.g. --encoding latin-1") from None

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from zo2tier.budget import BudgetLike
+from zo2tier.budget import BudgetLike, TierBudget
+from zo2tier.checkpoint import read_checkpoint
 from zo2tier.config import MeZOConfig
 from zo2tier.engine import ZOEngine
-from zo2tier.model_ref import ModelRef, copy_tokenizer_files, model_ref
+from zo2tier.model_ref import HF_FILES_DIR, ModelRef, copy_tokenizer_files, model_ref
 from zo2tier.train import checkpoint as ckpt
 from zo2tier.train.data import (
     EncodedSet,
@@ -51,6 +52,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 EXPORTS = ("hf", "none")
 KEEPS = ("best", "last")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_BUDGET = "device=2GiB,host=4GiB,disk=20GiB"
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class FineTuneConfig:
     eval_batch_size: int = 32
     max_length: int = 64
     device: str = "cpu"
-    budget: BudgetLike = "device=2GiB,host=4GiB,disk=20GiB"
+    budget: BudgetLike | None = None  # None: DEFAULT_BUDGET, or on resume the checkpoint's
     disk_dir: str | None = None
     storage: Mapping[str, str] = field(default_factory=dict)
     placement: Mapping[str, str] | None = None
@@ -194,13 +196,23 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
     t_start = time.perf_counter()
     ref = model_ref(cfg.model)
     tokenizer = ref.tokenizer()
+    _check_out(cfg)
+    _check_max_length(cfg, ref)
+    train, test, dev = _load_sets(cfg, tokenizer, say)  # every input is checked before --overwrite removes a run
+    made_out = not os.path.isdir(cfg.out)
     resuming = _prepare_out(cfg, say)
     log_path = os.path.join(cfg.out, "log.jsonl")
-    engine, resumed = (_resume_engine(cfg) if resuming else (open_engine(cfg, ref), None))
+    try:
+        engine, resumed = (_resume_engine(cfg, say) if resuming else (open_engine(cfg, ref), None))
+    except BaseException:
+        if made_out:  # nothing of a run that never started is left behind
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
     if resumed is not None:
         cfg = _resumed_settings(cfg, engine, resumed, say)
     try:
-        train, test, dev = _load_sets(cfg, tokenizer)
+        if not resuming:
+            _give_store_a_tokenizer(engine, ref)
         history = ckpt.history(log_path, resumed.step if resumed else 0)
         with open(log_path, "w") as log:
             log.writelines(json.dumps(rec) + "\n" for rec in history)
@@ -242,21 +254,30 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
 
 
 # ---- pieces -----------------------------------------------------------------------------------------
-def _prepare_out(cfg: FineTuneConfig, say: Callable[[str], None]) -> bool:
-    """Check ``out`` before any work; True if the run resumes from its checkpoint. Refuses to replace an
-    earlier run's files unless ``resume`` or ``overwrite``; ``overwrite`` removes only what a fine-tune writes."""
+_OURS = ("log.jsonl", "checkpoint", "checkpoint.json", "model", "curves.png")
+
+
+def _check_out(cfg: FineTuneConfig) -> list[str]:
+    """The files of an earlier run in ``out``; refuses a file as ``out``, and an earlier run unless ``resume``
+    or ``overwrite``. Changes nothing."""
     out = cfg.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; give a directory (new, or an earlier run's to --resume)")
-    ours = [f for f in ("log.jsonl", "checkpoint", "checkpoint.json", "model", "curves.png")
-            if os.path.exists(os.path.join(out, f))]
-    if cfg.overwrite:
-        for name in ours:
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-    elif ours and not cfg.resume:
+    ours = [f for f in _OURS if os.path.exists(os.path.join(out, f))]
+    if ours and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"--out {out!r} already holds a fine-tune ({', '.join(ours)}); pass --resume to continue "
                          "it, --overwrite to start over, or another --out")
+    return ours
+
+
+def _prepare_out(cfg: FineTuneConfig, say: Callable[[str], None]) -> bool:
+    """Make ``out`` ready once every input is checked; True if the run resumes from its checkpoint.
+    ``overwrite`` removes only what a fine-tune writes."""
+    out = cfg.out
+    if cfg.overwrite:
+        for name in _check_out(cfg):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     os.makedirs(out, exist_ok=True)
     if cfg.resume and not ckpt.exists(out):
         say(f"--resume: no checkpoint in {out}; starting from step 0")
@@ -278,7 +299,7 @@ def open_engine(cfg: FineTuneConfig, ref: ModelRef | None = None) -> ZOEngine:
                          f"or convert it first (`zo2tier convert {ref.path} STORE`)")
     disk_dir = ref.path if cfg.in_place else (cfg.disk_dir or os.path.join(cfg.out, "disk"))
     return ZOEngine.from_pretrained(
-        ref.gguf or ref.path, dtype=_DTYPES[cfg.dtype] if cfg.dtype else None, budget=cfg.budget,
+        ref.gguf or ref.path, dtype=_DTYPES[cfg.dtype] if cfg.dtype else None, budget=cfg.budget or DEFAULT_BUDGET,
         disk_dir=disk_dir, device=cfg.device, config=cfg.mezo(), placement=cfg.placement,
         storage=dict(cfg.storage) or None, write_back_every=cfg.write_back_every, compress=cfg.compress)
 
@@ -294,18 +315,43 @@ def _resumed_settings(cfg: FineTuneConfig, engine: ZOEngine, resumed: ckpt.Resum
     return dataclasses.replace(cfg, lr=lr, perturbations=q)
 
 
-def _resume_engine(cfg: FineTuneConfig) -> tuple[ZOEngine, ckpt.Resumed]:
-    """The engine of ``OUT/checkpoint``, exactly where it stopped, and the job's state saved with it."""
-    engine = ZOEngine.resume(ckpt.checkpoint_dir(cfg.out), device=cfg.device)
-    try:
-        if engine.config.estimator != cfg.estimator:
-            raise ValueError(f"--resume: {ckpt.checkpoint_dir(cfg.out)} was trained with estimator="
-                             f"{engine.config.estimator!r} but this run has {cfg.estimator!r}; pass --estimator "
-                             f"{engine.config.estimator} or use a fresh --out")
-        return engine, ckpt.check(cfg.out, cfg, engine.extra_state)
-    except BaseException:
-        engine.close()
-        raise
+def _give_store_a_tokenizer(engine: ZOEngine, ref: ModelRef) -> None:
+    """The disk tier's own store gets the model's tokenizer (``STORE/hf``), so that ``zo2tier export`` and
+    ``zo2tier generate`` work on ``OUT/disk`` as on a converted store."""
+    if engine.store is None or ref.kind == "store" and os.path.samefile(engine.store.path, ref.path):
+        return
+    hf_dir = os.path.join(engine.store.path, HF_FILES_DIR)
+    if not os.path.isdir(hf_dir):
+        copy_tokenizer_files(ref, hf_dir)
+
+
+def _resume_engine(cfg: FineTuneConfig, say: Callable[[str], None]) -> tuple[ZOEngine, ckpt.Resumed]:
+    """The engine of ``OUT/checkpoint``, where it stopped, and the job's state saved with it. Tier settings
+    this run gives (budget, placement, storage, write-back, compression) re-plan the tiers; the disk tier's
+    folder is the checkpoint's."""
+    path = ckpt.checkpoint_dir(cfg.out)
+    saved = read_checkpoint(path)
+    store = saved["store"] if os.path.isabs(saved["store"]) else os.path.join(path, saved["store"])
+    if cfg.disk_dir is not None and os.path.abspath(cfg.disk_dir) != os.path.abspath(store):
+        raise ValueError(f"--resume: {path} keeps its disk tier in {store}, not --disk-dir {cfg.disk_dir!r}; drop "
+                         "--disk-dir (or give that folder)")
+    given = {"budget": cfg.budget, "placement": cfg.placement, "storage": dict(cfg.storage) or None,
+             "write_back_every": cfg.write_back_every, "compress": cfg.compress}
+    given = {k: v for k, v in given.items() if v is not None}
+    if "budget" in given and "placement" not in given:  # the saved placement is the old budget's plan
+        new = TierBudget.parse(given["budget"])
+        if {t: new.of(t) for t in ("device", "host", "disk")} != saved["engine"]["budget"]:
+            given["placement"] = None
+    if saved["config"]["estimator"] != cfg.estimator:
+        raise ValueError(f"--resume: {path} was trained with estimator={saved['config']['estimator']!r} but this "
+                         f"run has {cfg.estimator!r}; pass --estimator {saved['config']['estimator']} or use a "
+                         "fresh --out")
+    resumed = ckpt.check(cfg.out, cfg, saved["extra_state"])  # before the engine touches the store
+    engine = ZOEngine.resume(path, device=cfg.device, **given)
+    changed = _changed_tiers(saved["engine"], engine, given)
+    if changed:
+        say(f"--resume: the tiers follow this run's {', '.join(changed)} (the checkpoint had other values)")
+    return engine, resumed
 
 
 def export_with_tokenizer(engine: ZOEngine, out_dir: str, ref: ModelRef) -> str:
@@ -322,7 +368,30 @@ def export_with_tokenizer(engine: ZOEngine, out_dir: str, ref: ModelRef) -> str:
     return out_dir
 
 
-def _load_sets(cfg: FineTuneConfig, tokenizer: Any) -> tuple[EncodedSet, EncodedSet, EncodedSet | None]:
+def _changed_tiers(saved: dict[str, Any], engine: ZOEngine, given: dict[str, Any]) -> list[str]:
+    """The tier settings ``given`` to a resume that differ from the checkpoint's (``saved["engine"]``)."""
+    now = {"budget": {t: engine.budget.of(t) for t in ("device", "host", "disk")},
+           "placement": dict(engine.placement), "storage": dict(engine.storage),
+           "write_back_every": engine.write_back_every,
+           "compress": None if engine.compress is None else dataclasses.asdict(engine.compress)}
+    return [f"--{k.replace('_', '-')}" for k, v in given.items()
+            if v is not None and json.loads(json.dumps(now[k])) != saved.get(k)]
+
+
+def _check_max_length(cfg: FineTuneConfig, ref: ModelRef) -> None:
+    """Refuse a ``max_length`` past the model's positions (a learned position table would fail mid-run)."""
+    if ref.kind == "config":
+        return
+    config = ref.config_dict()
+    config = {**config.get("text_config", {}), **config}
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions; lower it to "
+                         f"{limit} or less")
+
+
+def _load_sets(cfg: FineTuneConfig, tokenizer: Any,
+               say: Callable[[str], None] = print) -> tuple[EncodedSet, EncodedSet, EncodedSet | None]:
     prompt = cfg.prompt()
     sets = []
     for path in (cfg.train, cfg.test, cfg.dev):
@@ -337,6 +406,10 @@ def _load_sets(cfg: FineTuneConfig, tokenizer: Any) -> tuple[EncodedSet, Encoded
             raise ValueError(f"{path} has {len(rows)} rows but none labelled {list(prompt.label_words.labels)} "
                              f"(its {cfg.label_column!r} column holds {found[:6]}); check --label-column and "
                              "--label-words")
+        if len(examples) < len(rows):
+            other = sorted({ex.label for ex in rows} - set(prompt.label_words.labels))
+            say(f"{path}: {len(rows) - len(examples)} of {len(rows)} rows are left out: their labels {other[:6]} "
+                "have no label word (--label-words)")
         sets.append(encode(examples, prompt, tokenizer, max_length=cfg.max_length))
     if len(sets[0]) < cfg.batch_size:
         raise ValueError(f"{cfg.train} has {len(sets[0])} usable rows, fewer than batch_size={cfg.batch_size}")
