@@ -122,3 +122,14 @@ def test_the_disk_tier_is_a_store_export_and_generate_can_use(task, tmp_path, ca
     assert cli.main(["generate", "--model", str(out / "disk"), "--prompt", "good film", "--max-new-tokens", "2",
                      "--budget", "device=1GiB"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_narrow_tiers_written_back_lazily_export_what_was_tested(task, tmp_path):
+    """bf16 / int8 tiers written back every 4th visit: the final weights are rounded into their tiers before the
+    last evaluation, so OUT/model is exactly what `zo2tier export OUT/disk` gives."""
+    for storage in ({"host": "bf16", "disk": "bf16"}, {"disk": "int8"}):
+        out = tmp_path / storage["disk"]
+        finetune(out=str(out), steps=6, budget="device=1GiB,host=1GiB,disk=1GiB", placement=PLACES,
+                 storage=storage, write_back_every=4, **task)
+        assert cli.main(["export", str(out / "disk"), str(out / "exported")]) == 0
+        assert _same(load_file(out / "exported/model.safetensors"), _weights(out))

@@ -235,6 +235,9 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
                 kept = _keep_best(engine, cfg, dev, log, say)
                 if kept != cfg.steps:  # the checkpoint holds the kept weights: a resume goes on from them
                     ckpt.save(cfg.out, cfg, engine, zero_shot, cfg.steps)
+            # every pending update written back (a bf16/int8 tier rounds it now, not later): the weights tested
+            # are those exported and those `zo2tier export OUT/disk` reads
+            engine.flush()
             say(f"fine-tuned: evaluating {len(test)} test examples ...")
             final = accuracy(engine, test, batch_size=cfg.eval_batch_size, progress=cfg.progress)
             _write(log, {"event": "eval", "step": cfg.steps, "split": "test", "acc": final, "n": len(test)})
