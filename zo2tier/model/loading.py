@@ -81,11 +81,15 @@ class _Checkpoint(StateSource):
         self._resolve = name_resolver(model)(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        key = self._resolve(name)
+        if self._resolve.merge(name) is not None:  # experts saved apart, merged as transformers loads them
+            return self._resolve.merged_tensor(name, self._read).to(torch.float32)
+        return self._read(self._resolve(name)).to(torch.float32)
+
+    def _read(self, key: str) -> torch.Tensor:
         if self._kind == "bin":
-            return self._bin[key].to(torch.float32)
+            return self._bin[key]
         with self._open(self._where[key]) as handle:
-            return handle.get_tensor(key).to(torch.float32)
+            return handle.get_tensor(key)
 
 
 @contextlib.contextmanager

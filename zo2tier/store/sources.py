@@ -62,7 +62,8 @@ class SafetensorsSource(TensorSource):
         self._buf: bytearray | None = None
 
     def dtype_of(self, name: str) -> torch.dtype:
-        return self._index[self._resolve(name)][1]
+        merge = self._resolve.merge(name)
+        return self._index[merge.keys[0] if merge else self._resolve(name)][1]
 
     def common_dtype(self) -> torch.dtype:
         sizes: dict[torch.dtype, int] = {}
@@ -71,6 +72,9 @@ class SafetensorsSource(TensorSource):
         return max(sizes, key=sizes.get)
 
     def chunks(self, name: str, numel: int, chunk_numel: int) -> Iterator[torch.Tensor]:
+        if self._resolve.merge(name) is not None:  # experts saved apart: built whole, as transformers loads them
+            yield from _chunked(name, self._resolve.merged_tensor(name, self._whole), numel, chunk_numel)
+            return
         file, dtype, start, end = self._index[self._resolve(name)]
         item = torch.empty((), dtype=dtype).element_size()
         if end - start != numel * item:
@@ -95,8 +99,22 @@ class SafetensorsSource(TensorSource):
         finally:
             os.close(fd)
 
+    def _whole(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._index[key][0], framework="pt") as handle:
+            return handle.get_tensor(key)
+
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "files": {os.path.basename(f): os.path.getsize(f) for f in self._files}}
+
+
+def _chunked(name: str, tensor: torch.Tensor, numel: int, chunk_numel: int) -> Iterator[torch.Tensor]:
+    flat = tensor.reshape(-1)
+    if flat.numel() != numel:
+        raise ValueError(f"tensor {name} has {flat.numel()} elements; the config wants {numel}")
+    for a in range(0, numel, chunk_numel):
+        yield flat[a : a + chunk_numel].float()
 
 
 class DictSource(TensorSource):
@@ -109,17 +127,18 @@ class DictSource(TensorSource):
         self._files = files
 
     def dtype_of(self, name: str) -> torch.dtype:
-        return self._tensors[self._resolve(name)].dtype
+        merge = self._resolve.merge(name)
+        return self._tensors[merge.keys[0] if merge else self._resolve(name)].dtype
 
     def common_dtype(self) -> torch.dtype:
         return next(t.dtype for t in self._tensors.values() if t.is_floating_point())
 
     def chunks(self, name: str, numel: int, chunk_numel: int) -> Iterator[torch.Tensor]:
-        flat = self._tensors[self._resolve(name)].reshape(-1)
-        if flat.numel() != numel:
-            raise ValueError(f"tensor {name} has {flat.numel()} elements; the config wants {numel}")
-        for a in range(0, numel, chunk_numel):
-            yield flat[a : a + chunk_numel].float()
+        if self._resolve.merge(name) is not None:
+            tensor = self._resolve.merged_tensor(name, self._tensors.__getitem__)
+        else:
+            tensor = self._tensors[self._resolve(name)]
+        yield from _chunked(name, tensor, numel, chunk_numel)
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "files": {os.path.basename(f): os.path.getsize(f) for f in self._files}}
