@@ -196,3 +196,15 @@ def test_export_takes_a_folder_or_a_store_and_writes_a_loadable_model(tmp_path, 
         got = AutoModelForCausalLM.from_pretrained(out).state_dict()
         assert all(__import__("torch").equal(got[k], want[k]) for k in want)
         AutoTokenizer.from_pretrained(out)
+
+
+def test_an_os_error_is_one_line_not_a_traceback(task, tmp_path, capsys, monkeypatch):
+    """A path the user may not write (permissions, a read-only file system) ends as one line, exit code 1."""
+    from zo2tier import export_model
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / "e"))
+
+    monkeypatch.setattr(export_model, "export_model", read_only)
+    rc, err = _main(["export", task[0], str(tmp_path / "e")], capsys)
+    assert rc == 1 and err == f"zo2tier export: error: [Errno 30] Read-only file system: '{tmp_path / 'e'}'"

@@ -69,3 +69,18 @@ def test_kv_cache_size_and_place_are_checked():
         # on the CPU the device is host RAM: every place gives the same tokens
         a = engine.generate(ids, mask, max_new_tokens=4, kv_cache="host")
         assert torch.equal(a, engine.generate(ids, mask, max_new_tokens=4, kv_cache="device"))
+
+
+def test_an_empty_prompt_and_one_past_the_positions_are_refused_up_front():
+    from tiny_task import tiny_tokenizer
+
+    from zo2tier.generate import generate_text
+
+    tok = tiny_tokenizer()
+    with ZOEngine(tiny_model("opt"), budget="device=1GiB") as engine:  # 64 learned positions
+        with pytest.raises(ValueError, match="prompt 2 is empty"):
+            generate_text(engine, tok, ["good film", ""], max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"prompt 1 \(2 tokens\) plus --max-new-tokens 63 exceeds the model's 64 "
+                                             r"positions; lower --max-new-tokens to 62"):
+            generate_text(engine, tok, ["good film"], max_new_tokens=63)
+        assert len(generate_text(engine, tok, ["good film"], max_new_tokens=62)[0].tokens) <= 62

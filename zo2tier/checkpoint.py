@@ -315,10 +315,12 @@ def _build_on_store(cls, store: BlockStore, kwargs: dict, *, in_place: bool = Tr
         m = store.manifest
         model = skeleton_from_config(m.config, kwargs.pop("dtype", None) or _TORCH[m.dtype])
         layer_dtypes = {b.dtype for b in m.blocks[:-1]}
-        if "storage" not in kwargs and len(layer_dtypes) == 1:
+        # storage / compress not given (absent, None or empty, as zo2tier finetune passes them): the store's own,
+        # as zo2tier plan assumes
+        if not kwargs.get("storage") and len(layer_dtypes) == 1:
             kwargs["storage"] = {"disk": layer_dtypes.pop()}
         layouts = [b.zstd for b in m.blocks[:-1]]
-        if "compress" not in kwargs and layouts and all(layouts):  # a store converted with --compress zstd
+        if kwargs.get("compress") is None and layouts and all(layouts):  # a store converted with --compress zstd
             kwargs["compress"] = Zstd(layouts[0].level, layouts[0].frame_bytes)
         if kwargs.get("disk_dir") is None and in_place:
             kwargs["disk_dir"] = store.path

@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BlockIOError, StoreLockedError) as exc:  # disk full, failing drive, store in use
         print(f"zo2tier {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path it may not write (permissions, a read-only file system) and the like
+        print(f"zo2tier {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"zo2tier {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130

@@ -141,6 +141,7 @@ def generate_text(engine, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     gen_cfg = getattr(engine.model, "generation_config", None)
     eos = getattr(gen_cfg, "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
+    _check_lengths(engine, tokenizer, prompts, max_new_tokens)
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -151,6 +152,22 @@ def generate_text(engine, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
             row = _until_eos(row, eos)
             results.append(Generation(prompt, tokenizer.decode(row, skip_special_tokens=True), row))
     return results
+
+
+def _check_lengths(engine, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse an empty prompt, and a prompt plus ``max_new_tokens`` past the model's positions, before any
+    decoding (a learned position table would fail mid-way)."""
+    from zo2tier.model_ref import max_positions
+
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise ValueError(f"prompt {i + 1} is empty (it encodes to no tokens); give it some text")
+    limit = max_positions(engine.model.config.to_dict())
+    if limit is not None and max(lengths) + max_new_tokens > limit:
+        i = lengths.index(max(lengths))
+        raise ValueError(f"prompt {i + 1} ({lengths[i]} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
+                         f"model's {limit} positions; lower --max-new-tokens to {max(0, limit - lengths[i])} or less")
 
 
 def _until_eos(row: list[int], eos: int | Sequence[int] | None) -> list[int]:

@@ -130,6 +130,14 @@ def with_architectures(config: dict[str, Any]) -> dict[str, Any]:
     return config if name is None else {**config, "architectures": [name]}
 
 
+def max_positions(config: dict[str, Any]) -> int | None:
+    """The most token positions the model's config allows (``max_position_embeddings``, GPT-2's
+    ``n_positions``; a multimodal config's ``text_config``), or None where it names none."""
+    config = {**(config.get("text_config") or {}), **config}
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
 def copy_tokenizer_files(ref: ModelRef, out_dir: str) -> list[str]:
     """Copy (or, for a GGUF, derive) ``ref``'s tokenizer files, generation config and chat template into
     ``out_dir``; its config.json is left alone. Returns the file names written."""

@@ -76,6 +76,48 @@ def test_resume_refuses_another_test_split_and_takes_the_same_file_by_another_pa
     assert finetune(out="o", steps=3, resume=True, budget="device=1GiB", **(task | relative)).steps == 3
 
 
+def test_resume_from_another_directory_with_absolute_paths(task, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = {k: os.path.relpath(task[k]) for k in ("model", "train", "test")}
+    finetune(out="o", steps=2, budget="device=1GiB", **(task | relative))
+    monkeypatch.chdir("/")
+    assert finetune(out=str(tmp_path / "o"), steps=3, resume=True, budget="device=1GiB", **task).steps == 3
+
+
+def test_a_disk_dir_holding_a_store_is_refused(task, tmp_path):
+    """The model's own store needs --in-place; another store (here a second converted model) --overwrite: a
+    fresh run would replace its blocks."""
+    from zo2tier.store.convert import convert
+
+    store, other = str(tmp_path / "store"), str(tmp_path / "other")
+    convert(task["model"], store, progress=False)
+    convert(task["model"], other, progress=False)
+    manifest = (tmp_path / "store/manifest.json").read_bytes()
+    kw = task | {"model": store, "steps": 1, "budget": "device=1GiB,host=1GiB,disk=1GiB", "placement": PLACES}
+    with pytest.raises(ValueError, match="is the model's store.*pass --in-place"):
+        finetune(out=str(tmp_path / "a"), disk_dir=store, **kw)
+    with pytest.raises(ValueError, match="already holds a zo2tier store.*--overwrite to replace it"):
+        finetune(out=str(tmp_path / "b"), disk_dir=other, **kw)
+    assert (tmp_path / "store/manifest.json").read_bytes() == manifest and not (tmp_path / "a").exists()
+    assert finetune(out=str(tmp_path / "b"), disk_dir=other, overwrite=True, **kw).steps == 1
+
+
+def test_a_store_converted_narrow_keeps_its_disk_tier(task, tmp_path):
+    """A store converted with --disk-dtype int8 --compress zstd is fine-tuned with an int8, zstd disk tier (as
+    `zo2tier plan` assumes), unless --storage says otherwise."""
+    from zo2tier.store.convert import convert
+
+    store = str(tmp_path / "store")
+    convert(task["model"], store, disk_dtype="int8", compress="zstd", progress=False)
+    kw = task | {"model": store, "steps": 1, "budget": "device=1GiB,host=1GiB,disk=1GiB", "placement": PLACES,
+                 "export": "none"}
+    r = finetune(out=str(tmp_path / "a"), **kw)
+    assert r.storage["disk"] == "int8"
+    blocks = json.loads((tmp_path / "a/disk/manifest.json").read_text())["blocks"]
+    assert all(b["dtype"] == "int8" and "zstd" in b for b in blocks[2:4])
+    assert finetune(out=str(tmp_path / "b"), storage={"disk": "fp32"}, compress="none", **kw).storage["disk"] == "fp32"
+
+
 def test_resume_replans_the_tiers_it_is_given_and_ends_as_the_uninterrupted_run(task, tmp_path, capsys):
     """A run cut at step 2 with layers on host and disk, resumed with everything on the device: the tiers follow
     the new budget, the run says so, and the weights equal those of a run never cut (fp32 in every tier)."""

@@ -65,8 +65,11 @@ def refuse_old(out: str) -> None:
 def save(out: str, cfg: Any, engine: Any, zero_shot_acc: float, step: int) -> str:
     """Write the engine checkpoint ``OUT/checkpoint`` with the job's state after ``step`` steps (not the log's
     length: a step logs q entries, and a kept best adds undo entries); returns its path."""
-    extra = {"format": JOB_FORMAT, "step": step, "zero_shot_acc": zero_shot_acc, "lr": cfg.lr,
-             "config": {k: getattr(cfg, k) for k in _MUST_MATCH}}
+    config = {k: getattr(cfg, k) for k in _MUST_MATCH}
+    for k in _PATHS:  # absolute: a resume from another working directory names the same files
+        if isinstance(config[k], str):
+            config[k] = os.path.abspath(config[k])
+    extra = {"format": JOB_FORMAT, "step": step, "zero_shot_acc": zero_shot_acc, "lr": cfg.lr, "config": config}
     return engine.save_checkpoint(checkpoint_dir(out), extra_state=extra)
 
 
@@ -92,7 +95,8 @@ def _same(key: str, saved: Any, given: Any) -> bool:
     if saved == given:
         return True
     if key in _PATHS and isinstance(saved, str) and isinstance(given, str):
-        return os.path.exists(saved) and os.path.exists(given) and os.path.samefile(saved, given)
+        return (os.path.abspath(given) == saved
+                or os.path.exists(saved) and os.path.exists(given) and os.path.samefile(saved, given))
     return False
 
 

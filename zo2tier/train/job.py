@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from zo2tier.budget import BudgetLike, TierBudget
-from zo2tier.checkpoint import read_checkpoint
+from zo2tier.checkpoint import is_store, read_checkpoint
 from zo2tier.config import MeZOConfig
 from zo2tier.engine import ZOEngine
-from zo2tier.model_ref import HF_FILES_DIR, ModelRef, copy_tokenizer_files, model_ref
+from zo2tier.model_ref import HF_FILES_DIR, ModelRef, copy_tokenizer_files, max_positions, model_ref
 from zo2tier.train import checkpoint as ckpt
 from zo2tier.train.data import (
     EncodedSet,
@@ -197,6 +197,7 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
     ref = model_ref(cfg.model)
     tokenizer = ref.tokenizer()
     _check_out(cfg)
+    _check_disk_dir(cfg, ref)
     _check_max_length(cfg, ref)
     train, test, dev = _load_sets(cfg, tokenizer, say)  # every input is checked before --overwrite removes a run
     made_out = not os.path.isdir(cfg.out)
@@ -230,6 +231,7 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
             _train(engine, cfg, train, dev or test, log, zero_shot, start=resumed.step if resumed else 0,
                    testset=test, say=say)
             train_s = time.perf_counter() - t_train
+            _give_store_a_tokenizer(engine, ref)  # with every layer in memory, the checkpoint's store is the one
             kept = None
             if dev is not None and cfg.keep == "best":
                 kept = _keep_best(engine, cfg, dev, log, say)
@@ -271,6 +273,22 @@ def _check_out(cfg: FineTuneConfig) -> list[str]:
         raise ValueError(f"--out {out!r} already holds a fine-tune ({', '.join(ours)}); pass --resume to continue "
                          "it, --overwrite to start over, or another --out")
     return ours
+
+
+def _check_disk_dir(cfg: FineTuneConfig, ref: ModelRef) -> None:
+    """Refuse a disk-tier folder that holds a store a fresh run would replace: the model's own (that is
+    ``in_place``), or another one unless ``overwrite``."""
+    if cfg.in_place or (cfg.resume and ckpt.exists(cfg.out)):
+        return
+    disk_dir = cfg.disk_dir or os.path.join(cfg.out, "disk")
+    if not is_store(disk_dir):
+        return
+    if ref.kind == "store" and os.path.samefile(disk_dir, ref.path):
+        raise ValueError(f"--disk-dir {disk_dir!r} is the model's store, which a fine-tune leaves unchanged; pass "
+                         "--in-place to fine-tune the store itself, or give another --disk-dir")
+    if not cfg.overwrite:
+        raise ValueError(f"--disk-dir {disk_dir!r} already holds a zo2tier store (a converted model or an earlier "
+                         "run's disk tier); give an empty or new folder, or --overwrite to replace it")
 
 
 def _prepare_out(cfg: FineTuneConfig, say: Callable[[str], None]) -> bool:
@@ -315,12 +333,16 @@ def _resumed_settings(cfg: FineTuneConfig, engine: ZOEngine, resumed: ckpt.Resum
     q = cfg.perturbations if cfg.perturbations_given else saved.n_perturbations
     if (lr, q) != (cfg.lr, cfg.perturbations):
         say(f"resumed with the checkpoint's lr {lr:g} and {q} perturbation(s) per step")
+    saved_lr = resumed.lr if resumed.lr is not None else saved.lr
+    if cfg.lr_given and lr != saved_lr:
+        say(f"--resume: steps from now on use --lr {lr:g} (the run so far used {saved_lr:g})")
     return dataclasses.replace(cfg, lr=lr, perturbations=q)
 
 
 def _give_store_a_tokenizer(engine: ZOEngine, ref: ModelRef) -> None:
-    """The disk tier's own store gets the model's tokenizer (``STORE/hf``), so that ``zo2tier export`` and
-    ``zo2tier generate`` work on ``OUT/disk`` as on a converted store."""
+    """The engine's own store (the disk tier's ``OUT/disk``, or ``OUT/checkpoint/store`` when every layer is in
+    memory) gets the model's tokenizer (``STORE/hf``), so that ``zo2tier export`` and ``zo2tier generate`` work
+    on it as on a converted store."""
     if engine.store is None or ref.kind == "store" and os.path.samefile(engine.store.path, ref.path):
         return
     hf_dir = os.path.join(engine.store.path, HF_FILES_DIR)
@@ -385,10 +407,8 @@ def _check_max_length(cfg: FineTuneConfig, ref: ModelRef) -> None:
     """Refuse a ``max_length`` past the model's positions (a learned position table would fail mid-run)."""
     if ref.kind == "config":
         return
-    config = ref.config_dict()
-    config = {**config.get("text_config", {}), **config}
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
-    if isinstance(limit, int) and cfg.max_length > limit:
+    limit = max_positions(ref.config_dict())
+    if limit is not None and cfg.max_length > limit:
         raise ValueError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions; lower it to "
                          f"{limit} or less")
 
