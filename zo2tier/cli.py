@@ -148,7 +148,9 @@ def _add_finetune(sub) -> None:
                     help="with --dev: best keeps the weights of the best dev evaluation (before training, every "
                          "--eval-every steps, after the last step), undoing the steps after it; last keeps the "
                          "last step's")
-    ft.add_argument("--eval-max", type=int, default=0, help="examples per --eval-every evaluation (0: all)")
+    ft.add_argument("--eval-max", type=int, default=0,
+                    help="examples per --eval-every evaluation (0: all; fewer: --keep best selects only among the "
+                         "whole-dev evaluations before and after training)")
     ft.add_argument("--eval-test", action="store_true",
                     help="with --dev: also log test accuracy at every eval point (for the curves only)")
     ft.add_argument("--max-length", type=int, default=64, help="tokens per example; long texts lose their start")

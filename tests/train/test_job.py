@@ -175,3 +175,12 @@ def test_narrow_tiers_written_back_lazily_export_what_was_tested(task, tmp_path)
                  storage=storage, write_back_every=4, **task)
         assert cli.main(["export", str(out / "disk"), str(out / "exported")]) == 0
         assert _same(load_file(out / "exported/model.safetensors"), _weights(out))
+
+
+def test_an_out_whose_model_folder_is_the_users_is_refused(task, tmp_path):
+    (tmp_path / "o/model").mkdir(parents=True)
+    (tmp_path / "o/model/weights.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="model/ folder holds files a fine-tune did not write"):
+            finetune(out=str(tmp_path / "o"), steps=1, budget="device=1GiB", overwrite=overwrite, **task)
+    assert (tmp_path / "o/model/weights.txt").read_text() == "mine"

@@ -269,6 +269,10 @@ def _check_out(cfg: FineTuneConfig) -> list[str]:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; give a directory (new, or an earlier run's to --resume)")
     ours = [f for f in _OURS if os.path.exists(os.path.join(out, f))]
+    model = os.path.join(out, "model")
+    if os.path.isdir(model) and os.listdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"--out {out!r}: its model/ folder holds files a fine-tune did not write (the run exports "
+                         "there); pick another --out")
     if ours and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"--out {out!r} already holds a fine-tune ({', '.join(ours)}); pass --resume to continue "
                          "it, --overwrite to start over, or another --out")
@@ -485,7 +489,7 @@ def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: En
                                progress=cfg.progress)
                 _write(log, {"event": "eval", "step": step + 1, "split": split, "acc": acc,
                              "n": min(len(evalset), cfg.eval_max or len(evalset)), "log_entries": len(engine.log)})
-                meter.note(f"{split} acc {acc:.3f}")
+                meter.note(f"step {step + 1}: {split} acc {acc:.3f}")
                 if cfg.eval_test and cfg.dev:  # the held-out curve, logged for plots; nothing selects on it
                     acc = accuracy(engine, testset, batch_size=cfg.eval_batch_size)
                     _write(log, {"event": "eval", "step": step + 1, "split": "test", "acc": acc, "n": len(testset)})
