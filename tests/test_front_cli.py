@@ -208,3 +208,13 @@ def test_an_os_error_is_one_line_not_a_traceback(task, tmp_path, capsys, monkeyp
     monkeypatch.setattr(export_model, "export_model", read_only)
     rc, err = _main(["export", task[0], str(tmp_path / "e")], capsys)
     assert rc == 1 and err == f"zo2tier export: error: [Errno 30] Read-only file system: '{tmp_path / 'e'}'"
+
+
+def test_a_negative_lr_in_e_notation_and_a_store_to_convert_get_their_own_messages(task, tmp_path, capsys):
+    rc, err = _main(_finetune(task, tmp_path / "o", "--lr", "-1e-3"), capsys)
+    assert rc == 2 and "--lr -0.001 is negative" in err
+    from zo2tier.store.convert import convert
+
+    convert(task[0], str(tmp_path / "store"), progress=False)
+    rc, err = _main(["convert", str(tmp_path / "store"), str(tmp_path / "store2")], capsys)
+    assert rc == 2 and "is already a zo2tier store" in err and not (tmp_path / "store2").exists()

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_commands(sub)
     _add_finetune(sub)
     _add_generate(sub)
+    for p in (parser, *sub.choices.values()):  # "--lr -1e-3" is a value (argparse knows only -1 and -0.5)
+        p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d*\.?\d+[eE][-+]?\d+$")
     return parser
 
 

@@ -226,6 +226,9 @@ def _open_source(src: str, seed: int) -> tuple[dict, TensorSource, torch.dtype]:
     if not os.path.exists(cfg_path):
         if ggufs:
             return _gguf(src, os.path.basename(ggufs[0]))
+        if os.path.isfile(os.path.join(src, "manifest.json")):
+            raise ValueError(f"{src!r} is already a zo2tier store: fine-tune, export or generate from it as it "
+                             "is (`zo2tier export` writes it as a Hugging Face folder)")
         raise ValueError(f"{src!r} has no config.json; give a Hugging Face model directory")
     config = _read_json(cfg_path)
     resolve = _resolver_for(config)
