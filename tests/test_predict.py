@@ -133,6 +133,8 @@ def test_device_working_bytes_count_what_the_engine_allocates(fused):
     # generic: an fp32 block and the widest encoded block
     extra = WRITE_BACK_RANGE_BYTES + int8_block if fused else 4 * n + 2 * n
     assert working_bytes(int8, 0, 1) == (2 * n * 2 if fused else n * 2 + 4 * r) + extra + int8_block
+    if fused:  # an int8 tier that holds no block never makes the range buffers (they are made at a write-back)
+        assert working_bytes(int8, 0, 0) == 2 * n * 2
     # layers bound part by part: the scratch holds the largest part (or the largest resident module)
     parts = PlanInput(inp.blocks, r, 2, inp.storage, 2, fused=fused, largest_part=250, largest_resident_module=550)
     assert working_bytes(parts, 0) == (550 * 2 if fused else 550 * 2 + 4 * r + 4 * n + 2 * n)

@@ -115,7 +115,9 @@ def working_bytes(inp: PlanInput, n_host: int, n_disk: int = 0) -> int:
         total += inp.resident_numel * WORKING_BYTES_PER_NUMEL
     if not inp.fused:  # the generic path decodes every block into fp32 and encodes write-backs from it
         total += largest * WORKING_BYTES_PER_NUMEL + max(block_bytes(largest, d) for d in inp.storage.values())
-    elif "int8" in inp.storage.values():  # fused float storage writes in place; int8 range by range
+    elif (inp.storage["device"] == "int8" or n_host and inp.storage["host"] == "int8"
+          or n_disk and inp.storage["disk"] == "int8"):  # fused float storage writes in place; int8 range by
+        # range, into buffers made at the first int8 write-back (a tier that holds no block never makes them)
         total += WRITE_BACK_RANGE_BYTES + block_bytes(largest, "int8")
     if n_host:
         total += min(1 + inp.lookahead_blocks, n_host) * block_bytes(largest_block, inp.storage["host"])
