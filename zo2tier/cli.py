@@ -102,9 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_commands(sub)
     _add_finetune(sub)
     _add_generate(sub)
-    for p in (parser, *sub.choices.values()):  # "--lr -1e-3" is a value (argparse knows only -1 and -0.5)
-        p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d*\.?\d+[eE][-+]?\d+$")
     return parser
+
+
+def _glue_negative_numbers(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``: argparse reads "-1e-3" as an option (it knows only -1 and -0.5)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.fullmatch(r"-\d*\.?\d+[eE][-+]?\d+", arg):
+            out[-1] += "=" + arg
+        else:
+            out.append(arg)
+    return out
 
 
 def _add_finetune(sub) -> None:
@@ -353,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_cuda_allocator_default()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
