@@ -242,7 +242,7 @@ class ZOEngine:
         self.runner = BlockRunner(self.table, self.tiers, self.log, seed=self.config.seed,
                                   perturbation=self.config.perturbation, schedule=schedule,
                                   compute_dtype=self.compute_dtype,
-                                  bind=lambda run: bind_model(model, self.layout, records, run))
+                                  bind=lambda run: bind_model(model, self.layout, records, run, self.device))
         release_weights(modules, self.device)
         self.buffer_keys = source.buffer_keys()
 

@@ -23,14 +23,18 @@ class ModuleProxy(nn.Module):
 
     ``inner`` is deliberately not registered as a submodule, so ``model.parameters()`` no longer lists
     the weights the engine now owns. Attribute reads fall through to ``inner`` (models read e.g.
-    ``layer.attention_type``).
+    ``layer.attention_type``). Its parameters live on the meta device; read through the proxy they say
+    ``device`` (the compute device), since models move their inputs there (Llama-4:
+    ``input_ids.to(self.embed_tokens.weight.device)``, which on meta would drop the ids' values).
     """
 
-    def __init__(self, inner: nn.Module, binding_index: int, runner: Runner) -> None:
+    def __init__(self, inner: nn.Module, binding_index: int, runner: Runner,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_zo_inner", inner)
         object.__setattr__(self, "_zo_runner", runner)
         object.__setattr__(self, "_zo_binding", binding_index)
+        object.__setattr__(self, "_zo_device", device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._zo_runner(self._zo_binding, self._zo_inner, args, kwargs)
@@ -39,7 +43,39 @@ class ModuleProxy(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(object.__getattribute__(self, "_zo_inner"), name)
+            value = getattr(object.__getattribute__(self, "_zo_inner"), name)
+        device = object.__getattribute__(self, "_zo_device")
+        if device is not None and isinstance(value, torch.Tensor) and value.is_meta:
+            return MetaOn.of(value, device)
+        return value
+
+
+class MetaOn(torch.Tensor):
+    """A meta tensor that reports ``device`` as its device: its shape and dtype are real, its values absent.
+    What torch computes from it is a plain tensor, as from the meta tensor itself."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _plain(super().__torch_function__(func, types, args, kwargs or {}))
+
+    @staticmethod
+    def of(meta: torch.Tensor, device: torch.device) -> MetaOn:
+        placeholder = meta.detach().as_subclass(MetaOn)
+        placeholder.reported_device = torch.device(device)
+        return placeholder
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        # results of ops on it are MetaOn too, on meta, without a reported device
+        return self.__dict__.get("reported_device") or torch.Tensor.device.__get__(self)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, MetaOn):
+        return obj.as_subclass(torch.Tensor)
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
+        return type(obj)(_plain(o) for o in obj)
+    return obj
 
 
 def install(model: nn.Module, qualified_name: str, proxy: nn.Module) -> None:

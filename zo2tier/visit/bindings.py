@@ -72,8 +72,10 @@ def tile_on_groups(parts: list[Binding], numel: int) -> bool:
             and all(lo % INT8_GROUP == 0 for lo, _ in spans))
 
 
-def bind_model(model: nn.Module, layout: ModelLayout, records: list[BlockRecord], runner: Runner) -> ModelBindings:
-    """Replace each decoder layer's parts and each resident module by a proxy calling ``runner``."""
+def bind_model(model: nn.Module, layout: ModelLayout, records: list[BlockRecord], runner: Runner,
+               device: torch.device | None = None) -> ModelBindings:
+    """Replace each decoder layer's parts and each resident module by a proxy calling ``runner`` (its
+    parameters read through it report ``device``)."""
     modules = dict(model.named_modules())
     alias_of: dict[str, list[str]] = {}
     for alias, canonical in layout.aliases.items():
@@ -83,7 +85,7 @@ def bind_model(model: nn.Module, layout: ModelLayout, records: list[BlockRecord]
 
     def bind(prefix: str, record: BlockRecord) -> int:
         bindings.append(_binding(prefix, record, names_by_id))
-        install(model, prefix, ModuleProxy(modules[prefix], len(bindings) - 1, runner))
+        install(model, prefix, ModuleProxy(modules[prefix], len(bindings) - 1, runner, device))
         return len(bindings) - 1
 
     parts_of = {i: frozenset(bind(part, records[i]) for part in layout.parts.get(name, (name,)))
