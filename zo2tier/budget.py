@@ -104,6 +104,10 @@ class TierBudget:
             raise ValueError(f"unknown tier {tier!r}; use one of {', '.join(TIERS)}")
         return getattr(self, f"{tier}_bytes")
 
+    def as_dict(self) -> dict[str, int]:
+        """``{"device": bytes, "host": bytes, "disk": bytes}``, as a checkpoint saves it."""
+        return {t: self.of(t) for t in TIERS}
+
     @classmethod
     def parse(cls, budget: BudgetLike) -> TierBudget:
         """Accept a TierBudget, a mapping of tier -> size, or ``"device=8GiB,host=16GiB,disk=100GiB"``."""

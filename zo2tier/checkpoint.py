@@ -242,7 +242,7 @@ def save_checkpoint(engine, path: str | os.PathLike, extra_state: dict | None = 
         "engine": {"placement": dict(engine.placement), "storage": dict(engine.storage),
                    "write_back_every": engine.write_back_every, "dtype": dtype_name(engine.compute_dtype),
                    "compress": None if engine.compress is None else asdict(engine.compress),
-                   "budget": {t: engine.budget.of(t) for t in ("device", "host", "disk")}},
+                   "budget": engine.budget.as_dict()},
         "extra_state": extra_json,
         "estimator_state": engine.estimator.state_dict(),
         "blocks": [e.state() for e in entries],
@@ -274,12 +274,16 @@ def from_store(cls, path: str | os.PathLike, **kwargs: Any):
     return _build_on_store(cls, store, kwargs, in_place=in_place)
 
 
+def checkpoint_store(path: str | os.PathLike, doc: dict) -> str:
+    """The store the checkpoint ``doc`` (read from ``path``) names: relative to ``path``, or absolute."""
+    return doc["store"] if os.path.isabs(doc["store"]) else os.path.join(os.fspath(path), doc["store"])
+
+
 def resume(cls, path: str | os.PathLike, **kwargs: Any):
     """Rebuild the engine a checkpoint describes; ``engine.extra_state`` is the dict saved with it."""
     _refuse_shared_disk(kwargs, "resume")
     doc = read_checkpoint(path)
-    where = doc["store"] if os.path.isabs(doc["store"]) else os.path.join(os.fspath(path), doc["store"])
-    store = BlockStore.open(where, verify_reads=kwargs.pop("verify_reads", True))
+    store = BlockStore.open(checkpoint_store(path, doc), verify_reads=kwargs.pop("verify_reads", True))
     try:
         store.adopt(doc["blocks"])
         store.commit(step=doc["step"], log=doc["log"], perturbation=doc["config"]["perturbation"], pin=True)

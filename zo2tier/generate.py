@@ -164,8 +164,9 @@ def _check_lengths(engine, tokenizer, prompts: Sequence[str], max_new_tokens: in
         if n == 0:
             raise ValueError(f"prompt {i + 1} is empty (it encodes to no tokens); give it some text")
     limit = max_positions(engine.model.config.to_dict())
-    if limit is not None and max(lengths) + max_new_tokens > limit:
-        i = lengths.index(max(lengths))
+    longest = max(lengths)
+    if limit is not None and longest + max_new_tokens > limit:
+        i = lengths.index(longest)
         raise ValueError(f"prompt {i + 1} ({lengths[i]} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
                          f"model's {limit} positions; lower --max-new-tokens to {max(0, limit - lengths[i])} or less")
 

@@ -81,9 +81,7 @@ class _Checkpoint(StateSource):
         self._resolve = name_resolver(model)(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        if self._resolve.merge(name) is not None:  # experts saved apart, merged as transformers loads them
-            return self._resolve.merged_tensor(name, self._read).to(torch.float32)
-        return self._read(self._resolve(name)).to(torch.float32)
+        return self._resolve.tensor(name, self._read).to(torch.float32)  # experts saved apart: merged
 
     def _read(self, key: str) -> torch.Tensor:
         if self._kind == "bin":

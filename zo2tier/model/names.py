@@ -11,7 +11,7 @@ A parameter ``name`` of ``model.named_parameters()`` is found in a checkpoint's 
 
 Checkpoint tensors that transformers *merges* on load (Mixtral's, Qwen-MoE's, OLMoE's per-expert
 ``w1``/``w3`` into one ``gate_up_proj``) are merged here by transformers' own converter of that model
-(``resolve.merge(name)``): the parameter is built from its checkpoint tensors, one parameter at a time.
+(``resolve.tensor(name, read)``): the parameter is built from its checkpoint tensors, one parameter at a time.
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ class Merge:
         for key, pattern in self._parts:
             converter.add_tensor(self.targets[0], key, pattern, lambda key=key: read(key))
         out = converter.convert(self.targets[0], model=model, config=getattr(model, "config", None))
-        built = {}
-        for name, value in out.items():
-            built[name] = value[0] if isinstance(value, list) else value
+        built = {name: value[0] if isinstance(value, list) else value for name, value in out.items()}
         missing = set(self.targets) - set(built)
         if missing:
             raise UnsupportedModelError(f"{type(model).__name__}: transformers' converter for {self.keys[0]!r} did "
@@ -95,7 +93,7 @@ def _conversions(model: nn.Module, keys: Collection[str]) -> tuple[dict[str, str
 
 class Resolver:
     """``resolve(name)``: the checkpoint key holding parameter ``name``; ``resolve.merge(name)``: the
-    :class:`Merge` that builds it instead, or None."""
+    :class:`Merge` that builds it instead, or None; ``resolve.tensor(name, read)``: the parameter either way."""
 
     def __init__(self, model: nn.Module, keys: Collection[str]) -> None:
         self._model = model
@@ -105,8 +103,9 @@ class Resolver:
         self._renamed, merged = _conversions(model, keys)
         self._merged: dict[str, tuple[Merge, str]] = {}  # parameter -> its merge and its name among the targets
         for name in self._tied:
-            found = next((c for c in self._candidates(name) if c in merged), None)
-            if found is not None and not any(c in keys for c in self._candidates(name)):
+            candidates = self._candidates(name)
+            found = next((c for c in candidates if c in merged), None)
+            if found is not None and not any(c in keys for c in candidates):
                 self._merged[name] = (merged[found], found)
         self._built: tuple[Merge, dict[str, torch.Tensor]] | None = None
         for name in self._tied:
@@ -133,16 +132,22 @@ class Resolver:
                 return self._renamed[c]
         if name in self._merged:
             raise ValueError(f"parameter {name!r} is merged from {len(self._merged[name][0].keys)} checkpoint "
-                             "tensors; read it with resolve.merge(name)")
+                             "tensors; read it with resolve.tensor(name, read)")
         raise ValueError(f"the checkpoint has no tensor for parameter {name!r} of {type(self._model).__name__} "
                          f"(tried {tried}); is it a checkpoint of this model's config?")
 
     def merge(self, name: str) -> Merge | None:
         return self._merged[name][0] if name in self._merged else None
 
-    def merged_tensor(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        """Parameter ``name`` built by its merge from ``read(key)`` (whole checkpoint tensors). A converter's
-        other targets are kept for the next call: a split gives several parameters at once."""
+    def dtype_key(self, name: str) -> str:
+        """The checkpoint key whose dtype is parameter ``name``'s stored dtype (a merge's first tensor)."""
+        return self._merged[name][0].keys[0] if name in self._merged else self(name)
+
+    def tensor(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """Parameter ``name`` from ``read(key)`` (whole checkpoint tensors): its key's tensor, or built by its
+        merge. A converter's other targets are kept for the next call: a split gives several parameters."""
+        if name not in self._merged:
+            return read(self(name))
         merge, target = self._merged[name]
         if self._built is None or self._built[0] is not merge:
             self._built = (merge, merge.build(read, self._model))

@@ -66,7 +66,7 @@ class MetaOn(torch.Tensor):
 
     @property
     def device(self) -> torch.device:  # type: ignore[override]
-        # results of ops on it are MetaOn too, on meta, without a reported device
+        # a MetaOn torch makes inside __torch_function__ (before _plain turns it plain) reports none
         return self.__dict__.get("reported_device") or torch.Tensor.device.__get__(self)
 
 

@@ -62,8 +62,7 @@ class SafetensorsSource(TensorSource):
         self._buf: bytearray | None = None
 
     def dtype_of(self, name: str) -> torch.dtype:
-        merge = self._resolve.merge(name)
-        return self._index[merge.keys[0] if merge else self._resolve(name)][1]
+        return self._index[self._resolve.dtype_key(name)][1]
 
     def common_dtype(self) -> torch.dtype:
         sizes: dict[torch.dtype, int] = {}
@@ -73,7 +72,7 @@ class SafetensorsSource(TensorSource):
 
     def chunks(self, name: str, numel: int, chunk_numel: int) -> Iterator[torch.Tensor]:
         if self._resolve.merge(name) is not None:  # experts saved apart: built whole, as transformers loads them
-            yield from _chunked(name, self._resolve.merged_tensor(name, self._whole), numel, chunk_numel)
+            yield from _chunked(name, self._resolve.tensor(name, self._whole), numel, chunk_numel)
             return
         file, dtype, start, end = self._index[self._resolve(name)]
         item = torch.empty((), dtype=dtype).element_size()
@@ -127,18 +126,13 @@ class DictSource(TensorSource):
         self._files = files
 
     def dtype_of(self, name: str) -> torch.dtype:
-        merge = self._resolve.merge(name)
-        return self._tensors[merge.keys[0] if merge else self._resolve(name)].dtype
+        return self._tensors[self._resolve.dtype_key(name)].dtype
 
     def common_dtype(self) -> torch.dtype:
         return next(t.dtype for t in self._tensors.values() if t.is_floating_point())
 
     def chunks(self, name: str, numel: int, chunk_numel: int) -> Iterator[torch.Tensor]:
-        if self._resolve.merge(name) is not None:
-            tensor = self._resolve.merged_tensor(name, self._tensors.__getitem__)
-        else:
-            tensor = self._tensors[self._resolve(name)]
-        yield from _chunked(name, tensor, numel, chunk_numel)
+        yield from _chunked(name, self._resolve.tensor(name, self._tensors.__getitem__), numel, chunk_numel)
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "files": {os.path.basename(f): os.path.getsize(f) for f in self._files}}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from zo2tier.budget import BudgetLike, TierBudget
-from zo2tier.checkpoint import is_store, read_checkpoint
+from zo2tier.checkpoint import checkpoint_store, is_store, read_checkpoint
 from zo2tier.config import MeZOConfig
 from zo2tier.engine import ZOEngine
 from zo2tier.model_ref import HF_FILES_DIR, ModelRef, copy_tokenizer_files, max_positions, model_ref
@@ -196,12 +196,12 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
     t_start = time.perf_counter()
     ref = model_ref(cfg.model)
     tokenizer = ref.tokenizer()
-    _check_out(cfg)
+    earlier = _check_out(cfg)
     _check_disk_dir(cfg, ref)
     _check_max_length(cfg, ref)
     train, test, dev = _load_sets(cfg, tokenizer, say)  # every input is checked before --overwrite removes a run
     made_out = not os.path.isdir(cfg.out)
-    resuming = _prepare_out(cfg, say)
+    resuming = _prepare_out(cfg, earlier, say)
     log_path = os.path.join(cfg.out, "log.jsonl")
     try:
         engine, resumed = (_resume_engine(cfg, say) if resuming else (open_engine(cfg, ref), None))
@@ -295,12 +295,12 @@ def _check_disk_dir(cfg: FineTuneConfig, ref: ModelRef) -> None:
                          "run's disk tier); give an empty or new folder, or --overwrite to replace it")
 
 
-def _prepare_out(cfg: FineTuneConfig, say: Callable[[str], None]) -> bool:
+def _prepare_out(cfg: FineTuneConfig, earlier: list[str], say: Callable[[str], None]) -> bool:
     """Make ``out`` ready once every input is checked; True if the run resumes from its checkpoint.
-    ``overwrite`` removes only what a fine-tune writes."""
+    ``overwrite`` removes ``earlier`` (what :func:`_check_out` found: only what a fine-tune writes)."""
     out = cfg.out
     if cfg.overwrite:
-        for name in _check_out(cfg):
+        for name in earlier:
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     os.makedirs(out, exist_ok=True)
@@ -360,17 +360,17 @@ def _resume_engine(cfg: FineTuneConfig, say: Callable[[str], None]) -> tuple[ZOE
     folder is the checkpoint's."""
     path = ckpt.checkpoint_dir(cfg.out)
     saved = read_checkpoint(path)
-    store = saved["store"] if os.path.isabs(saved["store"]) else os.path.join(path, saved["store"])
+    store = checkpoint_store(path, saved)
     if cfg.disk_dir is not None and os.path.abspath(cfg.disk_dir) != os.path.abspath(store):
         raise ValueError(f"--resume: {path} keeps its disk tier in {store}, not --disk-dir {cfg.disk_dir!r}; drop "
                          "--disk-dir (or give that folder)")
     given = {"budget": cfg.budget, "placement": cfg.placement, "storage": dict(cfg.storage) or None,
              "write_back_every": cfg.write_back_every, "compress": cfg.compress}
     given = {k: v for k, v in given.items() if v is not None}
-    if "budget" in given and "placement" not in given:  # the saved placement is the old budget's plan
-        new = TierBudget.parse(given["budget"])
-        if {t: new.of(t) for t in ("device", "host", "disk")} != saved["engine"]["budget"]:
-            given["placement"] = None
+    # the saved placement is the old budget's plan: a new budget plans anew unless a placement is given
+    if ("budget" in given and "placement" not in given
+            and TierBudget.parse(given["budget"]).as_dict() != saved["engine"]["budget"]):
+        given["placement"] = None
     if saved["config"]["estimator"] != cfg.estimator:
         raise ValueError(f"--resume: {path} was trained with estimator={saved['config']['estimator']!r} but this "
                          f"run has {cfg.estimator!r}; pass --estimator {saved['config']['estimator']} or use a "
@@ -399,7 +399,7 @@ def export_with_tokenizer(engine: ZOEngine, out_dir: str, ref: ModelRef) -> str:
 
 def _changed_tiers(saved: dict[str, Any], engine: ZOEngine, given: dict[str, Any]) -> list[str]:
     """The tier settings ``given`` to a resume that differ from the checkpoint's (``saved["engine"]``)."""
-    now = {"budget": {t: engine.budget.of(t) for t in ("device", "host", "disk")},
+    now = {"budget": engine.budget.as_dict(),
            "placement": dict(engine.placement), "storage": dict(engine.storage),
            "write_back_every": engine.write_back_every,
            "compress": None if engine.compress is None else dataclasses.asdict(engine.compress)}
