@@ -183,6 +183,13 @@ class TierManager:
             self._next_request = (record.index + 1) % len(self.table)
         return staging[: record.stored_bytes], staging
 
+    def wait_for(self, record: BlockRecord) -> None:
+        """Block until the read in flight for ``record`` has landed, so a timeline's compute span of the block
+        starts once its bytes are at hand: a stall on the disk shows as a gap in the compute lane."""
+        fut = next((f for j, f in self._inflight if j == record.index), None)
+        if fut is not None:
+            wait([fut])  # a failed read raises in fetch, where the step handles it
+
     def _recycle(self, fut: Future) -> None:
         try:
             self._read_pool.put(fut.result())

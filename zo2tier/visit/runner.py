@@ -141,7 +141,9 @@ class BlockRunner:
         """The proxies' runner: ``inner`` on every copy of the batch with that copy's weights."""
         if self.timeline is None:
             return self._run(binding_index, inner, args, kwargs)
-        with self.timeline.span("compute", self.table[self.bindings[binding_index].record].name):
+        record = self.table[self.bindings[binding_index].record]
+        self.tiers.wait_for(record)  # the wait for the disk is not compute
+        with self.timeline.span("compute", record.name):
             return self._run(binding_index, inner, args, kwargs)
 
     def _run(self, binding_index: int, inner: nn.Module, args: tuple, kwargs: dict) -> Any:
