@@ -197,3 +197,29 @@ def test_a_store_gives_the_run_of_its_source(tmp_path):
         (rec,) = [json.loads(x) for x in out.read_text().splitlines()]
         curves.append([(p["step"], p["dev_acc"], p["test_acc"]) for p in rec["curve"]])
     assert curves[0] == curves[1] and len(curves[0]) == 3
+
+
+def test_a_wsd_run_goes_on_from_the_constant_run_before_its_decay(tmp_path):
+    """wsd over 10 steps has lr at steps 0-8 and lr/2 at step 9: a constant run's snapshot at step 4 goes on as
+    that wsd run and gives the curve of the wsd run from scratch; a snapshot of 10 steps is not taken."""
+    model = save_tiny_model(str(tmp_path / "model"))
+    for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
+        write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
+    common = [f"--model={model}", f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16",
+              f"--work={tmp_path / 'work'}", "--estimator=fzoo", "--q=2", "--lr=1e-2", "--eval_every=2"]
+    wsd = [*common, "--steps=10", "--lr_schedule=wsd"]
+    assert bench.main([*wsd, f"--out={tmp_path / 'one.jsonl'}"]) == 0
+    assert bench.main([*common, "--steps=100", f"--out={tmp_path / 'c.jsonl'}", f"--progress_dir={tmp_path / 'p'}",
+                       "--stop_after=4"]) == 0
+    assert bench.main([*wsd, f"--out={tmp_path / 'two.jsonl'}", f"--resume_dir={tmp_path / 'p'}"]) == 0
+    (one,) = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    (two,) = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["dev_acc"], p["test_acc"]) for p in one["curve"]] == \
+        [(p["step"], p["dev_acc"], p["test_acc"]) for p in two["curve"]]
+    assert one["branched_from"] is None and two["branched_from"]["steps"] == 4 and two["segments"] == 2
+    assert bench.main([*common, "--steps=100", f"--out={tmp_path / 'c9.jsonl'}", f"--progress_dir={tmp_path / 'p9'}",
+                       "--stop_after=10"]) == 0
+    assert bench.main([*wsd, f"--out={tmp_path / 'three.jsonl'}", f"--resume_dir={tmp_path / 'p9'}"]) == 0
+    (three,) = [json.loads(x) for x in (tmp_path / "three.jsonl").read_text().splitlines()]
+    assert three["branched_from"] is None and three["curve"] == [dict(p, seconds=q["seconds"]) for p, q in
+                                                                   zip(one["curve"], three["curve"])]

@@ -52,7 +52,7 @@ DEFAULTS = {
     "estimator": "mezo",
     "q": "1",  # an int, or "auto"
     "lr": 1e-5,
-    "lr_schedule": "constant",  # constant, linear or cosine (zo2tier.train.job.lr_at) over --steps
+    "lr_schedule": "constant",  # constant, linear, cosine or wsd (zo2tier.train.schedule.lr_at) over --steps
     "eps": 1e-3,
     "weight_decay": 0.0,
     "seed": 0,
@@ -221,8 +221,9 @@ def run_one(cfg: dict) -> dict:
     """Fine-tune once; the record with the accuracy curve on dev and test."""
 
     from zo2tier.train.data import batch_indices, collate
-    from zo2tier.train.job import accuracy, lr_at
+    from zo2tier.train.job import accuracy
     from zo2tier.train.objective import loss_fn_for
+    from zo2tier.train.schedule import lr_at
 
     mdir = model_dir(cfg)
     q, auto = resolve_q(cfg, mdir)
@@ -256,7 +257,7 @@ def run_one(cfg: dict) -> dict:
             engine.extend_log([LogEntry.from_json(row) for row in earlier["log"]])
             curve += earlier["curve"]
             run.update(done=earlier["steps"], seconds=earlier["seconds"], skipped=earlier["skipped_steps"],
-                       segments=earlier.get("segments", 1) + 1)
+                       segments=earlier.get("segments", 1) + 1, branched_from=earlier.get("branched_from"))
         deadline = cfg.get("_deadline_at")
         for step in range(run["done"], cfg["steps"]):
             if deadline is not None and time.time() > deadline - EVAL_MARGIN_S:
@@ -283,26 +284,47 @@ def run_one(cfg: dict) -> dict:
     return record(curve)
 
 
-def _run_key(cfg: dict) -> str:
-    """A run's name in ``--progress_dir`` / ``--resume_dir``: what sets its trajectory (not the process)."""
+def _run_key(cfg: dict, schedule: str | None = None) -> str:
+    """A run's name in ``--progress_dir`` / ``--resume_dir``: what sets its trajectory (not the process). A
+    schedule other than constant adds itself and the steps it spans (``-wsd2600``)."""
+    schedule = cfg["lr_schedule"] if schedule is None else schedule
+    tail = "" if schedule == "constant" else f"-{schedule}{cfg['steps']}"
     return (f"{cfg['task']}-{cfg['estimator']}-q{cfg['q']}-lr{cfg['lr']:g}-eps{cfg['eps']:g}-s{cfg['seed']}-"
-            f"b{cfg['batch_size']}-{cfg['placement']}")
+            f"b{cfg['batch_size']}-{cfg['placement']}{tail}")
 
 
 def _earlier(cfg: dict, key: str, q: int) -> dict | None:
-    """The snapshot ``key`` of ``--resume_dir`` (None: start afresh), checked against this run."""
-    path = os.path.join(cfg["resume_dir"], key) if cfg["resume_dir"] else ""
-    if not path or not os.path.isfile(path):
+    """The snapshot ``key`` of ``--resume_dir`` (None: start afresh), checked against this run. A run whose
+    schedule is not constant and has no snapshot of its own goes on from the constant run of the same settings
+    when every step that run took had this schedule's lr (a wsd run before its decay): the same trajectory,
+    exactly; its record says so (``branched_from``)."""
+    from zo2tier.train.schedule import lr_at
+
+    if not cfg["resume_dir"]:
+        return None
+    path = os.path.join(cfg["resume_dir"], key)
+    branch = not os.path.isfile(path) and cfg["lr_schedule"] != "constant"
+    if branch:
+        path = os.path.join(cfg["resume_dir"], _run_key(cfg, "constant") + ".json")
+    if not os.path.isfile(path):
         return None
     with open(path) as f:
         earlier = json.load(f)
-    same = ("q", "lr", "eps", "seed", "batch_size", "max_length", "objective", "lr_schedule", "steps_planned")
+    same = ("q", "lr", "eps", "seed", "batch_size", "max_length", "objective")
     theirs = {k: earlier.get(k) for k in same}
     ours = {"q": q, "lr": cfg["lr"], "eps": cfg["eps"], "seed": cfg["seed"], "batch_size": cfg["batch_size"],
-            "max_length": cfg["max_length"], "objective": cfg["objective"], "lr_schedule": cfg["lr_schedule"],
-            "steps_planned": cfg["steps"]}
+            "max_length": cfg["max_length"], "objective": cfg["objective"]}
+    if not branch:
+        theirs |= {"lr_schedule": earlier.get("lr_schedule"), "steps_planned": earlier.get("steps_planned")}
+        ours |= {"lr_schedule": cfg["lr_schedule"], "steps_planned": cfg["steps"]}
     if theirs != ours:
         raise ValueError(f"--resume_dir {path}: its run had {theirs}, this one {ours}; resume with the same settings")
+    if branch:
+        done = earlier["steps"]
+        if done > cfg["steps"] or any(lr_at(s, lr=cfg["lr"], steps=cfg["steps"], schedule=cfg["lr_schedule"])
+                                      != cfg["lr"] for s in range(done)):
+            return None  # the constant run went past where this schedule leaves its lr: start afresh
+        earlier["branched_from"] = {"key": os.path.basename(path), "lr_schedule": "constant", "steps": done}
     return earlier
 
 
@@ -322,7 +344,7 @@ def _accuracy_record(cfg: dict, q: int, auto: dict | None, sets: dict, template:
         "write_back_every": None if cfg["placement"] == "device" else write_back_k(cfg, cfg["placement"]),
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
         "steps": done, "steps_planned": cfg["steps"], "completed": done == cfg["steps"], "seconds": seconds,
-        "segments": run["segments"],
+        "segments": run["segments"], "branched_from": run.get("branched_from"),
         "seconds_per_step": seconds / max(1, done),
         "skipped_steps": run["skipped"], "gpu_peak_torch_gib": run["peak"], "zero_shot_acc": curve[0]["test_acc"],
         "zero_shot_dev_acc": curve[0]["dev_acc"],

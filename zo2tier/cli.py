@@ -9,6 +9,7 @@ import sys
 from zo2tier.budget import TierBudget
 from zo2tier.store.io import BlockIOError
 from zo2tier.store.lock import StoreLockedError
+from zo2tier.train.schedule import SCHEDULES
 from zo2tier.zo.estimators import ESTIMATORS
 
 
@@ -151,7 +152,7 @@ def _add_finetune(sub) -> None:
                          "estimator's, mezo and fzoo-ema 1, fzoo 8; auto: as many as hide under the transfers, "
                          "never fewer than that default unless device memory forces it)")
     ft.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and norms)")
-    ft.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+    ft.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
                     help="learning-rate schedule over --steps")
     ft.add_argument("--seed", type=int, default=0, help="seed of z and of the batch order")
     ft.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only before/after)")

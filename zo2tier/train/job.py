@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -46,9 +45,9 @@ from zo2tier.train.data import (
 )
 from zo2tier.train.objective import OBJECTIVES, loss_fn_for, n_correct
 from zo2tier.train.progress import Meter, plot_curves
+from zo2tier.train.schedule import SCHEDULES, lr_at
 from zo2tier.zo.estimators import ESTIMATORS
 
-SCHEDULES = ("constant", "linear", "cosine")
 EXPORTS = ("hf", "none")
 KEEPS = ("best", "last")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -457,16 +456,6 @@ def accuracy(engine: ZOEngine, data: EncodedSet, *, batch_size: int = 32, max_ex
             correct += n_correct(engine.logits(batch), batch)
             bar.update(batch["input_ids"].shape[0])
     return correct / n
-
-
-def lr_at(step: int, *, lr: float, steps: int, schedule: str) -> float:
-    """The learning rate of step ``step`` (0-based) under ``schedule``."""
-    frac = step / max(1, steps)
-    if schedule == "linear":
-        return lr * (1.0 - frac)
-    if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-    return lr
 
 
 def _train(engine: ZOEngine, cfg: FineTuneConfig, train: EncodedSet, evalset: EncodedSet, log, zero_shot: float,
