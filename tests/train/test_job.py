@@ -59,6 +59,17 @@ def test_rows_whose_label_has_no_word_are_said_to_be_left_out(task, tmp_path, ca
     assert f"{test}: 3 of 11 rows are left out: their labels ['neutral'] have no label word" in capsys.readouterr().out
 
 
+def test_eval_test_that_adds_nothing_is_said(task, tmp_path, capsys):
+    finetune(out=str(tmp_path / "a"), steps=1, budget="device=1GiB", export="none", eval_test=True, **task)
+    assert "--eval-test adds nothing: without --dev" in capsys.readouterr().out
+    finetune(out=str(tmp_path / "b"), steps=1, budget="device=1GiB", export="none", eval_test=True,
+             **(task | {"dev": task["test"]}))
+    assert "--eval-test adds nothing: --eval-every 0 makes no eval points" in capsys.readouterr().out
+    finetune(out=str(tmp_path / "c"), steps=1, budget="device=1GiB", export="none", eval_test=True, eval_every=1,
+             **(task | {"dev": task["test"]}))
+    assert "--eval-test" not in capsys.readouterr().out
+
+
 def test_max_length_past_the_model_is_refused_up_front(task, tmp_path):
     with pytest.raises(ValueError, match="--max-length 65 exceeds the model's 64 positions"):
         finetune(out=str(tmp_path / "o"), steps=1, max_length=65, **task)

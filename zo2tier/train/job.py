@@ -199,6 +199,9 @@ def run(cfg: FineTuneConfig, *, say: Callable[[str], None] = print) -> FineTuneR
     _check_disk_dir(cfg, ref)
     _check_max_length(cfg, ref)
     train, test, dev = _load_sets(cfg, tokenizer, say)  # every input is checked before --overwrite removes a run
+    if cfg.eval_test and (dev is None or not cfg.eval_every):
+        say("--eval-test adds nothing: " + ("without --dev every eval point already scores the test split"
+                                             if dev is None else "--eval-every 0 makes no eval points"))
     made_out = not os.path.isdir(cfg.out)
     resuming = _prepare_out(cfg, earlier, say)
     log_path = os.path.join(cfg.out, "log.jsonl")
