@@ -83,6 +83,9 @@ def test_plan_takes_every_model_kind_and_device(tmp_path):
         done = _plan_cli(given, "device=1GiB,host=1GiB,disk=1GiB", "--device", device)
         assert done.returncode == 0, done.stderr
         assert "placement: device 0-3" in done.stdout
+        # a CPU step is not predicted from a GPU machine's rates
+        assert ("predicted step: none for --device cpu" in done.stdout) == (device == "cpu")
+        assert ("bound by" in done.stdout) == (device == "cuda")
 
 
 def test_plan_of_a_broken_gguf_is_one_line(tmp_path):
