@@ -21,10 +21,16 @@ KEYS = {"card", "model", "task", "method", "estimator", "q", "placement", "stora
         "command", "curve"}
 
 
-def test_sweep_and_disk_timing_write_records(tmp_path):
+def _tiny_task(tmp_path) -> str:
+    """A tiny model at tmp_path/model (its path returned) and its train/dev/test splits in tmp_path/data."""
     model = save_tiny_model(str(tmp_path / "model"))
     for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
         write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
+    return model
+
+
+def test_sweep_and_disk_timing_write_records(tmp_path):
+    model = _tiny_task(tmp_path)
     sweep = tmp_path / "sweep.jsonl"
     sweep.write_text('{"estimator": "mezo", "q": "1"}\n{"estimator": "fzoo", "q": "2", "lr": 1e-3, "seed": 1}\n')
     out = tmp_path / "records.jsonl"
@@ -159,9 +165,7 @@ def test_summary_counts_a_continued_run_once_and_takes_each_lr_by_dev(tmp_path):
 
 def test_a_run_cut_by_its_call_goes_on_from_its_snapshot(tmp_path):
     """Two calls of 2 + 2 steps (the second with --resume_dir) give the curve of one call of 4 steps."""
-    model = save_tiny_model(str(tmp_path / "model"))
-    for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
-        write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
+    model = _tiny_task(tmp_path)
     common = [f"--model={model}", f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16",
               f"--work={tmp_path / 'work'}", "--estimator=fzoo", "--q=2", "--lr=1e-2", "--steps=4",
               "--eval_every=2", "--lr_schedule=linear"]
@@ -184,10 +188,8 @@ def test_a_store_gives_the_run_of_its_source(tmp_path):
     Hugging Face folder it was converted from."""
     import zo2tier
 
-    model = save_tiny_model(str(tmp_path / "model"))
+    model = _tiny_task(tmp_path)
     zo2tier.convert(model, tmp_path / "store", progress=False)
-    for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
-        write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
     common = [f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16", f"--work={tmp_path / 'work'}",
               "--estimator=fzoo", "--q=2", "--lr=1e-2", "--steps=2", "--eval_every=1"]
     curves = []
@@ -202,9 +204,7 @@ def test_a_store_gives_the_run_of_its_source(tmp_path):
 def test_a_wsd_run_goes_on_from_the_constant_run_before_its_decay(tmp_path):
     """wsd over 10 steps has lr at steps 0-8 and lr/2 at step 9: a constant run's snapshot at step 4 goes on as
     that wsd run and gives the curve of the wsd run from scratch; a snapshot of 10 steps is not taken."""
-    model = save_tiny_model(str(tmp_path / "model"))
-    for split, n, seed in (("train", 32, 0), ("dev", 8, 1), ("test", 8, 2)):
-        write_csv(str(tmp_path / "data" / f"{split}.csv"), tiny_rows(n, seed))
+    model = _tiny_task(tmp_path)
     common = [f"--model={model}", f"--data={tmp_path / 'data'}", "--batch_size=4", "--max_length=16",
               f"--work={tmp_path / 'work'}", "--estimator=fzoo", "--q=2", "--lr=1e-2", "--eval_every=2"]
     wsd = [*common, "--steps=10", "--lr_schedule=wsd"]

@@ -177,18 +177,19 @@ def describe_plan(model: str, budget: TierBudget, *, storage=None, dtype=None, c
                   f"activations of {ESTIMATORS[estimator].n_copies(q)} batch copies counted)")
     else:
         q, chosen = int(perturbations), f"\nperturbations: q={perturbations} for {estimator}"
-    pred = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=k, compress=zstd,
-                        estimator=estimator, n_perturbations=q)
-    codec = (f", zstd {pred.zstd_s:.3f} s at ratio {getattr(cal, 'zstd_ratio_' + inp.storage['disk']):.3f}"
-             + (" (zstd GB/s of the GPU machine's 16 cores, benchmarks/zstd_h100.json)" if calibration is None
-                else "") if zstd else "")
-    tail = (f"predicted step ({batch}x{seq} tokens, write-back every host {ks['host']} / disk {ks['disk']} "
-            f"steps): {pred.step_s:.3f} s = {batch * seq / pred.step_s:,.0f} tok/s, bound by {pred.bound} "
-            f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s{codec}; "
-            f"rates from {calibration or 'docs/design.md defaults (H100 machine)'})" + chosen)
     if check_device(device).type == "cpu" and calibration is None:  # the default rates are a GPU machine's
         tail = ("predicted step: none for --device cpu without --calibration (the default rates are an H100's; "
                 "tools/bench_io.py --calibration-out measures a machine); --device cuda predicts a GPU run" + chosen)
+    else:
+        pred = predict_step(inp, plan, cal, tokens=batch * seq, write_back_every=k, compress=zstd,
+                            estimator=estimator, n_perturbations=q)
+        codec = (f", zstd {pred.zstd_s:.3f} s at ratio {getattr(cal, 'zstd_ratio_' + inp.storage['disk']):.3f}"
+                 + (" (zstd GB/s of the GPU machine's 16 cores, benchmarks/zstd_h100.json)" if calibration is None
+                    else "") if zstd else "")
+        tail = (f"predicted step ({batch}x{seq} tokens, write-back every host {ks['host']} / disk {ks['disk']} "
+                f"steps): {pred.step_s:.3f} s = {batch * seq / pred.step_s:,.0f} tok/s, bound by {pred.bound} "
+                f"(compute {pred.compute_s:.3f} s, bus {pred.bus_s:.3f} s, disk {pred.disk_s:.3f} s{codec}; "
+                f"rates from {calibration or 'docs/design.md defaults (H100 machine)'})" + chosen)
     extra = unplanned_device_bytes(inp, batch * seq)
     where, besides = (("GPU", "CUDA context, logits, loss and activations") if inp.context_bytes
                       else ("device-tier (CPU)", "logits, loss and activations"))

