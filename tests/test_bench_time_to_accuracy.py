@@ -116,6 +116,19 @@ def test_summary_takes_mezo_from_named_longer_runs_in_another_file(tmp_path):
     assert summ.summarize_task(runs, disk)["target_acc"] == pytest.approx(0.75)  # default: every MeZO run
 
 
+def test_summary_breaks_a_tie_to_target_by_the_higher_final_accuracy(tmp_path):
+    """A wsd run branched from its constant run reaches the target on the same steps: the best is the one
+    that ends higher, whichever comes first."""
+    path = tmp_path / "r.jsonl"
+    recs = [_rec("tweets", "mezo", 1, 1e-5, 0, [(0, 0.70), (1000, 0.78)])]
+    for label, end in (("fzoo q=8", 0.80), ("fzoo q=8 wsd", 0.82), ("fzoo q=8 zz", 0.79)):
+        recs += [_rec("tweets", "fzoo", 8, 3e-4, seed, [(0, 0.70), (100, 0.79), (200, end)]) | {"method": label}
+                 for seed in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    bars = summ.summarize_task(*summ.load(str(path)))["bars"]
+    assert bars["best"] == "fzoo q=8 wsd lr=0.0003" and bars["gain_over_zero_shot"] == pytest.approx(0.12)
+
+
 def test_summary_counts_a_continued_run_once_and_takes_each_lr_by_dev(tmp_path):
     """A seed recorded short and then continued counts once, at its longest; the new method's lr is the one
     with the best mean final dev accuracy among lrs with 3 seeds (not the best test accuracy, not a 2-seed
