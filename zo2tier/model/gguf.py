@@ -61,10 +61,31 @@ class GGUFTensors:
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` dequantized to fp32, in the layout transformers loads it in."""
-        from gguf import dequantize
-
         t = self._tensors[name]
-        weights = dequantize(t.data, t.tensor_type)
-        result = self._processor.process(weights=weights, name=t.name, tensor_key_mapping=self._to_hf,
-                                         parsed_parameters={"tensors": {}, "config": {}})
-        return torch.from_numpy(np.array(result.weights, dtype=np.float32))  # a copy: F32 tensors are the map
+        result = self._processor.process(weights=_dequantize(t.data, t.tensor_type, int(t.n_elements)), name=t.name,
+                                         tensor_key_mapping=self._to_hf, parsed_parameters={"tensors": {}, "config": {}})
+        weights = result.weights
+        if np.may_share_memory(weights, t.data):  # F32 tensors are views of the map: copy them out of it
+            weights = np.array(weights, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+
+
+_SLAB_BYTES = 16 << 20  # fp32 bytes dequantized at a time
+
+
+def _dequantize(data: np.ndarray, qtype, numel: int) -> np.ndarray:
+    """``gguf.dequantize`` of a quantized tensor's rows a slab at a time into one fp32 array: its numpy
+    temporaries, several times what they dequantize, then stay the size of a slab instead of the tensor's."""
+    from gguf import GGMLQuantizationType, dequantize
+
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or data.ndim < 2:
+        return dequantize(data, qtype)
+    rows = data.shape[0]
+    step = max(1, _SLAB_BYTES // (4 * max(1, numel // rows)))
+    out = None
+    for a in range(0, rows, step):
+        part = dequantize(data[a : a + step], qtype)
+        if out is None:
+            out = np.empty((rows, *part.shape[1:]), dtype=np.float32)
+        out[a : a + len(part)] = part
+    return out
