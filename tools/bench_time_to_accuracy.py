@@ -79,6 +79,8 @@ DEFAULTS = {
     "methods": "mezo:1,fzoo:8,fzoo:auto",  # --time_disk: estimator:q list
     "time_steps": 10,  # --time_disk: timed steps after 2 warm-up steps
     "threads": 0,  # torch CPU threads per process (0: cores / workers)
+    "stack_bytes": -1,  # bytes of stacked weights a block part's copies run in (zo2tier.plan.STACK_BYTES;
+    # -1: the engine's default, 0: the copies one at a time, as before stacking)
     "tf32": 0,  # 1: fp32 matmuls on TF32 tensor cores (CUDA; the same kernels on every placement, so tiers stay exact)
     "time_placement": "disk",  # --time_disk: where every layer sits while timed (disk, host, or device)
     "progress_dir": "",  # a folder: each run rewrites its record so far, with its update log, at every evaluation
@@ -178,7 +180,10 @@ def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
     from zo2tier.config import MeZOConfig
     from zo2tier.engine import ZOEngine
     from zo2tier.planning import planned_model
+    from zo2tier.visit import runner
 
+    if cfg["stack_bytes"] >= 0:
+        runner.STACK_BYTES = cfg["stack_bytes"]
     if cfg["placement"] not in ("device", "host", "disk"):
         raise ValueError(f"placement={cfg['placement']!r} is unknown; use device, host or disk")
     blocks = ZOEngine.block_names(planned_model(mdir).skeleton)
@@ -188,6 +193,12 @@ def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
                                     config=mezo, placement=dict.fromkeys(blocks, cfg["placement"]),
                                     disk_dir=os.path.join(run_dir, "disk"),
                                     storage=_storage(cfg) or None, write_back_every=cfg["write_back_every"] or None)
+
+
+def _stack_bytes(cfg: dict) -> int:
+    from zo2tier.visit import runner
+
+    return cfg["stack_bytes"] if cfg["stack_bytes"] >= 0 else runner.STACK_BYTES
 
 
 def _dtype(name: str):
@@ -340,7 +351,7 @@ def _accuracy_record(cfg: dict, q: int, auto: dict | None, sets: dict, template:
         "method": cfg["method"] or f"{cfg['estimator']} q={cfg['q']}", "estimator": cfg["estimator"], "q": q,
         "q_requested": str(cfg["q"]), "q_auto": auto, "placement": cfg["placement"], "storage": run["storage"],
         "seed": cfg["seed"], "data_seed": cfg["data_seed"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
-        "eps": cfg["eps"], "tf32": bool(cfg["tf32"]),
+        "eps": cfg["eps"], "tf32": bool(cfg["tf32"]), "stack_bytes": _stack_bytes(cfg),
         "write_back_every": None if cfg["placement"] == "device" else write_back_k(cfg, cfg["placement"]),
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
         "steps": done, "steps_planned": cfg["steps"], "completed": done == cfg["steps"], "seconds": seconds,
@@ -433,7 +444,7 @@ def time_disk(cfg: dict) -> list[dict]:
         rec = {"kind": f"time_{one['placement']}", "card": card(cfg["device"]), "model": _model_name(cfg),
                "task": _task_name(cfg), "method": f"{estimator} q={q_text or 1}", "estimator": estimator, "q": q,
                "q_requested": q_text or "1", "q_auto": auto, "placement": one["placement"], "storage": storage,
-               "o_direct": direct, "tf32": bool(cfg["tf32"]),
+               "o_direct": direct, "tf32": bool(cfg["tf32"]), "stack_bytes": _stack_bytes(cfg),
                "write_back_every": None if one["placement"] == "device" else write_back_k(one, one["placement"]),
                "batch_size": cfg["batch_size"],
                "max_length": cfg["max_length"], "steps": cfg["time_steps"],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
-from zo2tier.plan import LOGIT_BYTES, Plan, PlanInput, block_bytes, unplanned_device_bytes
+from zo2tier.plan import LOGIT_BYTES, STACK_BYTES, Plan, PlanInput, block_bytes, unplanned_device_bytes
 from zo2tier.zo.estimators import ESTIMATORS, Estimator
 
 # q = "auto" never goes past this: the estimate's variance falls like 1/q, but each perturbation is one more
@@ -177,7 +177,16 @@ def activation_bytes(inp: PlanInput, batch: int, seq: int, n_copies: int) -> int
     hidden = inp.resident_numel // inp.vocab_size if inp.vocab_size else 0
     part = inp.largest_part or max((b.numel for b in inp.blocks), default=0)
     inner = part // (2 * hidden) if hidden else 0
-    return tokens * (LOGIT_BYTES * inp.vocab_size + inp.compute_bytes * (3 * hidden + inner))
+    return tokens * (LOGIT_BYTES * inp.vocab_size + inp.compute_bytes * (3 * hidden + inner)) + stack_bytes(
+        inp, n_copies)
+
+
+def stack_bytes(inp: PlanInput, n_copies: int) -> int:
+    """Device bytes of the stacked weights a step of ``n_copies`` copies runs a block part on: more than two
+    copies run stacked, as many at once as :data:`zo2tier.plan.STACK_BYTES` holds (docs/estimators.md)."""
+    part_bytes = max(inp.largest_part or max((b.numel for b in inp.blocks), default=0), 1) * inp.compute_bytes
+    stacked = min(n_copies, max(1, STACK_BYTES // part_bytes))
+    return stacked * part_bytes if n_copies > 2 and stacked > 1 else 0
 
 
 def choose_perturbations(

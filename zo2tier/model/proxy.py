@@ -8,14 +8,17 @@ copies. Each decoder layer, and each module outside the layer list that owns par
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
 
 Runner = Callable[[int, nn.Module, tuple, dict], Any]
+Stacked = Callable[[int, int], dict[str, torch.Tensor]]  # copies [a, b): each weight stacked, (b - a, *shape)
 
 
 class ModuleProxy(nn.Module):
@@ -162,8 +165,15 @@ def run_groups(
     full_rows: int,
     other_rows: tuple[int, ...] = (),
     batchless_rows: int = 0,
+    stacked: Stacked | None = None,
+    spans: Sequence[tuple[int, int]] = (),
 ) -> Any:
     """Run ``inner`` on each of the ``n_groups`` copies of the batch with ``weights(group)`` and join them.
+
+    ``stacked`` and ``spans``: run the copies of each span ``[a, b)`` in one vmapped call of ``inner`` on
+    ``stacked(a, b)`` (every weight with a leading dim of ``b - a``), one Python pass per span instead of per
+    copy (:func:`run_stacked`). A module that vmap cannot run (a custom autograd.Function, a data-dependent
+    branch) falls back to one copy at a time, with a warning, once per module class.
 
     The copies are run in order, so ``weights(g)`` may reuse the buffers of copy ``g - 1``. One copy is a
     plain call. A module that sees no argument of ``full_rows`` rows (GPT-2's ``wpe`` gets batch-1 position
@@ -187,6 +197,13 @@ def run_groups(
         whole = {name: v for name, v in kwargs.items()
                  if name != "hidden_states" and _chunks_differ(v, full_rows, n_groups)}
     rest = {name: v for name, v in kwargs.items() if name not in whole} if whole else kwargs
+    if stacked is not None and split and len(spans) < n_groups and type(inner) not in _UNSTACKABLE:
+        try:
+            return run_stacked(inner, stacked, spans, args, rest, whole, n_groups, full_rows, other_rows)
+        except Exception as err:  # noqa: BLE001 - vmap's refusals have no common type; the loop below is exact
+            _UNSTACKABLE.add(type(inner))
+            warnings.warn(f"{type(inner).__name__} cannot run its copies stacked under torch.func.vmap "
+                          f"({type(err).__name__}: {str(err)[:120]}); it runs them one at a time", stacklevel=2)
 
     def group_out(group: int) -> Any:
         a = split_group(args, full_rows, group, n_groups, other_rows) if split else args
@@ -204,3 +221,76 @@ def run_groups(
         return joined
     outs = [first] + [group_out(group) for group in range(1, n_groups)]
     return join_groups(outs, rows, one_copy)
+
+
+_TENSOR = object()  # where a tensor was among a module's outputs
+_UNSTACKABLE: set[type] = set()  # module classes whose forward vmap refused: their copies run one at a time
+
+
+def run_stacked(inner: nn.Module, stacked: Stacked, spans: Sequence[tuple[int, int]], args: tuple, kwargs: dict,
+                whole: dict, n_groups: int, full_rows: int, other_rows: tuple[int, ...] = ()) -> Any:
+    """``inner`` on the copies of each span ``[a, b)`` at once: ``torch.func.vmap`` over ``stacked(a, b)`` and
+    over each input with the batch's rows, viewed as ``(n_groups, rows / n_groups, ...)`` and cut to the span
+    (every other input, and the keyword tensors in ``whole``, is shared by the copies). The spans' outputs are
+    joined along dim 0 as :func:`run_groups` joins the copies'."""
+    rows = full_rows // n_groups
+    per_copy = {rows, *(n // n_groups for n in other_rows)}
+    spec: list[Any] = []  # the outputs' tree, and the non-tensor leaves in place (vmap returns tensors only)
+
+    def call(weights: dict, a_: tuple, k_: dict) -> tuple:
+        out = functional_call(inner, weights, a_, k_, tie_weights=False, strict=False)
+        leaves, tree = pytree.tree_flatten(out)
+        spec[:] = [tree, [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]]
+        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+    pieces = []
+    for a, b in spans:
+        (a_in, k_in), (a_dims, k_dims) = _stack_inputs((args, kwargs), full_rows, other_rows, n_groups, a, b)
+        k_in, k_dims = {**k_in, **whole}, {**k_dims, **dict.fromkeys(whole)}
+        tensors = vmap(call, in_dims=(0, a_dims, k_dims))(stacked(a, b), a_in, k_in)
+        it = iter(_unstack(t, rows, per_copy) for t in tensors)
+        tree, leaves = spec
+        pieces.append(pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], tree))
+    return pieces[0] if len(pieces) == 1 else _cat_pieces(pieces)
+
+
+def _stack_inputs(obj: Any, full_rows: int, other_rows: tuple[int, ...], n_groups: int, a: int, b: int
+                  ) -> tuple[Any, Any]:
+    """(value, vmap in_dims) of ``obj``: a tensor with the batch's rows as ``(b - a, rows per copy, ...)``
+    (copies a..b-1) and dim 0; anything else as it is and None."""
+    if isinstance(obj, torch.Tensor):
+        rows = _group_rows(obj.shape[0], full_rows, other_rows, n_groups) if obj.dim() > 0 else None
+        if rows is None:
+            return obj, None
+        return obj.unflatten(0, (n_groups, rows))[a:b], 0
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
+        pairs = [_stack_inputs(o, full_rows, other_rows, n_groups, a, b) for o in obj]
+        return type(obj)(p[0] for p in pairs), type(obj)(p[1] for p in pairs)
+    if isinstance(obj, dict):
+        pairs = {k: _stack_inputs(v, full_rows, other_rows, n_groups, a, b) for k, v in obj.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    return obj, None
+
+
+def _unstack(t: torch.Tensor, rows: int, per_copy: set[int]) -> torch.Tensor:
+    """A vmapped output ``(copies, *copy_shape)`` as the copies joined along dim 0; a copy's output of another
+    dim 0 is expanded to ``rows`` (the batch) first, a scalar one is the first copy's (as :func:`join_groups`)."""
+    if t.dim() == 1:
+        return t[0]
+    if t.shape[1] not in per_copy:
+        t = t.expand(t.shape[0], rows, *t.shape[2:])
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _cat_pieces(pieces: list[Any]) -> Any:
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        return first if first.dim() == 0 else torch.cat(pieces, dim=0)
+    if isinstance(first, tuple):
+        joined = [_cat_pieces(list(p)) for p in zip(*pieces)]
+        return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
+    if isinstance(first, list):
+        return [_cat_pieces(list(p)) for p in zip(*pieces)]
+    if isinstance(first, dict):
+        return type(first)({k: _cat_pieces([p[k] for p in pieces]) for k in first})
+    return first

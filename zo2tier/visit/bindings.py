@@ -36,6 +36,17 @@ class Binding:
                 out[name] = view
         return out
 
+    def named_stacked(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The module's parameters stacked over the copies: views ``(copies, *shape)`` of ``rows``, which
+        holds one copy's span from 0 per row."""
+        out = {}
+        for slot, local in self.params:
+            r = slot.offset - self.lo
+            view = rows[:, r : r + slot.spec.numel].unflatten(1, slot.spec.shape)
+            for name in local:
+                out[name] = view
+        return out
+
 
 def whole(record: BlockRecord) -> Binding:
     """All of ``record`` as one binding (a visit outside the forward)."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from zo2tier.dtypes import TORCH_DTYPES
 from zo2tier.model.proxy import Runner, run_groups
+from zo2tier.plan import STACK_BYTES
 from zo2tier.tiers.codec import WRITE_BACK_RANGE_NUMEL, decode, encode, int8_scales
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable
@@ -102,6 +103,7 @@ class BlockRunner:
         self._raw_out_busy: Any = None  # a host write-back's D2H still reads the encode buffer until then
         self._range_buf: torch.Tensor | None = None
         self._theta_buf: torch.Tensor | None = None
+        self._stack_buf: torch.Tensor | None = None
         self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
         self._prev_scales_of = -1
         self._resident_work: torch.Tensor | None = None
@@ -157,7 +159,11 @@ class BlockRunner:
         else:
             views = self._fused_views(visit, binding, binding_index)
         c = self._copies
-        out = run_groups(inner, views, args, kwargs, len(c.groups), c.rows, c.other_rows, c.batchless_rows)
+        stacked, spans = None, ()
+        if visit is not None and len(c.groups) > 2:
+            stacked, spans = self._stacked(visit, binding), self._spans()
+        out = run_groups(inner, views, args, kwargs, len(c.groups), c.rows, c.other_rows, c.batchless_rows,
+                         stacked, spans)
         if visit is not None:
             visit.done.add(binding_index)
             if visit.done >= self.bindings.parts_of[record.index]:
@@ -200,17 +206,67 @@ class BlockRunner:
 
         return views
 
-    def _views(self, binding: Binding, work: torch.Tensor, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    # ---- stacked copies ------------------------------------------------------------------------------
+    @property
+    def stack_copies(self) -> int:
+        """Copies of a block part stacked in one call: as many as :data:`STACK_BYTES` holds (1: none)."""
+        part_bytes = max(self.bindings.largest_part(self.resident), 1) * self._scratch.element_size()
+        return max(1, STACK_BYTES // part_bytes)
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """The step's copies cut into spans of at most :attr:`stack_copies`, never between a ± pair."""
+        first_of, limit = _pair_up(self._copies.groups), self.stack_copies
+        units = [(i, i + 2 if i + 1 < len(first_of) and first_of[i + 1] == i else i + 1)
+                 for i in range(len(first_of)) if first_of[i] == i]
+        spans: list[tuple[int, int]] = []
+        for lo, hi in units:
+            if spans and hi - spans[-1][0] <= limit:
+                spans[-1] = (spans[-1][0], hi)
+            else:
+                spans.append((lo, hi))
+        return spans
+
+    def _stacked(self, visit: Visit | Arrived, binding: Binding) -> Callable[[int, int], dict[str, torch.Tensor]]:
+        """Copies [a, b) of the binding's weights, stacked: each built into a row of the stack buffer (on the
+        fused path from the part's clean θ in the θ buffer, which :meth:`_fused_views` built)."""
+        groups = self._copies.groups
+        first_of = _pair_up(groups)
+
+        def stacked(a: int, b: int) -> dict[str, torch.Tensor]:
+            rows = self._stack_buffer(b - a)[:, : binding.numel]  # (b - a, numel)
+            for j in range(a, b):
+                seed, scale = groups[j]
+                if isinstance(visit, Arrived):
+                    self._views(binding, visit.work, scale, seed, out=rows[j - a])
+                elif scale == 0.0:
+                    rows[j - a].copy_(self._theta_buffer()[: binding.numel])
+                elif first_of[j] == j:
+                    paired = j + 1 < b and first_of[j + 1] == j
+                    self.visits.perturb(self._theta_buffer()[: binding.numel], binding, rows[j - a],
+                                        rows[j - a + 1] if paired else None, scale, seed, self._no_log())
+            return binding.named_stacked(rows)
+
+        return stacked
+
+    def _stack_buffer(self, n_copies: int) -> torch.Tensor:
+        """Room for ``n_copies`` rows of the largest part in the compute dtype, allocated at first use."""
+        numel = max(self.bindings.largest_part(self.resident), 1)
+        if self._stack_buf is None:
+            self._stack_buf = torch.empty((self.stack_copies, numel), dtype=self.compute_dtype, device=self.device)
+        return self._stack_buf[:n_copies]
+
+    def _views(self, binding: Binding, work: torch.Tensor, scale: float, seed: int,
+               out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The binding's θ + scale·z views: of ``work`` (its record's clean weights) where scale is 0 and the
-        dtypes match, else built into the scratch from 0."""
-        out = {}
+        dtypes match, else built into the scratch (or ``out``, which holds the binding's span) from 0."""
+        views = {}
         for slot, local in binding.params:
             n, o = slot.spec.numel, slot.offset
-            if scale == 0.0 and work.dtype == self.compute_dtype:
+            if scale == 0.0 and work.dtype == self.compute_dtype and out is None:
                 view = work[o : o + n]
             else:
                 r = o - binding.lo
-                view = self._scratch[r : r + n]
+                view = (self._scratch if out is None else out)[r : r + n]
                 if scale == 0.0:
                     view.copy_(work[o : o + n])
                 elif fused.available(self.device, work.dtype):
@@ -221,8 +277,8 @@ class BlockRunner:
                     perturb_into(work[o : o + n], view, step_seed=seed, param_id=slot.spec.param_id,
                                  scale=scale, kind=self.perturbation)
             for name in local:
-                out[name] = view.view(slot.spec.shape)
-        return out
+                views[name] = view.view(slot.spec.shape)
+        return views
 
     # ---- visits ------------------------------------------------------------------------------------
     def is_fused(self, record: BlockRecord) -> bool:

@@ -1,0 +1,122 @@
+"""Stacked copies (zo2tier/model/proxy.py ``run_stacked``): a step of more than two copies runs each block
+part once, vmapped over its copies' stacked weights, and computes what one copy at a time computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_batch, tiny_model
+from torch import nn
+
+import zo2tier
+from zo2tier.model import proxy
+from zo2tier.visit import runner
+
+BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
+
+
+def _steps(arch, q, stack_bytes, monkeypatch, tmp_path, estimator="fzoo"):
+    """Two steps' losses and log, with ``stack_bytes`` of stacked weights (0: one copy at a time), and the
+    number of stacked calls made."""
+    monkeypatch.setattr(runner, "STACK_BYTES", stack_bytes)
+    calls = []
+    real = proxy.run_stacked
+    monkeypatch.setattr(proxy, "run_stacked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-2, seed=3, estimator=estimator, n_perturbations=q)
+    model = tiny_model(arch)
+    names = zo2tier.ZOEngine.block_names(model)
+    placement = {n: ("device", "host", "disk")[i % 3] for i, n in enumerate(names)}
+    with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path / str(stack_bytes), config=cfg,
+                          placement=placement) as engine:
+        results = [engine.step(tiny_batch(seed=s)) for s in range(2)]
+        return results, [e.projected_grad for e in engine.log], engine.state_dict(), calls
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "bloom"])
+def test_stacked_copies_compute_what_one_copy_at_a_time_computes(arch, monkeypatch, tmp_path):
+    stacked, g_stacked, _, calls = _steps(arch, 3, 1 << 30, monkeypatch, tmp_path)
+    looped, g_looped, _, none = _steps(arch, 3, 0, monkeypatch, tmp_path)
+    assert calls and not none  # the parts ran stacked, all 4 copies in one span; with 0 bytes never
+    assert all(spans == [(0, 4)] for spans in calls)
+    for a, b in zip(stacked, looped):
+        assert a.loss_plus == pytest.approx(b.loss_plus, rel=1e-6)
+        assert a.loss_minus == pytest.approx(b.loss_minus, rel=1e-6)
+    assert g_stacked == pytest.approx(g_looped, rel=1e-4, abs=1e-3)
+
+
+def test_spans_hold_as_many_copies_as_the_bytes_allow_and_never_split_a_pair(monkeypatch, tmp_path):
+    """mezo q = 3 runs 3 ± pairs; room for 3 copies of the largest part gives spans of one pair each."""
+    model = tiny_model("llama")
+    with zo2tier.ZOEngine(model, budget=BIG, config=zo2tier.MeZOConfig()) as engine:
+        part_bytes = engine.runner.bindings.largest_part(engine.runner.resident) * 4
+    _, _, _, calls = _steps("llama", 3, 3 * part_bytes, monkeypatch, tmp_path, estimator="mezo")
+    assert calls and all(spans == [(0, 2), (2, 4), (4, 6)] for spans in calls)
+
+
+def test_tiers_stay_bit_identical_to_all_on_device_with_stacked_copies(monkeypatch, tmp_path):
+    _, _, spread, calls = _steps("llama", 4, 1 << 30, monkeypatch, tmp_path)
+    monkeypatch.setattr(runner, "STACK_BYTES", 1 << 30)
+    cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-2, seed=3, estimator="fzoo", n_perturbations=4)
+    with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=cfg) as engine:
+        for s in range(2):
+            engine.step(tiny_batch(seed=s))
+        on_device = engine.state_dict()
+    assert calls
+    for name, value in on_device.items():
+        assert torch.equal(value, spread[name]), name
+
+
+class _NoSetupContext(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+class _Doubler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return _NoSetupContext.apply(x * self.weight)
+
+
+def test_a_module_vmap_refuses_runs_one_copy_at_a_time_with_a_warning(monkeypatch):
+    monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
+    inner = _Doubler()
+    x = torch.arange(12.0).view(4, 3)  # 4 copies of a 1-row batch
+    weights = [torch.full((3,), float(i + 1)) for i in range(4)]
+
+    def stacked(a, b):
+        return {"weight": torch.stack(weights[a:b])}
+
+    with pytest.warns(UserWarning, match="_Doubler cannot run its copies stacked"):
+        out = proxy.run_groups(inner, lambda i: {"weight": weights[i]}, (x,), {}, 4, 4, stacked=stacked,
+                               spans=[(0, 4)])
+    assert torch.equal(out, 2 * x * torch.stack(weights))
+    assert _Doubler in proxy._UNSTACKABLE
+
+
+def test_run_stacked_shares_inputs_without_the_batch_and_cuts_those_with_it():
+    """A (4-copy, 2-row) batch: the hidden rows go to their copy, a bias without the batch is shared."""
+    lin = nn.Linear(3, 2, bias=False)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    shared = torch.tensor([1.0, -1.0])
+    ws = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    class WithBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x, bias):
+            return self.lin(x) + bias, None
+
+    out, nothing = proxy.run_stacked(WithBias(), lambda a, b: {"lin.weight": torch.stack(ws[a:b])}, [(0, 3), (3, 4)],
+                                     (x,), {"bias": shared}, {}, 4, 8)
+    want = torch.cat([x[2 * i : 2 * i + 2] @ ws[i].T + shared for i in range(4)])
+    assert nothing is None and torch.allclose(out, want, atol=1e-6)
