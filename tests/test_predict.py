@@ -243,7 +243,9 @@ def test_activation_bytes_by_hand():
     # hidden 64 = resident 64000 / vocab 1000; intermediate 256 = part 32768 / (2 * 64)
     inp = PlanInput((BlockSize("b0", 10**6),), resident_numel=64_000, compute_bytes=2, largest_part=32_768,
                     vocab_size=1000)
-    assert activation_bytes(inp, batch=2, seq=10, n_copies=3) == 60 * (3 * 1000 + 2 * (3 * 64 + 256))
+    # more than two copies also hold their stacked weights: 3 copies of the 32,768-weight part in fp16
+    assert activation_bytes(inp, batch=2, seq=10, n_copies=3) == 60 * (3 * 1000 + 2 * (3 * 64 + 256)) + 3 * 65_536
+    assert activation_bytes(inp, batch=2, seq=10, n_copies=2) == 40 * (3 * 1000 + 2 * (3 * 64 + 256))
     with pytest.raises(ValueError, match="n_copies=0 must be >= 1"):
         activation_bytes(inp, batch=2, seq=10, n_copies=0)
 

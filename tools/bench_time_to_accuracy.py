@@ -79,8 +79,8 @@ DEFAULTS = {
     "methods": "mezo:1,fzoo:8,fzoo:auto",  # --time_disk: estimator:q list
     "time_steps": 10,  # --time_disk: timed steps after 2 warm-up steps
     "threads": 0,  # torch CPU threads per process (0: cores / workers)
-    "stack_bytes": -1,  # bytes of stacked weights a block part's copies run in (zo2tier.plan.STACK_BYTES;
-    # -1: the engine's default, 0: the copies one at a time, as before stacking)
+    "stack_bytes": -1,  # bytes of stacked weights a block part's copies run in on --device's type
+    # (zo2tier.plan.STACK_BYTES; -1: the engine's default, 0: the copies one at a time, as before stacking)
     "tf32": 0,  # 1: fp32 matmuls on TF32 tensor cores (CUDA; the same kernels on every placement, so tiers stay exact)
     "time_placement": "disk",  # --time_disk: where every layer sits while timed (disk, host, or device)
     "progress_dir": "",  # a folder: each run rewrites its record so far, with its update log, at every evaluation
@@ -183,7 +183,7 @@ def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
     from zo2tier.visit import runner
 
     if cfg["stack_bytes"] >= 0:
-        runner.STACK_BYTES = cfg["stack_bytes"]
+        runner.STACK_BYTES = {**runner.STACK_BYTES, cfg["device"].split(":")[0]: cfg["stack_bytes"]}
     if cfg["placement"] not in ("device", "host", "disk"):
         raise ValueError(f"placement={cfg['placement']!r} is unknown; use device, host or disk")
     blocks = ZOEngine.block_names(planned_model(mdir).skeleton)
@@ -198,7 +198,7 @@ def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
 def _stack_bytes(cfg: dict) -> int:
     from zo2tier.visit import runner
 
-    return cfg["stack_bytes"] if cfg["stack_bytes"] >= 0 else runner.STACK_BYTES
+    return cfg["stack_bytes"] if cfg["stack_bytes"] >= 0 else runner.STACK_BYTES.get(cfg["device"].split(":")[0], 0)
 
 
 def _dtype(name: str):

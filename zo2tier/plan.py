@@ -26,9 +26,10 @@ WRITE_BACK_RANGE_BYTES = WRITE_BACK_RANGE_NUMEL * 32
 # GPU bytes besides the planner's (see unplanned_device_bytes), from the H100 runs of git f75d9d6
 # (benchmarks/step_h100.jsonl, docs/scaling.md "Where the seed's projections are wrong")
 CUDA_CONTEXT_BYTES = int(1.3 * 2**30)  # NVML peak minus the allocator's reserved peak: context, libraries
-# a step of more than two copies runs a block part's copies stacked, as many at once as fit this many bytes of
-# stacked weights (docs/estimators.md, "Stacked copies"); MeZO's pair and an evaluation run one copy at a time
-STACK_BYTES = 1 << 30
+# on CUDA a step of more than two copies runs a block part's copies stacked, as many at once as fit this many
+# bytes of stacked weights (docs/estimators.md, "Stacked copies"); MeZO's pair, an evaluation and a device type
+# not listed (the CPU, where the copies' compute, not their launches, is the cost) run one copy at a time
+STACK_BYTES = {"cuda": 1 << 30}
 LOGIT_BYTES = 3  # per logit of the doubled batch: the joined fp16 logits and one half being produced
 LOSS_CHUNK_BYTES_PER_VOCAB = 2 * LOSS_CHUNK_ROWS * 4  # the loss's rows in fp32 and their log-softmax
 PART_ACTIVATION_BYTES = 1  # per parameter of the largest layer part (fitted at OPT-13B)

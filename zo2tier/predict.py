@@ -182,10 +182,10 @@ def activation_bytes(inp: PlanInput, batch: int, seq: int, n_copies: int) -> int
 
 
 def stack_bytes(inp: PlanInput, n_copies: int) -> int:
-    """Device bytes of the stacked weights a step of ``n_copies`` copies runs a block part on: more than two
+    """GPU bytes of the stacked weights a step of ``n_copies`` copies runs a block part on: more than two
     copies run stacked, as many at once as :data:`zo2tier.plan.STACK_BYTES` holds (docs/estimators.md)."""
     part_bytes = max(inp.largest_part or max((b.numel for b in inp.blocks), default=0), 1) * inp.compute_bytes
-    stacked = min(n_copies, max(1, STACK_BYTES // part_bytes))
+    stacked = min(n_copies, max(1, STACK_BYTES["cuda"] // part_bytes))
     return stacked * part_bytes if n_copies > 2 and stacked > 1 else 0
 
 

@@ -1,5 +1,6 @@
 """Stacked copies (zo2tier/model/proxy.py ``run_stacked``): a step of more than two copies runs each block
-part once, vmapped over its copies' stacked weights, and computes what one copy at a time computes."""
+part once, vmapped over its copies' stacked weights, and computes what one copy at a time computes. The
+engine stacks on CUDA only (``zo2tier.plan.STACK_BYTES``); these tests turn it on for the CPU."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
 def _steps(arch, q, stack_bytes, monkeypatch, tmp_path, estimator="fzoo"):
     """Two steps' losses and log, with ``stack_bytes`` of stacked weights (0: one copy at a time), and the
     number of stacked calls made."""
-    monkeypatch.setattr(runner, "STACK_BYTES", stack_bytes)
+    monkeypatch.setattr(runner, "STACK_BYTES", {"cpu": stack_bytes})
     calls = []
     real = proxy.run_stacked
     monkeypatch.setattr(proxy, "run_stacked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
@@ -53,9 +54,20 @@ def test_spans_hold_as_many_copies_as_the_bytes_allow_and_never_split_a_pair(mon
     assert calls and all(spans == [(0, 2), (2, 4), (4, 6)] for spans in calls)
 
 
+def test_the_cpu_runs_one_copy_at_a_time_by_default(monkeypatch, tmp_path):
+    calls = []
+    real = proxy.run_stacked
+    monkeypatch.setattr(proxy, "run_stacked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    cfg = zo2tier.MeZOConfig(lr=1e-3, estimator="fzoo", n_perturbations=4)
+    with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=cfg) as engine:
+        engine.step(tiny_batch())
+        assert engine.runner.stack_copies == 1
+    assert not calls
+
+
 def test_tiers_stay_bit_identical_to_all_on_device_with_stacked_copies(monkeypatch, tmp_path):
     _, _, spread, calls = _steps("llama", 4, 1 << 30, monkeypatch, tmp_path)
-    monkeypatch.setattr(runner, "STACK_BYTES", 1 << 30)
+    monkeypatch.setattr(runner, "STACK_BYTES", {"cpu": 1 << 30})
     cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-2, seed=3, estimator="fzoo", n_perturbations=4)
     with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=cfg) as engine:
         for s in range(2):

@@ -209,9 +209,10 @@ class BlockRunner:
     # ---- stacked copies ------------------------------------------------------------------------------
     @property
     def stack_copies(self) -> int:
-        """Copies of a block part stacked in one call: as many as :data:`STACK_BYTES` holds (1: none)."""
+        """Copies of a block part stacked in one call: as many as :data:`STACK_BYTES` holds on this device
+        type (1: none)."""
         part_bytes = max(self.bindings.largest_part(self.resident), 1) * self._scratch.element_size()
-        return max(1, STACK_BYTES // part_bytes)
+        return max(1, STACK_BYTES.get(self.device.type, 0) // part_bytes)
 
     def _spans(self) -> list[tuple[int, int]]:
         """The step's copies cut into spans of at most :attr:`stack_copies`, never between a ± pair."""
