@@ -268,3 +268,15 @@ def test_auto_q_is_capped_by_the_device_memory_left():
     fzoo = choose_perturbations(inp, plan, AUTO_CAL, batch=1, seq=1000, estimator="fzoo")
     assert (fzoo.n_perturbations, fzoo.limit) == (4, "memory")  # q + 1 = 5 copies fit
     assert fzoo.activation_bytes == 5 * per_copy <= fzoo.device_bytes_left
+
+
+def test_more_than_two_copies_of_small_blocks_cost_one_stacked_call_and_a_little_per_copy():
+    """Small blocks are bound by the CPU side of their forwards: two copies cost two copy floors; more run
+    stacked (zo2tier.plan.STACK_BYTES), one call per block plus a little per copy."""
+    cal = Calibration(copy_block_s=1e-3, stack_call_s=3e-3, stack_copy_s=4e-4, rng_gnps=1e9, fused_pass_gbps=1e9)
+    inp = PlanInput(tuple(BlockSize(f"b{i}", 1000) for i in range(4)), resident_numel=0, compute_bytes=4)
+    plan = plan_placement(inp, TierBudget(10**9, 0, 0))
+    mezo = predict_step(inp, plan, cal, tokens=10)
+    fzoo = predict_step(inp, plan, cal, tokens=10, estimator="fzoo", n_perturbations=16)
+    assert mezo.compute_s == pytest.approx(4 * 2 * 1e-3, rel=1e-3)
+    assert fzoo.compute_s == pytest.approx(4 * (3e-3 + 17 * 4e-4), rel=1e-3)

@@ -53,10 +53,11 @@ GAIN_BAR = 0.08
 
 def load(path: str, clock: str = "median") -> tuple[list[dict], dict[tuple[str, int], float]]:
     """(accuracy records, disk seconds per step by (estimator, q)) of ``path`` (several: comma-separated); the
-    last time_disk record of a pair wins. ``clock``: its ``median`` or ``mean`` seconds per step."""
+    last time_disk record of a pair wins (one of a q asked for by name over one auto chose; a control run with the
+    copies one at a time, ``stack_bytes: 0``, never). ``clock``: its ``median`` or ``mean`` seconds per step."""
     if clock not in ("median", "mean"):
         raise ValueError(f"clock={clock!r}: use median or mean")
-    runs, disk = [], {}
+    runs, disk, explicit = [], {}, set()
     lines = []
     for one in path.split(","):
         with open(one) as f:
@@ -66,8 +67,13 @@ def load(path: str, clock: str = "median") -> tuple[list[dict], dict[tuple[str, 
             continue
         rec = json.loads(line)
         if rec.get("kind") == "time_disk":
-            disk[(rec["estimator"], int(rec["q"]))] = rec[
-                "median_seconds_per_step" if clock == "median" else "seconds_per_step"]
+            if rec.get("stack_bytes") == 0:  # the A/B's control: copies one at a time, as CUDA no longer runs them
+                continue
+            key = (rec["estimator"], int(rec["q"]))
+            if rec.get("q_requested") == "auto" and key in explicit:  # a q asked for by name wins over auto's
+                continue
+            explicit.update([key] if rec.get("q_requested") != "auto" else [])
+            disk[key] = rec["median_seconds_per_step" if clock == "median" else "seconds_per_step"]
         elif rec.get("kind", "accuracy") == "accuracy":
             runs.append(rec)
     return longest(runs), disk

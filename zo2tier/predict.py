@@ -48,6 +48,12 @@ class Calibration:
     # 0.802 s at 17: 47.6 ms per copy over 31 blocks. Large blocks are bound by forward_tflops instead
     # (an OPT-13B layer at 2,048 tokens: 2.0 ms).
     copy_block_s: float = 1.5e-3
+    # the same floor where a step of more than two copies runs a block's copies stacked (one vmapped call
+    # per block part, CUDA): stack_call_s per call plus stack_copy_s per copy. Fitted on the H100
+    # (benchmarks/time_to_accuracy.jsonl, time_device, git 4bc8b20): SmolLM2-135M fp32, 0.297 s a step at 17
+    # copies and 0.49 s at 33 (one copy at a time: 1.105 s at 17).
+    stack_call_s: float = 3.0e-3
+    stack_copy_s: float = 4.0e-4
     fused_pass_gbps: float = 2500.0  # device-memory rate of the fused perturbation kernel
     # elements per second (1e9) of one Philox z pass inside the fused kernel (the step's z, or one replayed
     # update), and that an int8 write-back re-encodes (the Triton encoder, zo.fused.encode_int8). rng_gnps:
@@ -136,7 +142,11 @@ def predict_step(
             write += stored / write_back_every
     # a forward per copy of the batch: 2 flops per weight per token in each block, or the block's floor
     sizes = [b.numel for b in inp.blocks] + ([inp.resident_numel] if inp.resident_numel else [])
-    forward = copies * sum(max(2 * n * tokens / (cal.forward_tflops * 1e12), cal.copy_block_s) for n in sizes)
+    floor = copies * cal.copy_block_s  # what one block's copies cost however small it is
+    stack = STACK_BYTES["cuda"] // max(1, (inp.largest_part or max(sizes, default=1)) * inp.compute_bytes)
+    if copies > 2 and stack > 1:  # stacked, as many at once as the stack holds
+        floor = -(-copies // stack) * cal.stack_call_s + copies * cal.stack_copy_s
+    forward = sum(max(copies * 2 * n * tokens / (cal.forward_tflops * 1e12), floor) for n in sizes)
     fused = sum(b.numel for b in inp.blocks) * (1 + perturbed) * inp.compute_bytes  # read θ, write each θ+εz
     compute = (forward + fused / (cal.fused_pass_gbps * 1e9)
                + rng / (cal.rng_gnps * 1e9) + encoded / (cal.int8_encode_gnps * 1e9))
