@@ -236,3 +236,19 @@ def test_a_wsd_run_goes_on_from_the_constant_run_before_its_decay(tmp_path):
     (three,) = [json.loads(x) for x in (tmp_path / "three.jsonl").read_text().splitlines()]
     assert three["branched_from"] is None and three["curve"] == [dict(p, seconds=q["seconds"]) for p, q in
                                                                    zip(one["curve"], three["curve"])]
+
+
+def test_the_disk_clock_is_the_last_stacked_timing_of_a_q_asked_for_by_name(tmp_path):
+    """A q asked for by name wins over auto's same q, and the A/B's control (copies one at a time) never counts."""
+    path = tmp_path / "r.jsonl"
+    recs = [{"kind": "time_disk", "estimator": "fzoo", "q": 8, "q_requested": "8", "median_seconds_per_step": 0.5},
+            {"kind": "time_disk", "estimator": "fzoo", "q": 8, "q_requested": "8", "stack_bytes": 1 << 30,
+             "median_seconds_per_step": 0.39},
+            {"kind": "time_disk", "estimator": "fzoo", "q": 8, "q_requested": "auto", "stack_bytes": 1 << 30,
+             "median_seconds_per_step": 0.36},
+            {"kind": "time_disk", "estimator": "fzoo", "q": 8, "q_requested": "8", "stack_bytes": 0,
+             "median_seconds_per_step": 0.52},
+            {"kind": "time_disk", "estimator": "fzoo", "q": 16, "q_requested": "auto", "median_seconds_per_step": 0.4}]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    _, disk = summ.load(str(path))
+    assert disk == {("fzoo", 8): 0.39, ("fzoo", 16): 0.4}
