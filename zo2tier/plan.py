@@ -28,8 +28,10 @@ WRITE_BACK_RANGE_BYTES = WRITE_BACK_RANGE_NUMEL * 32
 CUDA_CONTEXT_BYTES = int(1.3 * 2**30)  # NVML peak minus the allocator's reserved peak: context, libraries
 # on CUDA a step of more than two copies runs a block part's copies stacked, as many at once as fit this many
 # bytes of stacked weights (docs/estimators.md, "Stacked copies"); MeZO's pair, an evaluation and a device type
-# not listed (the CPU, where the copies' compute, not their launches, is the cost) run one copy at a time
-STACK_BYTES = {"cuda": 1 << 30}
+# not listed (the CPU, where the copies' compute, not their launches, is the cost) run one copy at a time.
+# 256 MiB: 25 copies of a SmolLM2-135M MLP (fp32), 3 of an OPT-1.3B one (fp16), none of OPT-13B's (420 MB),
+# whose forward is bound by its flops, not its launches, so stacking would only cost memory
+STACK_BYTES = {"cuda": 256 << 20}
 LOGIT_BYTES = 3  # per logit of the doubled batch: the joined fp16 logits and one half being produced
 LOSS_CHUNK_BYTES_PER_VOCAB = 2 * LOSS_CHUNK_ROWS * 4  # the loss's rows in fp32 and their log-softmax
 PART_ACTIVATION_BYTES = 1  # per parameter of the largest layer part (fitted at OPT-13B)
