@@ -250,10 +250,13 @@ class BlockRunner:
         return stacked
 
     def _stack_buffer(self, n_copies: int) -> torch.Tensor:
-        """Room for ``n_copies`` rows of the largest part in the compute dtype, allocated at first use."""
-        numel = max(self.bindings.largest_part(self.resident), 1)
-        if self._stack_buf is None:
-            self._stack_buf = torch.empty((self.stack_copies, numel), dtype=self.compute_dtype, device=self.device)
+        """Room for ``n_copies`` rows of the largest part in the compute dtype: allocated at first use for as
+        many as a span of this step holds, grown if a later step's spans hold more."""
+        if self._stack_buf is None or self._stack_buf.shape[0] < n_copies:
+            rows = min(self.stack_copies, max(n_copies, len(self._copies.groups)))
+            numel = max(self.bindings.largest_part(self.resident), 1)
+            self._stack_buf = None  # the old rows go before the new ones are made
+            self._stack_buf = torch.empty((rows, numel), dtype=self.compute_dtype, device=self.device)
         return self._stack_buf[:n_copies]
 
     def _views(self, binding: Binding, work: torch.Tensor, scale: float, seed: int,
