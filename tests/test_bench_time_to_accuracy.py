@@ -247,8 +247,10 @@ def test_the_disk_clock_is_the_last_stacked_timing_of_a_q_asked_for_by_name(tmp_
             {"kind": "time_disk", "estimator": "fzoo", "q": 8, "q_requested": "auto", "stack_bytes": 1 << 30,
              "median_seconds_per_step": 0.36},
             {"kind": "time_disk", "estimator": "fzoo", "q": 8, "q_requested": "8", "stack_bytes": 0,
-             "median_seconds_per_step": 0.52},
+             "stack_control": True, "median_seconds_per_step": 0.52},
+            {"kind": "time_disk", "estimator": "mezo", "q": 1, "q_requested": "1", "stack_bytes": 0,
+             "stack_control": False, "median_seconds_per_step": 3.0},  # a CPU run: no stacking there, no control
             {"kind": "time_disk", "estimator": "fzoo", "q": 16, "q_requested": "auto", "median_seconds_per_step": 0.4}]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     _, disk = summ.load(str(path))
-    assert disk == {("fzoo", 8): 0.39, ("fzoo", 16): 0.4}
+    assert disk == {("fzoo", 8): 0.39, ("fzoo", 16): 0.4, ("mezo", 1): 3.0}

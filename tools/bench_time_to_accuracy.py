@@ -445,6 +445,7 @@ def time_disk(cfg: dict) -> list[dict]:
                "task": _task_name(cfg), "method": f"{estimator} q={q_text or 1}", "estimator": estimator, "q": q,
                "q_requested": q_text or "1", "q_auto": auto, "placement": one["placement"], "storage": storage,
                "o_direct": direct, "tf32": bool(cfg["tf32"]), "stack_bytes": _stack_bytes(cfg),
+               "stack_control": cfg["stack_bytes"] == 0,  # --stack_bytes=0: the A/B's one-copy-at-a-time side
                "write_back_every": None if one["placement"] == "device" else write_back_k(one, one["placement"]),
                "batch_size": cfg["batch_size"],
                "max_length": cfg["max_length"], "steps": cfg["time_steps"],

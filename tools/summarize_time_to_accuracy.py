@@ -54,7 +54,7 @@ GAIN_BAR = 0.08
 def load(path: str, clock: str = "median") -> tuple[list[dict], dict[tuple[str, int], float]]:
     """(accuracy records, disk seconds per step by (estimator, q)) of ``path`` (several: comma-separated); the
     last time_disk record of a pair wins (one of a q asked for by name over one auto chose; a control run with the
-    copies one at a time, ``stack_bytes: 0``, never). ``clock``: its ``median`` or ``mean`` seconds per step."""
+    copies one at a time on CUDA, ``stack_control: true``, never). ``clock``: its ``median`` or ``mean`` seconds per step."""
     if clock not in ("median", "mean"):
         raise ValueError(f"clock={clock!r}: use median or mean")
     runs, disk, explicit = [], {}, set()
@@ -67,7 +67,7 @@ def load(path: str, clock: str = "median") -> tuple[list[dict], dict[tuple[str, 
             continue
         rec = json.loads(line)
         if rec.get("kind") == "time_disk":
-            if rec.get("stack_bytes") == 0:  # the A/B's control: copies one at a time, as CUDA no longer runs them
+            if rec.get("stack_control"):  # the A/B's control (--stack_bytes=0): copies one at a time on CUDA
                 continue
             key = (rec["estimator"], int(rec["q"]))
             if rec.get("q_requested") == "auto" and key in explicit:  # a q asked for by name wins over auto's

@@ -143,7 +143,8 @@ def predict_step(
     # a forward per copy of the batch: 2 flops per weight per token in each block, or the block's floor
     sizes = [b.numel for b in inp.blocks] + ([inp.resident_numel] if inp.resident_numel else [])
     floor = copies * cal.copy_block_s  # what one block's copies cost however small it is
-    stack = STACK_BYTES["cuda"] // max(1, (inp.largest_part or max(sizes, default=1)) * inp.compute_bytes)
+    part = inp.largest_part or max((b.numel for b in inp.blocks), default=1)
+    stack = STACK_BYTES["cuda"] // max(1, part * inp.compute_bytes)
     if copies > 2 and stack > 1:  # stacked, as many at once as the stack holds
         floor = -(-copies // stack) * cal.stack_call_s + copies * cal.stack_copy_s
     forward = sum(max(copies * 2 * n * tokens / (cal.forward_tflops * 1e12), floor) for n in sizes)

@@ -20,6 +20,7 @@ def _steps(arch, q, stack_bytes, monkeypatch, tmp_path, estimator="fzoo"):
     """Two steps' losses and log, with ``stack_bytes`` of stacked weights (0: one copy at a time), and the
     number of stacked calls made."""
     monkeypatch.setattr(runner, "STACK_BYTES", {"cpu": stack_bytes})
+    monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
     calls = []
     real = proxy.run_stacked
     monkeypatch.setattr(proxy, "run_stacked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
@@ -33,6 +34,7 @@ def _steps(arch, q, stack_bytes, monkeypatch, tmp_path, estimator="fzoo"):
         return results, [e.projected_grad for e in engine.log], engine.state_dict(), calls
 
 
+@pytest.mark.filterwarnings("error:.*cannot run its copies stacked")  # every part must really run stacked
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "bloom"])
 def test_stacked_copies_compute_what_one_copy_at_a_time_computes(arch, monkeypatch, tmp_path):
     stacked, g_stacked, _, calls = _steps(arch, 3, 1 << 30, monkeypatch, tmp_path)
@@ -54,15 +56,20 @@ def test_spans_hold_as_many_copies_as_the_bytes_allow_and_never_split_a_pair(mon
     assert calls and all(spans == [(0, 2), (2, 4), (4, 6)] for spans in calls)
 
 
-def test_the_cpu_runs_one_copy_at_a_time_by_default(monkeypatch, tmp_path):
+@pytest.mark.filterwarnings("error:.*cannot run its copies stacked")
+@pytest.mark.parametrize(("estimator", "q"), [("fzoo", 4), ("mezo", 2)])
+def test_the_cpu_runs_one_copy_at_a_time_by_default(estimator, q, monkeypatch):
+    """No room for two copies (the CPU's default; an OPT-13B part on CUDA): never tried stacked, not even a
+    ± pair, and no stack buffer is made."""
+    monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
     calls = []
     real = proxy.run_stacked
     monkeypatch.setattr(proxy, "run_stacked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    cfg = zo2tier.MeZOConfig(lr=1e-3, estimator="fzoo", n_perturbations=4)
+    cfg = zo2tier.MeZOConfig(lr=1e-3, estimator=estimator, n_perturbations=q)
     with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=cfg) as engine:
         engine.step(tiny_batch())
-        assert engine.runner.stack_copies == 1
-    assert not calls
+        assert engine.runner.stack_copies == 1 and engine.runner._stack_buf is None
+    assert not calls and not proxy._UNSTACKABLE
 
 
 def test_tiers_stay_bit_identical_to_all_on_device_with_stacked_copies(monkeypatch, tmp_path):
@@ -132,3 +139,22 @@ def test_run_stacked_shares_inputs_without_the_batch_and_cuts_those_with_it():
                                      (x,), {"bias": shared}, {}, 4, 8)
     want = torch.cat([x[2 * i : 2 * i + 2] @ ws[i].T + shared for i in range(4)])
     assert nothing is None and torch.allclose(out, want, atol=1e-6)
+
+
+class _ScalesInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        x.mul_(2)  # an input written in place, then something vmap refuses
+        return _NoSetupContext.apply(x * self.weight)
+
+
+def test_a_module_that_wrote_its_input_before_vmap_refused_raises_instead_of_running_twice(monkeypatch):
+    monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
+    x = torch.arange(12.0).view(4, 3)
+    weights = [torch.full((3,), float(i + 1)) for i in range(4)]
+    with pytest.raises(RuntimeError, match="autograd.Function"):
+        proxy.run_groups(_ScalesInPlace(), lambda i: {"weight": weights[i]}, (x,), {}, 4, 4,
+                         stacked=lambda a, b: {"weight": torch.stack(weights[a:b])}, spans=[(0, 4)])

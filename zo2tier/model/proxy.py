@@ -198,12 +198,16 @@ def run_groups(
                  if name != "hidden_states" and _chunks_differ(v, full_rows, n_groups)}
     rest = {name: v for name, v in kwargs.items() if name not in whole} if whole else kwargs
     if stacked is not None and split and len(spans) < n_groups and type(inner) not in _UNSTACKABLE:
+        versions = _versions((args, kwargs))
         try:
             return run_stacked(inner, stacked, spans, args, rest, whole, n_groups, full_rows, other_rows)
-        except Exception as err:  # noqa: BLE001 - vmap's refusals have no common type; the loop below is exact
-            _UNSTACKABLE.add(type(inner))
-            warnings.warn(f"{type(inner).__name__} cannot run its copies stacked under torch.func.vmap "
-                          f"({type(err).__name__}: {str(err)[:120]}); it runs them one at a time", stacklevel=2)
+        except Exception as err:  # vmap's refusals have no common type; the loop below is exact
+            if _versions((args, kwargs)) != versions:  # the module changed an input in place: no clean retry
+                raise
+            if not isinstance(err, torch.OutOfMemoryError):  # a full device is not the module's fault
+                _UNSTACKABLE.add(type(inner))
+                warnings.warn(f"{type(inner).__name__} cannot run its copies stacked under torch.func.vmap "
+                              f"({type(err).__name__}: {str(err)[:120]}); it runs them one at a time", stacklevel=2)
 
     def group_out(group: int) -> Any:
         a = split_group(args, full_rows, group, n_groups, other_rows) if split else args
@@ -252,6 +256,11 @@ def run_stacked(inner: nn.Module, stacked: Stacked, spans: Sequence[tuple[int, i
         tree, leaves = spec
         pieces.append(pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in leaves], tree))
     return pieces[0] if len(pieces) == 1 else _cat_pieces(pieces)
+
+
+def _versions(obj: Any) -> list[int]:
+    """The version counters of the tensors in ``obj``: they move when a tensor is written in place."""
+    return [t._version for t in pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def _stack_inputs(obj: Any, full_rows: int, other_rows: tuple[int, ...], n_groups: int, a: int, b: int

@@ -111,6 +111,7 @@ class BlockRunner:
         self._empty_log: fused.PendingLog | None = None
         self._open: Visit | Arrived | None = None
         self._copies = Copies(((0, 0.0),), 0)
+        self._step_spans: list[tuple[int, int]] = []
         self.visits = FusedVisits(tiers, bindings, perturbation=perturbation, write_due=self._write_due,
                                   encode_buffer=self._encode_buffer, on_encoded_sent=self._encoded_sent,
                                   range_buffer=self._range_buffer)
@@ -123,6 +124,8 @@ class BlockRunner:
     def begin(self, copies: Copies) -> None:
         """Before the model's forward: the copies it runs; the resident set gets its pending updates."""
         self._copies = copies
+        # more than two copies, and room for two or more a call: the step's stacked spans (else none)
+        self._step_spans = self._spans() if len(copies.groups) > 2 and self.stack_copies > 1 else []
         record = self.table[self.resident]
         if self.is_fused(record) and record.storage != "int8":
             # the pending updates go into the stored copy in place; each module's views are built from it
@@ -160,8 +163,8 @@ class BlockRunner:
             views = self._fused_views(visit, binding, binding_index)
         c = self._copies
         stacked, spans = None, ()
-        if visit is not None and len(c.groups) > 2:
-            stacked, spans = self._stacked(visit, binding), self._spans()
+        if visit is not None and self._step_spans:
+            stacked, spans = self._stacked(visit, binding), self._step_spans
         out = run_groups(inner, views, args, kwargs, len(c.groups), c.rows, c.other_rows, c.batchless_rows,
                          stacked, spans)
         if visit is not None:
