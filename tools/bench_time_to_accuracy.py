@@ -201,6 +201,13 @@ def _stack_bytes(cfg: dict) -> int:
     return cfg["stack_bytes"] if cfg["stack_bytes"] >= 0 else runner.STACK_BYTES.get(cfg["device"].split(":")[0], 0)
 
 
+def _unstacked() -> list[str]:
+    """The module classes whose stacked copies vmap refused in this process (they ran one copy at a time)."""
+    from zo2tier.model.proxy import unstackable_modules
+
+    return unstackable_modules()
+
+
 def _dtype(name: str):
     import torch
 
@@ -352,6 +359,7 @@ def _accuracy_record(cfg: dict, q: int, auto: dict | None, sets: dict, template:
         "q_requested": str(cfg["q"]), "q_auto": auto, "placement": cfg["placement"], "storage": run["storage"],
         "seed": cfg["seed"], "data_seed": cfg["data_seed"], "lr": cfg["lr"], "lr_schedule": cfg["lr_schedule"],
         "eps": cfg["eps"], "tf32": bool(cfg["tf32"]), "stack_bytes": _stack_bytes(cfg),
+        "unstacked_modules": _unstacked(),
         "write_back_every": None if cfg["placement"] == "device" else write_back_k(cfg, cfg["placement"]),
         "batch_size": cfg["batch_size"], "max_length": cfg["max_length"], "objective": cfg["objective"],
         "steps": done, "steps_planned": cfg["steps"], "completed": done == cfg["steps"], "seconds": seconds,
@@ -446,6 +454,7 @@ def time_disk(cfg: dict) -> list[dict]:
                "q_requested": q_text or "1", "q_auto": auto, "placement": one["placement"], "storage": storage,
                "o_direct": direct, "tf32": bool(cfg["tf32"]), "stack_bytes": _stack_bytes(cfg),
                "stack_control": cfg["stack_bytes"] == 0,  # --stack_bytes=0: the A/B's one-copy-at-a-time side
+               "unstacked_modules": _unstacked(),
                "write_back_every": None if one["placement"] == "device" else write_back_k(one, one["placement"]),
                "batch_size": cfg["batch_size"],
                "max_length": cfg["max_length"], "steps": cfg["time_steps"],

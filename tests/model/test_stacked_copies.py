@@ -117,7 +117,7 @@ def test_a_module_vmap_refuses_runs_one_copy_at_a_time_with_a_warning(monkeypatc
         out = proxy.run_groups(inner, lambda i: {"weight": weights[i]}, (x,), {}, 4, 4, stacked=stacked,
                                spans=[(0, 4)])
     assert torch.equal(out, 2 * x * torch.stack(weights))
-    assert _Doubler in proxy._UNSTACKABLE
+    assert _Doubler in proxy._UNSTACKABLE and proxy.unstackable_modules() == ["_Doubler"]
 
 
 def test_run_stacked_shares_inputs_without_the_batch_and_cuts_those_with_it():

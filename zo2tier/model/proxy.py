@@ -231,6 +231,11 @@ _TENSOR = object()  # where a tensor was among a module's outputs
 _UNSTACKABLE: set[type] = set()  # module classes whose forward vmap refused: their copies run one at a time
 
 
+def unstackable_modules() -> list[str]:
+    """The module classes whose copies vmap refused in this process, so they run one copy at a time."""
+    return sorted(t.__name__ for t in _UNSTACKABLE)
+
+
 def run_stacked(inner: nn.Module, stacked: Stacked, spans: Sequence[tuple[int, int]], args: tuple, kwargs: dict,
                 whole: dict, n_groups: int, full_rows: int, other_rows: tuple[int, ...] = ()) -> Any:
     """``inner`` on the copies of each span ``[a, b)`` at once: ``torch.func.vmap`` over ``stacked(a, b)`` and
