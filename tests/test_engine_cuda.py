@@ -324,7 +324,7 @@ def test_exact_pinned_chunks_are_locked_at_their_size():
     pool.close()
 
 
-@pytest.mark.parametrize("estimator,q", [("mezo", 3)])
+@pytest.mark.parametrize("estimator,q", [("mezo", 3), ("fzoo", 4)])
 def test_several_perturbations_are_the_same_on_every_tier(tmp_path, estimator, q):
     """q perturbations per step on the fused path (the clean θ built once per part, every copy's θ±εz from
     it): blocks spread over device, host and disk give the losses and weights of all on the device."""
@@ -377,3 +377,32 @@ def test_revert_and_a_carried_log_on_the_fused_path(tmp_path, estimator, q):
             run.step(tiny_batch(seed=s))
         got, want = fresh.state_dict(), run.state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.filterwarnings("error:.*cannot run its copies stacked")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_stacked_copies_on_cuda_compute_what_one_copy_at_a_time_computes(arch, dtype, tmp_path, monkeypatch):
+    """CUDA stacks a step's copies by default (zo2tier.plan.STACK_BYTES): every part runs stacked (no fallback
+    warning), on the fused path, and gives the losses of the copies run one at a time to rounding."""
+    from zo2tier.model import proxy
+    from zo2tier.visit import runner
+
+    monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
+    calls = []
+    real = proxy.run_stacked
+    monkeypatch.setattr(proxy, "run_stacked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    out = []
+    for stack in (runner.STACK_BYTES["cuda"], 0):
+        monkeypatch.setattr(runner, "STACK_BYTES", {"cuda": stack})
+        calls.clear()
+        model = tiny_model(arch).to(dtype)
+        cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-2, seed=3, estimator="fzoo", n_perturbations=4)
+        with zo2tier.ZOEngine(model, budget=BIG, disk_dir=tmp_path / str(stack), device="cuda", config=cfg,
+                              placement=spread(zo2tier.ZOEngine.block_names(model))) as e:
+            losses = [(r.loss_plus, r.loss_minus) for r in (e.step(tiny_batch()) for _ in range(2))]
+        out.append((losses, bool(calls)))
+    (stacked, used), (looped, unused) = out
+    assert used and not unused
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert [x for pair in stacked for x in pair] == pytest.approx([x for pair in looped for x in pair], rel=tol)
