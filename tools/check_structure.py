@@ -62,6 +62,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # documented entry points that live under an underscored module of a library
 PUBLIC_UNDERSCORED = {"torch._dynamo"}
+# underscored attributes a library offers for reading: a torch tensor's version counter, bumped by every in-place
+# write (autograd checks saved tensors with it; proxy.run_groups checks its inputs before a retry)
+PUBLIC_ATTRIBUTES = {"_version"}
 
 
 def private_reads(tree: ast.AST) -> list[tuple[int, str]]:
@@ -79,7 +82,7 @@ def private_reads(tree: ast.AST) -> list[tuple[int, str]]:
             if isinstance(owner, ast.Name) and owner.id in own:
                 continue
             what = f"{ast.unparse(owner)}.{node.attr}"
-            if what not in PUBLIC_UNDERSCORED:
+            if what not in PUBLIC_UNDERSCORED and node.attr not in PUBLIC_ATTRIBUTES:
                 out.append((node.lineno, what))
     return out
 
