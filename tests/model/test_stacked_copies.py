@@ -1,6 +1,7 @@
-"""Stacked copies (zo2tier/model/proxy.py ``run_stacked``): a step of more than two copies runs each block
-part once, vmapped over its copies' stacked weights, and computes what one copy at a time computes. The
-engine stacks on CUDA only (``zo2tier.plan.STACK_BYTES``); these tests turn it on for the CPU."""
+"""Stacked copies (zo2tier/model/proxy.py ``run_stacked``, zo2tier/visit/stacking.py): a step of more than
+two copies runs each block part once, vmapped over its copies' stacked weights, and computes what one copy at
+a time computes. The engine stacks on CUDA only (``zo2tier.plan.STACK_BYTES``); these tests turn it on for the
+CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 import zo2tier
 from zo2tier.model import proxy
-from zo2tier.visit import runner
+from zo2tier.visit import stacking
 
 BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
 
@@ -19,7 +20,7 @@ BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
 def _steps(arch, q, stack_bytes, monkeypatch, tmp_path, estimator="fzoo"):
     """Two steps' losses and log, with ``stack_bytes`` of stacked weights (0: one copy at a time), and the
     number of stacked calls made."""
-    monkeypatch.setattr(runner, "STACK_BYTES", {"cpu": stack_bytes})
+    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": stack_bytes})
     monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
     calls = []
     real = proxy.run_stacked
@@ -68,13 +69,27 @@ def test_the_cpu_runs_one_copy_at_a_time_by_default(estimator, q, monkeypatch):
     cfg = zo2tier.MeZOConfig(lr=1e-3, estimator=estimator, n_perturbations=q)
     with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=cfg) as engine:
         engine.step(tiny_batch())
-        assert engine.runner.stack_copies == 1 and engine.runner._stack_buf is None
+        assert engine.runner.stack.copies_per_call == 1 and not engine.runner.stack.allocated
     assert not calls and not proxy._UNSTACKABLE
+
+
+def test_spans_by_hand(monkeypatch):
+    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": 3 * 400})  # 3 copies of a 100-weight fp32 part
+    stack = stacking.CopyStack(100, torch.float32, torch.device("cpu"))
+    mezo = [(7, 0.1), (7, -0.1), (8, 0.1), (8, -0.1), (9, 0.1), (9, -0.1)]
+    fzoo = [(0, 0.0), (7, 0.1), (8, 0.1), (9, 0.1), (10, 0.1)]
+    assert stack.copies_per_call == 3
+    assert stack.spans(mezo) == [(0, 2), (2, 4), (4, 6)]  # a pair is never cut, so 2 a span
+    assert stack.spans(fzoo) == [(0, 3), (3, 5)]
+    assert stack.spans(mezo[:2]) == [] and stack.spans(fzoo[:2]) == []  # two copies: one at a time
+    assert stack.rows(2, len(fzoo)).shape == (2, 100) and stack.rows(3, 5).shape == (3, 100)
+    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": 399})
+    assert stack.copies_per_call == 1 and stack.spans(fzoo) == []
 
 
 def test_tiers_stay_bit_identical_to_all_on_device_with_stacked_copies(monkeypatch, tmp_path):
     _, _, spread, calls = _steps("llama", 4, 1 << 30, monkeypatch, tmp_path)
-    monkeypatch.setattr(runner, "STACK_BYTES", {"cpu": 1 << 30})
+    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": 1 << 30})
     cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-2, seed=3, estimator="fzoo", n_perturbations=4)
     with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=cfg) as engine:
         for s in range(2):

@@ -8,7 +8,7 @@ replayed, written back when due. θ itself is never perturbed in place, so nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +17,12 @@ from torch import nn
 
 from zo2tier.dtypes import TORCH_DTYPES
 from zo2tier.model.proxy import Runner, run_groups
-from zo2tier.plan import STACK_BYTES
 from zo2tier.tiers.codec import WRITE_BACK_RANGE_NUMEL, decode, encode, int8_scales
 from zo2tier.tiers.manager import TierManager
 from zo2tier.tiers.records import BlockRecord, BlockTable
 from zo2tier.visit.bindings import Binding, ModelBindings
 from zo2tier.visit.fused_visit import FusedVisits, Visit
+from zo2tier.visit.stacking import CopyStack, pair_up
 from zo2tier.zo import fused
 from zo2tier.zo.kernels import apply_update_, perturb_into
 from zo2tier.zo.rng import step_seed
@@ -98,12 +98,12 @@ class BlockRunner:
         self._scratch = torch.empty(max(2 * part if fused_blocks else part, bindings.largest_resident(self.resident), 1),
                                     dtype=compute_dtype, device=self.device)
         self._scratch_minus = self._scratch[part : 2 * part] if fused_blocks else None
+        self.stack = CopyStack(part, compute_dtype, self.device)  # a step's copies of a part, stacked (CUDA)
         self._work_buf: torch.Tensor | None = None
         self._raw_out_buf: torch.Tensor | None = None
         self._raw_out_busy: Any = None  # a host write-back's D2H still reads the encode buffer until then
         self._range_buf: torch.Tensor | None = None
         self._theta_buf: torch.Tensor | None = None
-        self._stack_buf: torch.Tensor | None = None
         self._prev_scales: torch.Tensor | None = None  # int8 scales of the block decoded last
         self._prev_scales_of = -1
         self._resident_work: torch.Tensor | None = None
@@ -124,8 +124,7 @@ class BlockRunner:
     def begin(self, copies: Copies) -> None:
         """Before the model's forward: the copies it runs; the resident set gets its pending updates."""
         self._copies = copies
-        # more than two copies, and room for two or more a call: the step's stacked spans (else none)
-        self._step_spans = self._spans() if len(copies.groups) > 2 and self.stack_copies > 1 else []
+        self._step_spans = self.stack.spans(copies.groups)  # none: one copy at a time
         record = self.table[self.resident]
         if self.is_fused(record) and record.storage != "int8":
             # the pending updates go into the stored copy in place; each module's views are built from it
@@ -184,7 +183,7 @@ class BlockRunner:
         groups = self._copies.groups
         plus = self._scratch[: binding.numel]
         minus_buf = None if self._scratch_minus is None else self._scratch_minus[: binding.numel]
-        first_of = _pair_up(groups)
+        first_of = pair_up(groups)
         if len(set(first_of)) == 1:  # MeZO's one ± pair, or the clean copy of an evaluation
             seed, scale = groups[0]
             minus = minus_buf if len(groups) == 2 else None
@@ -210,34 +209,14 @@ class BlockRunner:
         return views
 
     # ---- stacked copies ------------------------------------------------------------------------------
-    @property
-    def stack_copies(self) -> int:
-        """Copies of a block part stacked in one call: as many as :data:`STACK_BYTES` holds on this device
-        type (1: none)."""
-        part_bytes = max(self.bindings.largest_part(self.resident), 1) * self._scratch.element_size()
-        return max(1, STACK_BYTES.get(self.device.type, 0) // part_bytes)
-
-    def _spans(self) -> list[tuple[int, int]]:
-        """The step's copies cut into spans of at most :attr:`stack_copies`, never between a ± pair."""
-        first_of, limit = _pair_up(self._copies.groups), self.stack_copies
-        units = [(i, i + 2 if i + 1 < len(first_of) and first_of[i + 1] == i else i + 1)
-                 for i in range(len(first_of)) if first_of[i] == i]
-        spans: list[tuple[int, int]] = []
-        for lo, hi in units:
-            if spans and hi - spans[-1][0] <= limit:
-                spans[-1] = (spans[-1][0], hi)
-            else:
-                spans.append((lo, hi))
-        return spans
-
     def _stacked(self, visit: Visit | Arrived, binding: Binding) -> Callable[[int, int], dict[str, torch.Tensor]]:
-        """Copies [a, b) of the binding's weights, stacked: each built into a row of the stack buffer (on the
-        fused path from the part's clean θ in the θ buffer, which :meth:`_fused_views` built)."""
+        """Copies [a, b) of the binding's weights, stacked: each built into a row of the stack (on the fused path
+        from the part's clean θ in the θ buffer, which :meth:`_fused_views` built)."""
         groups = self._copies.groups
-        first_of = _pair_up(groups)
+        first_of = pair_up(groups)
 
         def stacked(a: int, b: int) -> dict[str, torch.Tensor]:
-            rows = self._stack_buffer(b - a)[:, : binding.numel]  # (b - a, numel)
+            rows = self.stack.rows(b - a, len(groups))[:, : binding.numel]  # (b - a, numel)
             for j in range(a, b):
                 seed, scale = groups[j]
                 if isinstance(visit, Arrived):
@@ -251,16 +230,6 @@ class BlockRunner:
             return binding.named_stacked(rows)
 
         return stacked
-
-    def _stack_buffer(self, n_copies: int) -> torch.Tensor:
-        """Room for ``n_copies`` rows of the largest part in the compute dtype: allocated at first use for as
-        many as a span of this step holds, grown if a later step's spans hold more."""
-        if self._stack_buf is None or self._stack_buf.shape[0] < n_copies:
-            rows = min(self.stack_copies, max(n_copies, len(self._copies.groups)))
-            numel = max(self.bindings.largest_part(self.resident), 1)
-            self._stack_buf = None  # the old rows go before the new ones are made
-            self._stack_buf = torch.empty((rows, numel), dtype=self.compute_dtype, device=self.device)
-        return self._stack_buf[:n_copies]
 
     def _views(self, binding: Binding, work: torch.Tensor, scale: float, seed: int,
                out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -454,16 +423,4 @@ class BlockRunner:
         if self._log_cache is None or self._log_cache[:2] != (start, end):
             self._log_cache = (start, end, fused.PendingLog.build(self.log[start:end], self.device))
         return self._log_cache[2]
-
-
-def _pair_up(groups: Sequence[tuple[int, float]]) -> list[int]:
-    """For each copy, the first copy of its pass: a copy ``(seed, -s)`` right after ``(seed, s)`` (s ≠ 0)
-    shares that copy's pass, which builds θ+sz and θ−sz together."""
-    first = []
-    for i, (seed, scale) in enumerate(groups):
-        prev = groups[i - 1] if i else None
-        paired = (prev is not None and first[i - 1] == i - 1 and scale != 0.0 and prev == (seed, -scale)
-                  and prev[1] > 0)
-        first.append(i - 1 if paired else i)
-    return first
 
