@@ -385,16 +385,16 @@ def test_revert_and_a_carried_log_on_the_fused_path(tmp_path, estimator, q):
 def test_stacked_copies_on_cuda_compute_what_one_copy_at_a_time_computes(arch, dtype, tmp_path, monkeypatch):
     """CUDA stacks a step's copies by default (zo2tier.plan.STACK_BYTES): every part runs stacked (no fallback
     warning), on the fused path, and gives the losses of the copies run one at a time to rounding."""
+    from zo2tier import plan
     from zo2tier.model import proxy
-    from zo2tier.visit import stacking
 
     monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
     calls = []
     real = proxy.run_stacked
     monkeypatch.setattr(proxy, "run_stacked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     out = []
-    for stack in (stacking.STACK_BYTES["cuda"], 0):
-        monkeypatch.setattr(stacking, "STACK_BYTES", {"cuda": stack})
+    for stack in (plan.STACK_BYTES["cuda"], 0):
+        monkeypatch.setattr(plan, "STACK_BYTES", {"cuda": stack})
         calls.clear()
         model = tiny_model(arch).to(dtype)
         cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-2, seed=3, estimator="fzoo", n_perturbations=4)

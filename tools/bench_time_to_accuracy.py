@@ -177,13 +177,13 @@ def _storage(cfg: dict) -> dict[str, str]:
 
 def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
     """A ZOEngine on ``mdir`` with ``cfg``'s estimator and q, every layer where ``cfg['placement']`` says."""
+    from zo2tier import plan
     from zo2tier.config import MeZOConfig
     from zo2tier.engine import ZOEngine
     from zo2tier.planning import planned_model
-    from zo2tier.visit import stacking
 
     if cfg["stack_bytes"] >= 0:
-        stacking.STACK_BYTES = {**stacking.STACK_BYTES, cfg["device"].split(":")[0]: cfg["stack_bytes"]}
+        plan.STACK_BYTES = {**plan.STACK_BYTES, cfg["device"].split(":")[0]: cfg["stack_bytes"]}
     if cfg["placement"] not in ("device", "host", "disk"):
         raise ValueError(f"placement={cfg['placement']!r} is unknown; use device, host or disk")
     blocks = ZOEngine.block_names(planned_model(mdir).skeleton)
@@ -196,9 +196,9 @@ def open_engine(cfg: dict, mdir: str, q: int, run_dir: str):
 
 
 def _stack_bytes(cfg: dict) -> int:
-    from zo2tier.visit import stacking
+    from zo2tier import plan
 
-    return cfg["stack_bytes"] if cfg["stack_bytes"] >= 0 else stacking.STACK_BYTES.get(cfg["device"].split(":")[0], 0)
+    return cfg["stack_bytes"] if cfg["stack_bytes"] >= 0 else plan.STACK_BYTES.get(cfg["device"].split(":")[0], 0)
 
 
 def _unstacked() -> list[str]:

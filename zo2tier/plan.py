@@ -89,6 +89,11 @@ class Plan:
         lines.append(f"device working buffers (included above): {format_size(self.working_bytes)}")
         return "\n".join(lines)
 
+def stack_copies(part_bytes: int, device_type: str = "cuda") -> int:
+    """Copies of a block part of ``part_bytes`` that run stacked in one call on ``device_type``: as many as
+    :data:`STACK_BYTES` holds there (1: none, one copy at a time)."""
+    return max(1, STACK_BYTES.get(device_type, 0) // max(1, part_bytes))
+
 
 def block_bytes(numel: int, dtype: str) -> int:
     """Stored bytes of ``numel`` elements in ``dtype``, as the codec lays them out (int8: payload, padding to 4

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 
-from zo2tier.plan import LOGIT_BYTES, STACK_BYTES, Plan, PlanInput, block_bytes, unplanned_device_bytes
+from zo2tier.plan import LOGIT_BYTES, Plan, PlanInput, block_bytes, stack_copies, unplanned_device_bytes
 from zo2tier.zo.estimators import ESTIMATORS, Estimator
 
 # q = "auto" never goes past this: the estimate's variance falls like 1/q, but each perturbation is one more
@@ -143,10 +143,9 @@ def predict_step(
     # a forward per copy of the batch: 2 flops per weight per token in each block, or the block's floor
     sizes = [b.numel for b in inp.blocks] + ([inp.resident_numel] if inp.resident_numel else [])
     floor = copies * cal.copy_block_s  # what one block's copies cost however small it is
-    part = inp.largest_part or max((b.numel for b in inp.blocks), default=1)
-    stack = STACK_BYTES["cuda"] // max(1, part * inp.compute_bytes)
-    if copies > 2 and stack > 1:  # stacked, as many at once as the stack holds
-        floor = -(-copies // stack) * cal.stack_call_s + copies * cal.stack_copy_s
+    per_call = stack_copies(_part_bytes(inp))
+    if copies > 2 and per_call > 1:  # stacked, as many at once as the stack holds
+        floor = -(-copies // per_call) * cal.stack_call_s + copies * cal.stack_copy_s
     forward = sum(max(copies * 2 * n * tokens / (cal.forward_tflops * 1e12), floor) for n in sizes)
     fused = sum(b.numel for b in inp.blocks) * (1 + perturbed) * inp.compute_bytes  # read θ, write each θ+εz
     compute = (forward + fused / (cal.fused_pass_gbps * 1e9)
@@ -195,9 +194,13 @@ def activation_bytes(inp: PlanInput, batch: int, seq: int, n_copies: int) -> int
 def stack_bytes(inp: PlanInput, n_copies: int) -> int:
     """GPU bytes of the stacked weights a step of ``n_copies`` copies runs a block part on: more than two
     copies run stacked, as many at once as :data:`zo2tier.plan.STACK_BYTES` holds (docs/estimators.md)."""
-    part_bytes = max(inp.largest_part or max((b.numel for b in inp.blocks), default=0), 1) * inp.compute_bytes
-    stacked = min(n_copies, max(1, STACK_BYTES["cuda"] // part_bytes))
-    return stacked * part_bytes if n_copies > 2 and stacked > 1 else 0
+    stacked = min(n_copies, stack_copies(_part_bytes(inp)))
+    return stacked * _part_bytes(inp) if n_copies > 2 and stacked > 1 else 0
+
+
+def _part_bytes(inp: PlanInput) -> int:
+    """Bytes of the largest block part in the compute dtype (the largest block where parts are not known)."""
+    return max(inp.largest_part or max((b.numel for b in inp.blocks), default=0), 1) * inp.compute_bytes
 
 
 def choose_perturbations(

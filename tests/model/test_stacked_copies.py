@@ -11,6 +11,7 @@ from tiny_models import ARCHS, tiny_batch, tiny_model
 from torch import nn
 
 import zo2tier
+from zo2tier import plan
 from zo2tier.model import proxy
 from zo2tier.visit import stacking
 
@@ -20,7 +21,7 @@ BIG = {"device": "1GiB", "host": "1GiB", "disk": "1GiB"}
 def _steps(arch, q, stack_bytes, monkeypatch, tmp_path, estimator="fzoo"):
     """Two steps' losses and log, with ``stack_bytes`` of stacked weights (0: one copy at a time), and the
     number of stacked calls made."""
-    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": stack_bytes})
+    monkeypatch.setattr(plan, "STACK_BYTES", {"cpu": stack_bytes})
     monkeypatch.setattr(proxy, "_UNSTACKABLE", set())
     calls = []
     real = proxy.run_stacked
@@ -74,7 +75,7 @@ def test_the_cpu_runs_one_copy_at_a_time_by_default(estimator, q, monkeypatch):
 
 
 def test_spans_by_hand(monkeypatch):
-    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": 3 * 400})  # 3 copies of a 100-weight fp32 part
+    monkeypatch.setattr(plan, "STACK_BYTES", {"cpu": 3 * 400})  # 3 copies of a 100-weight fp32 part
     stack = stacking.CopyStack(100, torch.float32, torch.device("cpu"))
     mezo = [(7, 0.1), (7, -0.1), (8, 0.1), (8, -0.1), (9, 0.1), (9, -0.1)]
     fzoo = [(0, 0.0), (7, 0.1), (8, 0.1), (9, 0.1), (10, 0.1)]
@@ -83,13 +84,13 @@ def test_spans_by_hand(monkeypatch):
     assert stack.spans(fzoo) == [(0, 3), (3, 5)]
     assert stack.spans(mezo[:2]) == [] and stack.spans(fzoo[:2]) == []  # two copies: one at a time
     assert stack.rows(2, len(fzoo)).shape == (2, 100) and stack.rows(3, 5).shape == (3, 100)
-    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": 399})
+    monkeypatch.setattr(plan, "STACK_BYTES", {"cpu": 399})
     assert stack.copies_per_call == 1 and stack.spans(fzoo) == []
 
 
 def test_tiers_stay_bit_identical_to_all_on_device_with_stacked_copies(monkeypatch, tmp_path):
     _, _, spread, calls = _steps("llama", 4, 1 << 30, monkeypatch, tmp_path)
-    monkeypatch.setattr(stacking, "STACK_BYTES", {"cpu": 1 << 30})
+    monkeypatch.setattr(plan, "STACK_BYTES", {"cpu": 1 << 30})
     cfg = zo2tier.MeZOConfig(lr=1e-3, eps=1e-2, seed=3, estimator="fzoo", n_perturbations=4)
     with zo2tier.ZOEngine(tiny_model("llama"), budget=BIG, config=cfg) as engine:
         for s in range(2):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from zo2tier.plan import STACK_BYTES
+from zo2tier.plan import stack_copies
 
 
 def pair_up(groups: Sequence[tuple[int, float]]) -> list[int]:
@@ -37,8 +37,8 @@ class CopyStack:
 
     @property
     def copies_per_call(self) -> int:
-        """Copies of a part stacked in one call: as many as :data:`STACK_BYTES` holds here (1: none)."""
-        return max(1, STACK_BYTES.get(self.device.type, 0) // (self.part_numel * self.dtype.itemsize))
+        """Copies of a part stacked in one call: as many as ``zo2tier.plan.STACK_BYTES`` holds here (1: none)."""
+        return stack_copies(self.part_numel * self.dtype.itemsize, self.device.type)
 
     @property
     def allocated(self) -> bool:
