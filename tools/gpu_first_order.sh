@@ -7,16 +7,7 @@
 #   STEPS, WORKERS       default 1000 (4 epochs of the 4,000 training examples at batch 16), 6
 #   GIT_REV              the device copy's .git may be stale
 # Records go to $OUT/first_order.jsonl.
-set -u
-export PYTHONUNBUFFERED=1 GIT_REV=${GIT_REV:-unknown}
-T0=$(date +%s)
-SITE=/tmp/site
-if [ -n "${WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE "$WHEELS"/*.whl
-fi
-export PYTHONPATH=$SITE:$PWD
-STORE=/tmp/smolstore
-[ -f $STORE/manifest.json ] || python3 -m zo2tier convert "${GGUF:?set GGUF}" $STORE --no-progress || exit 1
+source "$(dirname "$0")/gpu_setup.sh"
 mkdir -p /tmp/fo && cp -r "${DATA:-runs/tta/data}" /tmp/fo/
 python3 -c "import sys; sys.path.insert(0, 'tools'); import bench_first_order as b; print(b.hf_folder({'model': '$STORE', 'work': '/tmp/fo'}))" || exit 1
 for t in ${TASKS:-tweets mr}; do for lr in ${LRS:-1e-5 3e-5 1e-4}; do for s in ${SEEDS:-0 1 2}; do

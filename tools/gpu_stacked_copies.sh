@@ -10,16 +10,7 @@
 #   PLACES   placements (default device disk host)
 #
 # Leaves $OUT/records.jsonl (kinds time_device, time_disk, time_host).
-set -u
-export PYTHONUNBUFFERED=1 GIT_REV=${GIT_REV:-unknown}
-T0=$(date +%s)
-SITE=/tmp/site
-if [ -n "${WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE "$WHEELS"/*.whl
-fi
-export PYTHONPATH=$SITE:$PWD
-STORE=/tmp/smolstore
-[ -f $STORE/manifest.json ] || python3 -m zo2tier convert "${GGUF:?set GGUF}" $STORE --no-progress || exit 1
+source "$(dirname "$0")/gpu_setup.sh"
 mkdir -p /tmp/tta && cp -r "${DATA:-runs/tta/data}" /tmp/tta/
 COMMON=(--model=$STORE "--model_name=SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)" --device=cuda --work=/tmp/tta
   --n_train=4000 --n_dev=500 --n_test=1000 --tf32=1 --task=tweets --time_disk=1 --time_steps=10

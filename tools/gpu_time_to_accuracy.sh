@@ -13,20 +13,7 @@
 # It converts the GGUF once into a store (~20 s; every run then opens in ~3 s instead of ~25 s), runs the
 # sweep with a deadline inside this call (a process does not outlive its call), and leaves under $OUT the
 # records (records.jsonl) and progress.tgz: every run's last snapshot with its update log, for RESUME next time.
-set -u
-export PYTHONUNBUFFERED=1 GIT_REV=${GIT_REV:-unknown}
-T0=$(date +%s)
-SITE=/tmp/site
-if [ -n "${WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE "$WHEELS"/*.whl
-fi
-export PYTHONPATH=$SITE:$PWD
-if [ -z "${GGUF:-}" ]; then
-  GGUF=/tmp/smollm2.gguf
-  cat "${PIECE_A:?set GGUF or PIECE_A and PIECE_B}" "${PIECE_B:?}" > $GGUF
-fi
-STORE=/tmp/smolstore
-[ -f $STORE/manifest.json ] || python3 -m zo2tier convert "$GGUF" $STORE --no-progress || exit 1
+source "$(dirname "$0")/gpu_setup.sh"
 mkdir -p /tmp/tta/progress && cp -r "${DATA:-runs/tta/data}" /tmp/tta/
 RESUME_ARG=""
 [ -n "${RESUME:-}" ] && RESUME_ARG="--resume_dir=$RESUME"
